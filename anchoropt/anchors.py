@@ -1,0 +1,183 @@
+"""AnchorLearner: Stage I of AnchorOPT.
+
+Learns ``N`` anchor embeddings so that the anchor prompt ``[Anc] x N of {class}.`` of every class matches
+the features of that class's descriptions (paper eq. 5): MSE between the L2-normalised anchor-prompt
+feature and each L2-normalised description feature (per sentence, as the released code does; this is
+the MSE to the per-class mean without re-normalising it, up to a constant).
+
+Description features are computed once (frozen tower); each step runs one anchor-prompt pass over the
+classes.  The loss does not depend on images, so Stage I is full-batch gradient descent.
+
+Axes: ``C`` classes, ``S`` description sentences (all classes), ``N`` anchors, ``D`` width, ``E`` feature width.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .descriptions import load_descriptions
+from .template import AnchorPromptTemplate, Tokenizer
+from .towers import TextTower
+
+__all__ = ["AnchorLearner", "DescriptionTargets", "description_mse"]
+
+
+def description_mse(anchor_features: torch.Tensor, targets: "DescriptionTargets") -> torch.Tensor:
+    """Mean squared error over all ``S x E`` elements between each sentence feature and its class's
+    anchor-prompt feature ``(C, E)`` (both L2-normalised)."""
+    anchor = F.normalize(anchor_features.float(), dim=-1)
+    return F.mse_loss(anchor[targets.class_index], targets.features)
+
+
+class DescriptionTargets:
+    """Frozen description features for one class set.
+
+    Attributes:
+        features: ``(S, E)`` float32, each row L2-normalised.
+        class_index: ``(S,)`` class of each sentence.
+    """
+
+    def __init__(self, features: torch.Tensor, class_index: torch.Tensor):
+        self.features, self.class_index = features, class_index
+
+    @classmethod
+    @torch.no_grad()
+    def encode(
+        cls,
+        tower: TextTower,
+        descriptions: Mapping[str, Sequence[str]],
+        tokenizer: Tokenizer,
+        batch_size: int = 256,
+    ) -> "DescriptionTargets":
+        """Encode every sentence once with the frozen tower (``descriptions`` ordered as the classes)."""
+        sentences, owners = [], []
+        for class_idx, texts in enumerate(descriptions.values()):
+            sentences.extend(texts)
+            owners.extend([class_idx] * len(texts))
+        chunks = []
+        for start in range(0, len(sentences), batch_size):
+            ids = tokenizer(sentences[start : start + batch_size])
+            chunks.append(F.normalize(tower.encode_text(ids).float(), dim=-1))
+        device = chunks[0].device
+        return cls(torch.cat(chunks), torch.tensor(owners, dtype=torch.long, device=device))
+
+    def to(self, device: torch.device | str) -> "DescriptionTargets":
+        return DescriptionTargets(self.features.to(device), self.class_index.to(device))
+
+
+class AnchorLearner(nn.Module):
+    """Stage I: ``N`` learnable anchor tokens shared by all classes.
+
+    Args:
+        tower: the frozen CLIP (or its :class:`TextTower`).
+        classnames: the classes whose descriptions supervise the anchors (the base classes).
+        n_anchor: ``N`` anchor tokens (1 in the paper).
+        preposition: the word between anchors and class name ("of"); ``None`` for none.
+        tokenizer: CLIP BPE by default.
+        init_std: anchors start as ``N(0, init_std^2)`` (0.02, as the released code).
+    """
+
+    def __init__(
+        self,
+        tower: TextTower | nn.Module,
+        classnames: Sequence[str],
+        n_anchor: int = 1,
+        preposition: str | None = "of",
+        tokenizer: Tokenizer | None = None,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        self.template = AnchorPromptTemplate(tower, classnames, 0, n_anchor, preposition, tokenizer)
+        self.tower = self.template.tower
+        self.anchors = nn.Parameter(torch.randn(n_anchor, self.tower.width, device=self.tower.device) * init_std)
+
+    @property
+    def classnames(self) -> list[str]:
+        return self.template.classnames
+
+    def anchor_features(self) -> torch.Tensor:
+        """L2-normalised anchor-prompt features ``(C, E)`` in float32 (differentiable w.r.t. the anchors)."""
+        prompts = self.template.anchor_prompts(self.anchors)
+        return F.normalize(self.template.encode(self.template.anchor, prompts).float(), dim=-1)
+
+    def targets(
+        self,
+        descriptions: str | os.PathLike | Mapping[str, Sequence[str]],
+        max_per_class: int | None = 10,
+        batch_size: int = 256,
+    ) -> DescriptionTargets:
+        """Validated, encoded description features for this learner's classes (computed once per call)."""
+        checked = load_descriptions(descriptions, self.classnames, max_per_class)
+        return DescriptionTargets.encode(self.tower, checked, self.template.tokenizer, batch_size)
+
+    def loss(self, targets: DescriptionTargets, mse_weight: float = 1000.0) -> torch.Tensor:
+        """``mse_weight * MSE(anchor features, description features)``."""
+        return mse_weight * description_mse(self.anchor_features(), targets)
+
+    def fit(
+        self,
+        descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | DescriptionTargets,
+        steps: int = 500,
+        lr: float = 0.002,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        mse_weight: float = 1000.0,
+        max_per_class: int | None = 10,
+        progress: bool = True,
+        callback: Callable[[int, float], None] | None = None,
+    ) -> list[float]:
+        """Train the anchors with SGD + cosine decay (the released code's defaults).
+
+        Args:
+            descriptions: JSON path, mapping, or precomputed :class:`DescriptionTargets`.
+            steps: optimisation steps (each one full-batch over all classes).
+            mse_weight: loss scale (the released tables use 100-1000; MSE of unit vectors is tiny).
+            max_per_class: sentences kept per class, first in file order (10 in the released code).
+            progress: show a tqdm bar with the loss.
+            callback: called as ``callback(step, loss)`` after every step.
+
+        Returns:
+            The loss of every step.
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        targets = descriptions if isinstance(descriptions, DescriptionTargets) else self.targets(
+            descriptions, max_per_class
+        )
+        optimizer = torch.optim.SGD([self.anchors], lr=lr, momentum=momentum, weight_decay=weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        history: list[float] = []
+        bar = _progress_bar(steps, "Stage I anchors") if progress else None
+        for step in range(steps):
+            loss = self.loss(targets, mse_weight)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"Stage I loss is {loss.item()} at step {step}; lower lr or mse_weight")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            history.append(loss.item())
+            if bar is not None:
+                bar.set_postfix(loss=f"{history[-1]:.4f}")
+                bar.update()
+            if callback is not None:
+                callback(step, history[-1])
+        if bar is not None:
+            bar.close()
+        return history
+
+    def frozen_anchors(self) -> torch.Tensor:
+        """A detached float32 copy ``(N, D)`` of the anchors, for Stage II."""
+        return self.anchors.detach().float().clone()
+
+
+def _progress_bar(total: int, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, leave=False)

@@ -1,0 +1,94 @@
+"""Class descriptions for Stage I: the ``{class name: [sentence, ...]}`` JSON format (CuPL / ATPrompt).
+
+Keys are matched to class names with ``_`` read as a space and case ignored.  Sentences without a single
+letter (real files contain lone ``"."`` entries) are dropped; a class left with none is an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+__all__ = ["load_descriptions", "DescriptionsError"]
+
+
+class DescriptionsError(ValueError):
+    """A descriptions file or mapping that cannot be used; the message names the class and the problem."""
+
+
+def load_descriptions(
+    source: str | os.PathLike | Mapping[str, Sequence[str] | str],
+    classnames: Sequence[str] | None = None,
+    max_per_class: int | None = None,
+) -> dict[str, list[str]]:
+    """Read and validate descriptions, ordered as ``classnames``.
+
+    Args:
+        source: a JSON file path, or an already-loaded mapping.
+        classnames: classes to keep, in this order (all keys of the file when ``None``).  Every class
+            must be present.
+        max_per_class: keep the first ``n`` usable sentences per class in file order (the released code
+            keeps 10; ``None`` keeps all).
+
+    Returns:
+        ``{classname: [sentence, ...]}`` with the caller's class names as keys.
+    """
+    where = str(source) if isinstance(source, (str, os.PathLike)) else "the descriptions mapping"
+    raw = _read_json(Path(source)) if isinstance(source, (str, os.PathLike)) else source
+    if not isinstance(raw, Mapping):
+        raise DescriptionsError(f"{where} must be a JSON object {{class name: [sentences]}}, got {type(raw).__name__}")
+    if max_per_class is not None and max_per_class < 1:
+        raise DescriptionsError(f"max_per_class must be >= 1, got {max_per_class}")
+    by_key = {_key(name): name for name in raw}
+    wanted = list(raw) if classnames is None else list(classnames)
+    missing = [c for c in wanted if _key(c) not in by_key]
+    if missing:
+        hints = [f"{c!r} (closest: {difflib.get_close_matches(_key(c), list(by_key), n=1)})" for c in missing[:5]]
+        raise DescriptionsError(
+            f"{where} has no descriptions for {len(missing)} class(es): {', '.join(hints)}"
+            + (" ..." if len(missing) > 5 else "")
+        )
+    result = {}
+    for name in wanted:
+        file_key = by_key[_key(name)]
+        sentences = _usable_sentences(raw[file_key], file_key, where)
+        result[name] = sentences[:max_per_class] if max_per_class else sentences
+    return result
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"descriptions file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DescriptionsError(f"{path} is not valid JSON: {err}") from err
+
+
+def _usable_sentences(value, class_key: str, where: str) -> list[str]:
+    if isinstance(value, str):  # some files hold one string per class
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise DescriptionsError(
+            f"{where}: class {class_key!r} must map to a list of sentences, got {type(value).__name__}"
+        )
+    if not value:
+        raise DescriptionsError(f"{where}: class {class_key!r} has an empty list of descriptions")
+    sentences = []
+    for i, sentence in enumerate(value):
+        if not isinstance(sentence, str):
+            raise DescriptionsError(
+                f"{where}: description #{i} of class {class_key!r} is a {type(sentence).__name__}, not a string"
+            )
+        if any(ch.isalpha() for ch in sentence):
+            sentences.append(sentence.strip())
+    if not sentences:
+        raise DescriptionsError(f"{where}: class {class_key!r} has no usable description (none contains a letter)")
+    return sentences
+
+
+def _key(name: str) -> str:
+    return " ".join(str(name).replace("_", " ").lower().split())

@@ -1,0 +1,174 @@
+"""Stage II: a CoOp-style shallow prompt learner with AnchorOPT's frozen anchors and position matrix.
+
+    soft (M, D) ++ anchors (N, D)  --PositionMatrix-->  slots (M+N, D)  --template-->  normal prompt
+    anchors                        ------------------------------------------------>  anchor prompt
+
+The normal prompt is trained (soft tokens + position logits); the anchor prompt is frozen, so its text
+features are computed once per class set and reused until the anchors or the classes change.
+
+Axes: ``B`` images, ``C`` classes, ``M`` soft tokens, ``N`` anchors, ``D`` width, ``E`` feature width.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional
+from .position import PositionMatrix
+from .template import AnchorPromptTemplate, Tokenizer
+from .towers import TextTower
+
+__all__ = ["AnchorOPTPromptLearner"]
+
+
+class AnchorOPTPromptLearner(nn.Module):
+    """Soft tokens + frozen anchors -> position matrix -> normal prompt (paper §3.2.2).
+
+    Args:
+        tower: the frozen CLIP (or its :class:`TextTower`).
+        classnames: the class set to build prompts for (change it later with :meth:`set_classnames`).
+        anchors: ``(N, D)`` Stage I anchors (kept frozen, saved with the learner).
+        n_soft: ``M`` soft tokens.
+        soft_init: ``None`` for ``N(0, 0.02^2)`` soft tokens, or words (e.g. ``"a photo of a"``) whose
+            token embeddings initialise them (must give exactly ``M`` tokens).
+        preposition: the anchor prompt's word between anchors and class ("of").
+        tokenizer: CLIP BPE by default.
+        position: a ready :class:`PositionMatrix`; else one is built from ``tau``, ``arrangement`` and
+            ``position_init``.
+    """
+
+    def __init__(
+        self,
+        tower: TextTower | nn.Module,
+        classnames: Sequence[str],
+        anchors: torch.Tensor,
+        n_soft: int = 4,
+        soft_init: str | None = None,
+        preposition: str | None = "of",
+        tokenizer: Tokenizer | None = None,
+        position: PositionMatrix | None = None,
+        tau: float = 1.0,
+        arrangement: str = "learned",
+        position_init: str = "randn",
+    ):
+        super().__init__()
+        self.tower = TextTower.from_model(tower)
+        anchors = _checked_anchors(anchors, self.tower.width)
+        self.preposition, self._tokenizer = preposition, tokenizer
+        self.template = AnchorPromptTemplate(self.tower, classnames, n_soft, anchors.shape[0], preposition, tokenizer)
+        self.soft = nn.Parameter(self._initial_soft(n_soft, soft_init))
+        self.register_buffer("anchors", anchors.to(self.tower.device))
+        if position is None:
+            position = PositionMatrix(n_soft, anchors.shape[0], tau=tau, init=position_init, arrangement=arrangement)
+        elif (position.n_soft, position.n_anchor) != (n_soft, anchors.shape[0]):
+            raise ValueError(
+                f"the position matrix arranges {position.n_soft} soft + {position.n_anchor} anchor tokens, "
+                f"but this learner has {n_soft} + {anchors.shape[0]}"
+            )
+        self.position = position.to(self.tower.device)
+        self._anchor_cache: tuple[tuple, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def classnames(self) -> list[str]:
+        return self.template.classnames
+
+    @property
+    def n_soft(self) -> int:
+        return self.soft.shape[0]
+
+    @property
+    def n_anchor(self) -> int:
+        return self.anchors.shape[0]
+
+    # ------------------------------------------------------------------ class set and anchors
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Rebuild the class-dependent prompts for another class list (e.g. base -> novel)."""
+        device = self.anchors.device
+        self.template = AnchorPromptTemplate(
+            self.tower, classnames, self.n_soft, self.n_anchor, self.preposition, self._tokenizer
+        ).to(device)
+        self._anchor_cache = None
+
+    @torch.no_grad()
+    def set_anchors(self, anchors: torch.Tensor) -> None:
+        """Replace the frozen anchors ``(N, D)`` (the one-stage variant does this every step)."""
+        self.anchors.copy_(_checked_anchors(anchors, self.tower.width, self.n_anchor))
+
+    # ------------------------------------------------------------------ text features
+    def slot_tokens(self, matrix: torch.Tensor | None = None) -> torch.Tensor:
+        """The arranged ``(M+N, D)`` slot embeddings ``P @ [soft; anchors]``."""
+        sources = torch.cat([self.soft, self.anchors.detach().to(self.soft.dtype)], dim=0)
+        return self.position(sources, matrix)
+
+    def normal_features(self, matrix: torch.Tensor | None = None) -> torch.Tensor:
+        """Normal-prompt text features ``(C, E)``, float32, L2-normalised (differentiable)."""
+        prompts = self.template.normal_prompts(self.slot_tokens(matrix))
+        return F.normalize(self.template.encode(self.template.normal, prompts).float(), dim=-1)
+
+    def anchor_features(self) -> torch.Tensor:
+        """Frozen anchor-prompt text features ``(C, E)``, float32, L2-normalised; computed once per class set."""
+        key = (self.anchors.device, self.anchors._version, id(self.template))
+        if self._anchor_cache is None or self._anchor_cache[0] != key:
+            with torch.no_grad():
+                prompts = self.template.anchor_prompts(self.anchors)
+                features = F.normalize(self.template.encode(self.template.anchor, prompts).float(), dim=-1)
+            self._anchor_cache = (key, features)
+        return self._anchor_cache[1]
+
+    # ------------------------------------------------------------------ logits
+    def forward(
+        self, image_features: torch.Tensor, logit_scale: torch.Tensor | float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits_normal, logits_anchor)``, each ``(B, C)``, for image features ``(B, E)``."""
+        scale = self.logit_scale() if logit_scale is None else logit_scale
+        normal = functional.clip_logits(image_features, self.normal_features(), scale)
+        anchor = functional.clip_logits(image_features, self.anchor_features(), scale)
+        return normal, anchor
+
+    @torch.no_grad()
+    def predict(
+        self,
+        image_features: torch.Tensor,
+        mode: str = "base",
+        logit_scale: torch.Tensor | float | None = None,
+    ):
+        """Logits for inference: ``"base"`` (normal prompt), ``"novel"`` (ensemble) or ``"both"``."""
+        return functional.select_logits(*self(image_features, logit_scale), mode)
+
+    def logit_scale(self) -> torch.Tensor:
+        """The CLIP model's ``logit_scale.exp()`` (100 when the model has none)."""
+        scale = getattr(self.tower.model, "logit_scale", None)
+        return scale.detach().float().exp() if isinstance(scale, torch.Tensor) else torch.tensor(100.0)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _initial_soft(self, n_soft: int, soft_init: str | None) -> torch.Tensor:
+        if soft_init is None:
+            return torch.randn(n_soft, self.tower.width, device=self.tower.device) * 0.02
+        ids = self.template.tokenizer([soft_init])
+        pool = int(self.tower.pool_index(ids)[0])
+        words = ids[0, 1:pool]  # between SOS and EOT
+        if words.numel() != n_soft:
+            raise ValueError(f"soft_init {soft_init!r} gives {words.numel()} tokens but n_soft is {n_soft}")
+        return self.tower.embed(words[None])[0].float().clone()
+
+
+def _checked_anchors(anchors: torch.Tensor, width: int, n_anchor: int | None = None) -> torch.Tensor:
+    if not isinstance(anchors, torch.Tensor):
+        raise TypeError(f"anchors must be a tensor of shape (N, {width}), got {type(anchors).__name__}")
+    if anchors.dim() == 1:
+        anchors = anchors[None]
+    if anchors.dim() != 2 or anchors.shape[1] != width:
+        raise ValueError(
+            f"anchors of shape {tuple(anchors.shape)} do not fit this text tower: expected (N, {width}); "
+            "were they learned with a CLIP of another width?"
+        )
+    if n_anchor is not None and anchors.shape[0] != n_anchor:
+        raise ValueError(f"expected {n_anchor} anchor(s), got {anchors.shape[0]}")
+    if not torch.isfinite(anchors).all():
+        raise ValueError("anchors contain NaN or inf")
+    return anchors.detach().float().clone()

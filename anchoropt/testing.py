@@ -1,0 +1,173 @@
+"""Tiny random-weight CLIP models for tests, examples and benchmarks (like timm's test models).
+
+* :func:`tiny_open_clip`          - an open_clip ``CLIP`` (batch-first, model-level causal mask);
+* :func:`tiny_custom_text_clip`   - an open_clip ``CustomTextCLIP`` (tower under ``.text``; can be made
+                                    SigLIP-like: bidirectional, last-token pooling);
+* :func:`tiny_openai_clip`        - an OpenAI-``clip``-shaped model as vendored by CoOp / MaPLe / DePT
+                                    (sequence-first blocks, per-block ``attn_mask``, fp16 weights).
+
+All use ``vocab_size=49408`` so the real CLIP BPE tokenizer works.  The weights are random: features mean
+nothing, but every code path is the real one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+__all__ = ["tiny_open_clip", "tiny_custom_text_clip", "tiny_openai_clip", "OpenAIStyleCLIP", "vit_b16_text_clip"]
+
+VOCAB_SIZE = 49408
+CONTEXT_LENGTH = 77
+
+
+def _configs(width: int, layers: int, heads: int, image_size: int, text_overrides: dict):
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(layers=1, width=64, head_width=32, patch_size=8, image_size=image_size)
+    text = CLIPTextCfg(
+        context_length=CONTEXT_LENGTH, vocab_size=VOCAB_SIZE, width=width, heads=heads, layers=layers, **text_overrides
+    )
+    return vision, text
+
+
+def tiny_open_clip(
+    width: int = 64, layers: int = 2, heads: int = 2, embed_dim: int = 32, image_size: int = 32, seed: int = 0,
+    **text_overrides,
+) -> nn.Module:
+    """A random open_clip ``CLIP`` small enough for unit tests (``eval()`` mode, fp32)."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    vision, text = _configs(width, layers, heads, image_size, text_overrides)
+    return open_clip.CLIP(embed_dim, vision, text, quick_gelu=True).eval()
+
+
+def tiny_custom_text_clip(
+    width: int = 64, layers: int = 2, heads: int = 2, embed_dim: int = 32, image_size: int = 32, seed: int = 0,
+    **text_overrides,
+) -> nn.Module:
+    """A random open_clip ``CustomTextCLIP``; e.g. ``no_causal_mask=True, pool_type="last"`` for a SigLIP-like tower."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    vision, text = _configs(width, layers, heads, image_size, {"proj_bias": True, **text_overrides})
+    return open_clip.CustomTextCLIP(embed_dim, vision, text).eval()
+
+
+def vit_b16_text_clip(seed: int = 0) -> nn.Module:
+    """A random open_clip ``CLIP`` with ViT-B/16's text tower (width 512, 12 layers, 8 heads) - benchmarks."""
+    return tiny_open_clip(width=512, layers=12, heads=8, embed_dim=512, seed=seed)
+
+
+# ---------------------------------------------------------------------- OpenAI-clip layout
+class _LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back (as OpenAI clip's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class _SequenceFirstBlock(nn.Module):
+    """Residual block on ``(L, B, D)`` hidden states that reads its causal mask from ``self.attn_mask``."""
+
+    def __init__(self, width: int, heads: int, attn_mask: torch.Tensor | None):
+        super().__init__()
+        self.ln_1 = _LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_2 = _LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, 4 * width), gelu=_QuickGELU(), c_proj=nn.Linear(4 * width, width)
+        ))
+        self.attn_mask = attn_mask
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        mask = None if self.attn_mask is None else self.attn_mask.to(dtype=x.dtype, device=x.device)
+        return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class _SequenceFirstTransformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, attn_mask: torch.Tensor | None):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.Sequential(*[_SequenceFirstBlock(width, heads, attn_mask) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resblocks(x)
+
+
+class _TinyVisual(nn.Module):
+    """Patch embedding + mean pooling + projection: just enough of a vision tower for the shims' contracts."""
+
+    def __init__(self, width: int, output_dim: int, image_size: int, patch: int = 8):
+        super().__init__()
+        self.input_resolution, self.output_dim = image_size, output_dim
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        self.ln_post = _LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, output_dim) * width**-0.5)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(image.to(self.conv1.weight.dtype)).flatten(2).mean(dim=2)  # (B, width)
+        return self.ln_post(x) @ self.proj
+
+
+class OpenAIStyleCLIP(nn.Module):
+    """A CLIP with the OpenAI ``clip`` package's attribute names and sequence-first text transformer."""
+
+    def __init__(self, embed_dim: int, width: int, layers: int, heads: int, image_size: int, causal: bool = True):
+        super().__init__()
+        mask = torch.full((CONTEXT_LENGTH, CONTEXT_LENGTH), float("-inf")).triu_(1) if causal else None
+        self.visual = _TinyVisual(64, embed_dim, image_size)
+        self.transformer = _SequenceFirstTransformer(width, layers, heads, mask)
+        self.token_embedding = nn.Embedding(VOCAB_SIZE, width)
+        self.positional_embedding = nn.Parameter(torch.randn(CONTEXT_LENGTH, width) * 0.01)
+        self.ln_final = _LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(4.6052))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.visual(image.to(self.dtype))
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(text).to(self.dtype) + self.positional_embedding.to(self.dtype)
+        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
+        x = self.ln_final(x).to(self.dtype)
+        return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
+
+
+def _to_half(model: OpenAIStyleCLIP) -> OpenAIStyleCLIP:
+    """Cast like OpenAI clip's ``build_model``: linear / conv / attention weights and projections to fp16."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.half()
+        elif isinstance(module, nn.MultiheadAttention):
+            module.half()
+    model.text_projection.data = model.text_projection.data.half()
+    model.visual.proj.data = model.visual.proj.data.half()
+    return model
+
+
+def tiny_openai_clip(
+    width: int = 64, layers: int = 2, heads: int = 2, embed_dim: int = 32, image_size: int = 32, seed: int = 0,
+    fp16: bool = True, causal: bool = True,
+) -> OpenAIStyleCLIP:
+    """A random OpenAI-``clip``-shaped model; fp16 weights by default as ``clip.build_model`` leaves them."""
+    torch.manual_seed(seed)
+    model = OpenAIStyleCLIP(embed_dim, width, layers, heads, image_size, causal=causal).eval()
+    return _to_half(model) if fp16 else model
