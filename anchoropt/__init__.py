@@ -6,6 +6,10 @@ Public names only; ``import anchoropt`` does not import open_clip.
 from ._version import __version__
 from .anchors import AnchorLearner, DescriptionTargets
 from .descriptions import DescriptionsError, load_descriptions
+from .io import load_anchors, load_prompt_learner, save_anchors, save_prompt_learner
+from .losses import StageIILoss, StageIILossConfig
+from .official import load_official_anchors
+from .one_stage import OneStageTrainer
 from .position import ARRANGEMENTS, PositionMatrix
 from .prompts import AnchorOPTPromptLearner
 from .template import AnchorPromptTemplate, default_tokenizer
@@ -19,9 +23,17 @@ __all__ = [
     "ARRANGEMENTS",
     "DescriptionTargets",
     "DescriptionsError",
+    "OneStageTrainer",
     "PositionMatrix",
+    "StageIILoss",
+    "StageIILossConfig",
     "TextTower",
     "UnsupportedTowerError",
     "default_tokenizer",
+    "load_anchors",
     "load_descriptions",
+    "load_official_anchors",
+    "load_prompt_learner",
+    "save_anchors",
+    "save_prompt_learner",
 ]

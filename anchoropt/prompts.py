@@ -145,6 +145,20 @@ class AnchorOPTPromptLearner(nn.Module):
         scale = getattr(self.tower.model, "logit_scale", None)
         return scale.detach().float().exp() if isinstance(scale, torch.Tensor) else torch.tensor(100.0)
 
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory) -> None:
+        """Write the learned tensors (safetensors) and config (JSON) to ``directory``; see :mod:`anchoropt.io`."""
+        from .io import save_prompt_learner
+
+        save_prompt_learner(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, tower, classnames: Sequence[str], tokenizer: Tokenizer | None = None):
+        """Rebuild a saved learner on ``tower`` for ``classnames`` (any class list, e.g. novel classes)."""
+        from .io import load_prompt_learner
+
+        return load_prompt_learner(directory, tower, classnames, tokenizer)
+
     # ------------------------------------------------------------------ construction helpers
     def _initial_soft(self, n_soft: int, soft_init: str | None) -> torch.Tensor:
         if soft_init is None:
