@@ -103,8 +103,8 @@ class AnchorLearner(nn.Module):
 
     def anchor_features(self) -> torch.Tensor:
         """L2-normalised anchor-prompt features ``(C, E)`` in float32 (differentiable w.r.t. the anchors)."""
-        prompts = self.template.anchor_prompts(self.anchors)
-        return F.normalize(self.template.encode(self.template.anchor, prompts).float(), dim=-1)
+        features = self.template.encode_slots(self.template.anchor, self.anchors)
+        return F.normalize(features.float(), dim=-1)
 
     def targets(
         self,

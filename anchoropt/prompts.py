@@ -107,16 +107,16 @@ class AnchorOPTPromptLearner(nn.Module):
 
     def normal_features(self, matrix: torch.Tensor | None = None) -> torch.Tensor:
         """Normal-prompt text features ``(C, E)``, float32, L2-normalised (differentiable)."""
-        prompts = self.template.normal_prompts(self.slot_tokens(matrix))
-        return F.normalize(self.template.encode(self.template.normal, prompts).float(), dim=-1)
+        features = self.template.encode_slots(self.template.normal, self.slot_tokens(matrix))
+        return F.normalize(features.float(), dim=-1)
 
     def anchor_features(self) -> torch.Tensor:
         """Frozen anchor-prompt text features ``(C, E)``, float32, L2-normalised; computed once per class set."""
         key = (self.anchors.device, self.anchors._version, id(self.template))
         if self._anchor_cache is None or self._anchor_cache[0] != key:
             with torch.no_grad():
-                prompts = self.template.anchor_prompts(self.anchors)
-                features = F.normalize(self.template.encode(self.template.anchor, prompts).float(), dim=-1)
+                features = self.template.encode_slots(self.template.anchor, self.anchors)
+                features = F.normalize(features.float(), dim=-1)
             self._anchor_cache = (key, features)
         return self._anchor_cache[1]
 

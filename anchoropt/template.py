@@ -106,9 +106,7 @@ class AnchorPromptTemplate(nn.Module):
 
     def fill(self, layout: PromptLayout, slots: torch.Tensor) -> torch.Tensor:
         """Put ``slots`` ``(..., K, D)`` (shared by all classes) into ``layout``'s slot rows."""
-        expected = (layout.n_slots, self.tower.width)
-        if slots.dim() < 2 or tuple(slots.shape[-2:]) != expected:
-            raise ValueError(f"slots must have shape (..., {expected[0]}, {expected[1]}), got {tuple(slots.shape)}")
+        self._check_slots(layout, slots)
         emb = layout.embeddings
         lead = slots.shape[:-2]
         start, stop = layout.slot_start, layout.slot_start + layout.n_slots
@@ -120,6 +118,25 @@ class AnchorPromptTemplate(nn.Module):
     def encode(self, layout: PromptLayout, embeddings: torch.Tensor) -> torch.Tensor:
         """Features ``(C, E)`` (not normalised) of filled prompts ``(C, L, D)`` of ``layout``."""
         return self.tower.encode(embeddings, layout.pool_index, layout.token_ids)
+
+    def encode_slots(self, layout: PromptLayout, slots: torch.Tensor) -> torch.Tensor:
+        """Features (not normalised) of ``layout`` with ``slots`` filled: ``(K, D) -> (C, E)``, ``(G, K, D) -> (G, C, E)``.
+
+        Same result as ``encode(layout, fill(layout, slots))``, but the tokens up to the last slot are
+        shared by every class, so the tower may run them once (:meth:`TextTower.encode_shared`).
+        """
+        self._check_slots(layout, slots)
+        grouped = slots if slots.dim() == 3 else slots[None]
+        emb = layout.embeddings
+        start, stop = layout.slot_start, layout.slot_start + layout.n_slots
+        prefix = torch.cat([emb[:1, :start].expand(grouped.shape[0], -1, -1), grouped.to(emb.dtype)], dim=1)
+        features = self.tower.encode_shared(prefix, emb[:, stop:], layout.pool_index, layout.token_ids)
+        return features if slots.dim() == 3 else features[0]
+
+    def _check_slots(self, layout: PromptLayout, slots: torch.Tensor) -> None:
+        expected = (layout.n_slots, self.tower.width)
+        if slots.dim() < 2 or tuple(slots.shape[-2:]) != expected:
+            raise ValueError(f"slots must have shape (..., {expected[0]}, {expected[1]}), got {tuple(slots.shape)}")
 
     def texts(self, kind: str = "normal") -> list[str]:
         """The placeholder sentences that were tokenised (for inspection and error messages)."""
@@ -134,6 +151,8 @@ class AnchorPromptTemplate(nn.Module):
         length = self.tower.run_length(pool_index)
         if start + n_slots > length:
             raise ValueError(f"the {name} prompt's slots do not fit before its pooled position")
+        if not bool((ids[:, :start] == ids[:1, :start]).all()):
+            raise ValueError(f"the tokens before the {name} prompt's slots differ between classes")
         ids = ids[:, :length].to(self.tower.device)
         self.register_buffer(f"{name}_token_ids", ids, persistent=False)
         self.register_buffer(f"{name}_embeddings", self.tower.embed(ids), persistent=False)

@@ -14,7 +14,10 @@ Axes: ``C`` prompts (one per class), ``L`` sequence length, ``D`` transformer wi
 
 Speed: CLIP text towers are causal and pool at the EOT token, so nothing after a prompt's EOT can change
 its pooled feature.  :meth:`TextTower.encode` therefore runs only the first ``max(pool_index) + 1``
-positions (exact).  Towers with a bidirectional mask (SigLIP-style) always run the full length.
+positions, and large batches are grouped by pooled position so each group runs at its own length.
+:meth:`TextTower.encode_shared` goes further for prompts that share their leading tokens: the prefix
+runs once and every suffix attends to its keys/values (:mod:`anchoropt.shared_prefix`).  All shortcuts
+are exact; towers with a bidirectional mask (SigLIP-style) always run the full length.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from . import shared_prefix
 
 __all__ = ["TextTower", "UnsupportedTowerError"]
 
@@ -43,9 +48,14 @@ class TextTower:
     Args:
         model: an open_clip ``CLIP`` / ``CustomTextCLIP`` or an OpenAI-``clip`` ``CLIP``.
         truncate: run only up to the batch's last pooled position when that is exact (default).
+        share_prefix: compute a prefix shared by all prompts once (:meth:`encode_shared`) when exact.
+        bucket_min_prompts: group prompts by pooled position (each group at its own length) when a
+            batch has at least this many prompts (small batches are faster in one call).
     """
 
-    def __init__(self, model: nn.Module, truncate: bool = True):
+    def __init__(
+        self, model: nn.Module, truncate: bool = True, share_prefix: bool = True, bucket_min_prompts: int = 256
+    ):
         source = _text_module(model)
         self.model = model
         self.layout = _layout_name(model, source)
@@ -58,13 +68,13 @@ class TextTower:
         self.pool_type, self.eos_id = _pooling(model, source, self.layout)
         self.pad_mask_id = getattr(source, "pad_id", None) if getattr(source, "use_pad_mask", False) else None
         self.causal = _is_causal(source, self.transformer, self.layout)
-        self.truncate = truncate
+        self.truncate, self.share_prefix, self.bucket_min_prompts = truncate, share_prefix, bucket_min_prompts
         self._source = source
 
     @classmethod
-    def from_model(cls, model: nn.Module | "TextTower", truncate: bool = True) -> "TextTower":
+    def from_model(cls, model: nn.Module | "TextTower", **options) -> "TextTower":
         """The bridge for ``model`` (a ``TextTower`` is returned unchanged)."""
-        return model if isinstance(model, TextTower) else cls(model, truncate=truncate)
+        return model if isinstance(model, TextTower) else cls(model, **options)
 
     # ------------------------------------------------------------------ facts about the tower
     @property
@@ -109,6 +119,17 @@ class TextTower:
     def can_truncate(self) -> bool:
         """Whether running only up to the last pooled position is exact for this tower."""
         return self.truncate and self.causal and self.pad_mask_id is None
+
+    def can_share_prefix(self, prefix_length: int, pool_index: torch.Tensor) -> bool:
+        """Whether :meth:`encode_shared` may run the prefix once (exact for these prompts and blocks now)."""
+        return (
+            self.share_prefix
+            and self.can_truncate
+            and self.pool_type in ("argmax", "eos")
+            and not getattr(self.transformer, "grad_checkpointing", False)
+            and bool(pool_index.numel()) and int(pool_index.min()) >= prefix_length
+            and shared_prefix.supports(self.blocks)
+        )
 
     # ------------------------------------------------------------------ token level
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -156,16 +177,33 @@ class TextTower:
             )
         if pool_index.shape != embeddings.shape[:1]:
             raise ValueError(f"pool_index must have shape ({embeddings.shape[0]},), got {tuple(pool_index.shape)}")
-        length = self.run_length(pool_index)
-        if embeddings.shape[1] < length:
-            raise ValueError(
-                f"prompt embeddings have {embeddings.shape[1]} positions but this tower needs {length}"
-                " (the pooled position, or the full context for a bidirectional tower)"
-            )
-        x = embeddings[:, :length].to(self.dtype)
-        x = x + self.positional_embedding[:length].to(self.dtype)
-        x = self.run_transformer(x, self._attention_mask(length, token_ids, x))
-        return self.pool_and_project(x, pool_index)
+        if self.can_truncate and embeddings.shape[0] >= self.bucket_min_prompts:
+            return self._encode_bucketed(embeddings, pool_index, token_ids)
+        return self._encode_one_length(embeddings, pool_index, token_ids)
+
+    def encode_shared(
+        self,
+        prefix: torch.Tensor,
+        suffix: torch.Tensor,
+        pool_index: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Features ``(G, C, E)`` of the prompts ``cat(prefix[g], suffix[c])``.
+
+        Args:
+            prefix: ``(G, P, D)`` leading token embeddings shared by every class (e.g. SOS + arranged slots).
+            suffix: ``(C, S, D)`` the rest of each class's prompt.
+            pool_index: ``(C,)`` pooled position of each prompt in the full sequence.
+            token_ids: ``(C, P + S)`` ids, needed only by towers with a padding mask.
+        """
+        groups, n_prefix = prefix.shape[:2]
+        if self.can_share_prefix(n_prefix, pool_index):
+            return shared_prefix.encode_with_shared_prefix(self, prefix, suffix, pool_index)
+        full = torch.cat(
+            [prefix[:, None].expand(-1, suffix.shape[0], -1, -1), suffix[None].expand(groups, -1, -1, -1)], dim=2
+        ).flatten(0, 1)
+        ids = None if token_ids is None else token_ids.repeat(groups, 1)
+        return self.encode(full, pool_index.repeat(groups), ids).unflatten(0, (groups, suffix.shape[0]))
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Features ``(C, E)`` of plain tokenised text ``(C, L)`` through the same path as prompts."""
@@ -191,6 +229,35 @@ class TextTower:
         if isinstance(proj, nn.Linear):
             return proj(pooled)
         return pooled @ proj
+
+    def _encode_one_length(
+        self, embeddings: torch.Tensor, pool_index: torch.Tensor, token_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """:meth:`encode` for all prompts at the run length of the longest."""
+        length = self.run_length(pool_index)
+        if embeddings.shape[1] < length:
+            raise ValueError(
+                f"prompt embeddings have {embeddings.shape[1]} positions but this tower needs {length}"
+                " (the pooled position, or the full context for a bidirectional tower)"
+            )
+        x = embeddings[:, :length].to(self.dtype)
+        x = x + self.positional_embedding[:length].to(self.dtype)
+        x = self.run_transformer(x, self._attention_mask(length, token_ids, x))
+        return self.pool_and_project(x, pool_index)
+
+    def _encode_bucketed(
+        self, embeddings: torch.Tensor, pool_index: torch.Tensor, token_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """:meth:`encode` run separately for each group of prompts with the same pooled position."""
+        outputs: torch.Tensor | None = None
+        for value in torch.unique(pool_index):
+            members = (pool_index == value).nonzero().flatten()
+            ids = None if token_ids is None else token_ids[members]
+            part = self._encode_one_length(embeddings[members], pool_index[members], ids)
+            if outputs is None:
+                outputs = part.new_empty(embeddings.shape[0], part.shape[1])
+            outputs = outputs.index_copy(0, members.to(part.device), part)
+        return outputs
 
     def _attention_mask(
         self, length: int, token_ids: torch.Tensor | None, x: torch.Tensor

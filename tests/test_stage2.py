@@ -85,8 +85,10 @@ def test_logits_shapes_and_gradients_reach_soft_and_position_only(model):
 def test_anchor_features_computed_once_and_invalidated(model, monkeypatch):
     learner = _learner(model)
     encoded = []
-    original = learner.template.encode
-    monkeypatch.setattr(learner.template, "encode", lambda layout, emb: encoded.append(layout) or original(layout, emb))
+    original = learner.template.encode_slots
+    monkeypatch.setattr(
+        learner.template, "encode_slots", lambda layout, slots: encoded.append(layout) or original(layout, slots)
+    )
     image = torch.randn(2, 32)
     learner(image)
     learner(image)
