@@ -7,7 +7,7 @@ same precomputed random image features (batch 32), so the figure isolates the pr
   matrix) + cached anchor-prompt features + ``anchoropt_loss`` (CE + KD) + backward + SGD step;
 * CoOp (M = 4): prompt ``[SOS] X X X X {class} . [EOT]``, soft tokens only, no anchor, no position matrix,
   plain CE + backward + SGD step.  Built from ``AnchorPromptTemplate``'s normal layout, whose K slots are
-  exactly CoOp's K context tokens, and ``TextTower.encode``;
+  exactly CoOp's K context tokens, and ``encode_slots`` (the same bridge path as AnchorOPT's);
 * CoOp (M = 5): the same with 5 context tokens, i.e. a prompt exactly as long as AnchorOPT's (M + N = 5
   slots), to separate the cost of the extra token from the cost of the method.
 
@@ -37,8 +37,8 @@ class CoOpPrompt(nn.Module):
         self.ctx = nn.Parameter(torch.randn(n_ctx, tower.width, device=tower.device) * 0.02)
 
     def forward(self) -> torch.Tensor:
-        prompts = self.template.normal_prompts(self.ctx)
-        return F.normalize(self.template.encode(self.template.normal, prompts).float(), dim=-1)
+        features = self.template.encode_slots(self.template.normal, self.ctx)  # the path AnchorOPT uses
+        return F.normalize(features.float(), dim=-1)
 
 
 def sgd(params) -> torch.optim.SGD:

@@ -18,7 +18,7 @@ from anchoropt import AnchorOPTPromptLearner, TextTower, functional
 def make_learner(model, names, truncate: bool, seed: int) -> AnchorOPTPromptLearner:
     """A Stage II learner (M = 4 soft tokens, N = 1 random anchor) on a full or truncating bridge."""
     torch.manual_seed(seed)
-    tower = TextTower(model, truncate=truncate)
+    tower = TextTower(model, truncate=truncate, share_prefix=False)  # isolate truncation (see bench_text_paths.py)
     anchors = torch.randn(1, tower.width, device=tower.device) * 0.02
     return AnchorOPTPromptLearner(tower, names, anchors, n_soft=4).train()
 
