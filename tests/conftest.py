@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random CLIP towers, the CLIP BPE tokenizer and the shared data folder.
+
+The towers are session-scoped and frozen (``requires_grad_(False)``); a test that changes a tower
+(dtype, attributes) must build its own with the ``anchoropt.testing`` factories.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports open_clip / huggingface_hub
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from anchoropt import testing
+
+SHARED_DATA_ENV = "ANCHOROPT_SHARED_DATA"
+
+
+def shared_data_dir() -> Path:
+    """``$ANCHOROPT_SHARED_DATA``, else the workplace's ``../shared/data`` next to the checkout."""
+    env = os.environ.get(SHARED_DATA_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    return model.requires_grad_(False).eval()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder (descriptions, official anchors, cifar10_mini); skips when absent."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} absent (set {SHARED_DATA_ENV} to the shared/data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """open_clip's CLIP BPE tokenizer (context length 77)."""
+    from anchoropt.template import default_tokenizer
+
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def open_clip_model() -> torch.nn.Module:
+    """Tiny open_clip ``CLIP`` (batch-first, model-level causal mask), fp32, frozen."""
+    return _frozen(testing.tiny_open_clip())
+
+
+@pytest.fixture(scope="session")
+def custom_text_model() -> torch.nn.Module:
+    """Tiny open_clip ``CustomTextCLIP`` (tower under ``.text``), fp32, frozen."""
+    return _frozen(testing.tiny_custom_text_clip())
+
+
+@pytest.fixture(scope="session")
+def openai_model() -> torch.nn.Module:
+    """Tiny OpenAI-``clip``-shaped model (sequence-first blocks with per-block masks), fp32, frozen."""
+    return _frozen(testing.tiny_openai_clip(fp16=False))
+
+
+@pytest.fixture(scope="session")
+def openai_fp16_model() -> torch.nn.Module:
+    """The same OpenAI-style model (same seed, same weights) cast to fp16 as ``clip.build_model`` does."""
+    return _frozen(testing.tiny_openai_clip(fp16=True))
+
+
+@pytest.fixture(scope="session")
+def siglip_like_model() -> torch.nn.Module:
+    """A ``CustomTextCLIP`` with a bidirectional text tower pooling the last position (SigLIP-like)."""
+    return _frozen(testing.tiny_custom_text_clip(no_causal_mask=True, pool_type="last"))
+
+
+_FP32_FIXTURES = {"open_clip": "open_clip_model", "custom_text": "custom_text_model", "openai": "openai_model"}
+
+
+@pytest.fixture(scope="session", params=sorted(_FP32_FIXTURES))
+def fp32_model(request) -> torch.nn.Module:
+    """Each of the three fp32 layouts in turn (open_clip CLIP, CustomTextCLIP, OpenAI-style)."""
+    return request.getfixturevalue(_FP32_FIXTURES[request.param])
