@@ -18,10 +18,6 @@ from anchoropt.official import (
     read_dassl_state_dict,
 )
 
-_SHARED = Path(
-    os.environ.get("ANCHOROPT_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
-_OFFICIAL = _SHARED / "official_anchors"
 # L2 norms of the released anchors (documented; checked to 0.01).
 _REAL = {"Caltech101": 1.36, "EuroSAT": 0.77}
 _REAL_GLOBALS = {
@@ -32,8 +28,9 @@ _REAL_GLOBALS = {
 }
 
 
-def _real(name: str) -> Path:
-    path = _OFFICIAL / f"{name}_anchor.pth.tar"
+def _real(shared_data: Path, name: str) -> Path:
+    """An authors' checkpoint from the ``shared_data`` fixture's folder (conftest.py); skips when absent."""
+    path = shared_data / "official_anchors" / f"{name}_anchor.pth.tar"
     if not path.is_file():
         pytest.skip(f"authors' checkpoint {path} absent (set ANCHOROPT_SHARED_DATA to the shared/data folder)")
     return path
@@ -44,8 +41,8 @@ def _real(name: str) -> Path:
 
 @pytest.mark.shared_data
 @pytest.mark.parametrize("name", sorted(_REAL))
-def test_real_checkpoint_loads(name: str) -> None:
-    path = _real(name)
+def test_real_checkpoint_loads(shared_data: Path, name: str) -> None:
+    path = _real(shared_data, name)
     # The point of this module: plain weights-only loading refuses these files.
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, map_location="cpu", weights_only=True)
@@ -64,9 +61,9 @@ def test_real_checkpoint_loads(name: str) -> None:
 
 
 @pytest.mark.shared_data
-def test_real_checkpoint_wrong_width() -> None:
+def test_real_checkpoint_wrong_width(shared_data: Path) -> None:
     with pytest.raises(CheckpointError, match=r"(?s)512.*768.*another CLIP text width"):
-        load_official_anchors(_real("EuroSAT"), expected_width=768)
+        load_official_anchors(_real(shared_data, "EuroSAT"), expected_width=768)
 
 
 # ---------------------------------------------------------------- synthetic files
