@@ -19,6 +19,10 @@ from anchoropt import testing
 
 SHARED_DATA_ENV = "ANCHOROPT_SHARED_DATA"
 
+# The tests run tiny models: intra-op threads only add overhead, and on a machine shared with other
+# processes 2 threads ran several times slower than 1.  ANCHOROPT_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("ANCHOROPT_TEST_THREADS", "1")))
+
 
 def shared_data_dir() -> Path:
     """``$ANCHOROPT_SHARED_DATA``, else the workplace's ``../shared/data`` next to the checkout."""

@@ -40,9 +40,11 @@ def _reference(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- exactness against encode_text
 
 
-@pytest.mark.parametrize("truncate", [True, False], ids=["truncated", "full"])
-def test_encode_text_equals_model(fp32_model, ids, truncate) -> None:
-    tower = TextTower(fp32_model, truncate=truncate)
+@pytest.mark.parametrize(
+    ("truncate", "bucket_min_prompts"), [(True, 256), (True, 1), (False, 256)], ids=["truncated", "bucketed", "full"]
+)
+def test_encode_text_equals_model(fp32_model, ids, truncate, bucket_min_prompts) -> None:
+    tower = TextTower(fp32_model, truncate=truncate, bucket_min_prompts=bucket_min_prompts)
     eot = _eot_positions(ids)
     assert len(set(eot.tolist())) == len(SENTENCES)  # the batch really mixes lengths
     assert tower.can_truncate is truncate
@@ -199,7 +201,7 @@ def test_encode_gradcheck_float64(ids) -> None:
     pool = tower.pool_index(short)
     emb = tower.embed(short)[:, : tower.run_length(pool)].clone().requires_grad_(True)
     assert emb.dtype == torch.float64
-    assert torch.autograd.gradcheck(lambda e: tower.encode(e, pool), (emb,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda e: tower.encode(e, pool), (emb,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 # ---------------------------------------------------------------- OpenAI layout: per-block masks
