@@ -1,0 +1,451 @@
+"""Datasets for the experiment runner: ImageFolder directories and CoOp split files, the field's protocols.
+
+A dataset is read into :class:`DatasetSplits` - lists of :class:`Record` ``(path, label, classname)`` for
+``train`` / ``val`` / ``test`` and the class names indexed by label - from one of three layouts:
+
+* a CoOp-style split file (``split_zhou_*.json``: ``{"train": [[relpath, label, classname], ...], "val": ...,
+  "test": ...}``) next to, or given for, an image directory - so the standard split files work unchanged;
+* a directory with ``train/`` and ``test/`` (optionally ``val/``) ImageFolder sub-directories;
+* a plain ImageFolder directory (one sub-directory per class), split per class with a seed
+  (:func:`split_per_class`), or read whole as a test set (cross-dataset / domain-generalisation targets).
+
+The protocols follow Dassl / CoOp:
+
+* :func:`few_shot` - K images per class, drawn with ``random.Random(seed)``: per class in order of first
+  appearance, ``random.sample`` (``random.choices`` when a class has fewer than K), training set first,
+  then the validation set with ``min(K, 4)`` shots (:func:`sample_few_shot`);
+* :func:`subsample_classes` - base classes are the first ``ceil(C / 2)`` labels of the training set, novel
+  classes the rest, each relabelled from 0 (Dassl's ``subsample_classes``).
+
+Nothing here imports open_clip; :class:`ImageDataset` needs Pillow (installed with torchvision).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Record",
+    "DatasetSplits",
+    "open_dataset",
+    "read_image_folder",
+    "read_split_json",
+    "read_classnames_file",
+    "split_per_class",
+    "few_shot",
+    "sample_few_shot",
+    "subsample_classes",
+    "base_novel_split",
+    "ImageDataset",
+    "make_synthetic_image_folder",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+SPLIT_FILE_PATTERNS = ("split_zhou_*.json", "split_*.json", "split.json")
+CLASSNAMES_FILE = "classnames.txt"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image: its file, integer label and class name (Dassl's ``Datum``)."""
+
+    path: str
+    label: int
+    classname: str
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset's splits and class names (``classnames[label]``).
+
+    Attributes:
+        name: a short name for reports (the directory name by default).
+        classnames: class names indexed by label.
+        train, val, test: lists of :class:`Record`.
+        layout: where the splits came from: ``"split_json"``, ``"subfolders"``, ``"folder_split"``
+            (a plain folder split per class) or ``"folder"`` (a plain folder read whole as ``test``).
+        root: the directory the dataset was read from.
+    """
+
+    name: str
+    classnames: list[str]
+    train: list[Record] = field(default_factory=list)
+    val: list[Record] = field(default_factory=list)
+    test: list[Record] = field(default_factory=list)
+    layout: str = "folder"
+    root: str = ""
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classnames)
+
+    def split(self, name: str) -> list[Record]:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; choose 'train', 'val' or 'test'")
+        return getattr(self, name)
+
+    def summary(self) -> str:
+        return (f"{self.name}: {self.n_classes} classes, {len(self.train)} train / {len(self.val)} val / "
+                f"{len(self.test)} test images ({self.layout})")
+
+
+# ---------------------------------------------------------------------- reading
+def open_dataset(
+    root: str | os.PathLike,
+    split_json: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
+    classnames_file: str | os.PathLike | None = None,
+    holdout: bool = True,
+    p_train: float = 0.5,
+    p_val: float = 0.2,
+    split_seed: int = 1,
+    name: str | None = None,
+) -> DatasetSplits:
+    """Read a dataset directory in any of the supported layouts (see the module docstring).
+
+    Args:
+        root: the dataset directory.
+        split_json: a CoOp split file; by default ``root/split_zhou_*.json`` (or ``split_*.json``,
+            ``split.json``) is used when there is exactly one.
+        image_root: directory the split file's paths are relative to; by default the first of ``root`` and
+            its sub-directories in which the split's first image exists.
+        classnames_file: lines ``<folder> <class name>`` mapping folder names (e.g. WordNet ids) to class
+            names, as CoOp's ImageNet ``classnames.txt``; ``root/classnames.txt`` is used when present.
+        holdout: for a plain ImageFolder: split each class into train / val / test (``True``), or read all
+            images as ``test`` (``False``: a cross-dataset or domain-generalisation target).
+        p_train, p_val: per-class fractions for the holdout split (the rest is test).
+        split_seed: seed of the holdout split (fixed per dataset, independent of the run's seed).
+        name: name for reports (the directory name by default).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset directory not found: {root}")
+    name = name or root.name
+    split_json = Path(split_json) if split_json is not None else _find_split_file(root)
+    if split_json is not None:
+        return replace(read_split_json(split_json, image_root or _guess_image_root(split_json, root)),
+                       name=name, root=str(root))
+    mapping = read_classnames_file(classnames_file or root / CLASSNAMES_FILE) if (
+        classnames_file or (root / CLASSNAMES_FILE).is_file()) else None
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train, classnames = read_image_folder(root / "train", mapping)
+        test = read_image_folder(root / "test", mapping, classnames)[0]
+        val = read_image_folder(root / "val", mapping, classnames)[0] if (root / "val").is_dir() else []
+        return DatasetSplits(name, classnames, train, val, test, "subfolders", str(root))
+    records, classnames = read_image_folder(root, mapping)
+    if not holdout:
+        return DatasetSplits(name, classnames, [], [], records, "folder", str(root))
+    train, val, test = split_per_class(records, p_train, p_val, split_seed)
+    return DatasetSplits(name, classnames, train, val, test, "folder_split", str(root))
+
+
+def read_image_folder(
+    root: str | os.PathLike,
+    classnames_map: dict[str, str] | None = None,
+    classnames: Sequence[str] | None = None,
+) -> tuple[list[Record], list[str]]:
+    """Records of an ImageFolder directory and its class names.
+
+    Classes are the sub-directories sorted by name (as torchvision's ``ImageFolder``); a class name is the
+    folder name (or its entry in ``classnames_map``) with ``_`` read as a space.  Images are the files with
+    an extension in :data:`IMAGE_EXTENSIONS`, found recursively, in sorted order.
+
+    Args:
+        classnames: label these folders with an existing class list instead (a test split must use the
+            training split's labels); a folder whose class is not in it is an error.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{root} has no class sub-directories (expected an ImageFolder layout: root/<class>/*.jpg)")
+    names = [_clean_name((classnames_map or {}).get(folder, folder)) for folder in folders]
+    if classnames is None:
+        classnames = names
+        label_of = {n: i for i, n in enumerate(names)}
+    else:
+        label_of = {n: i for i, n in enumerate(classnames)}
+        unknown = [n for n in names if n not in label_of]
+        if unknown:
+            raise ValueError(f"{root}: class folder(s) {unknown[:5]} are not among the classes {list(classnames)[:10]}")
+    records = []
+    for folder, name in zip(folders, names):
+        files = sorted(_image_files(root / folder))
+        records.extend(Record(str(path), label_of[name], name) for path in files)
+    if not records:
+        raise ValueError(f"{root} holds no images with extensions {IMAGE_EXTENSIONS}")
+    return records, list(classnames)
+
+
+def read_split_json(path: str | os.PathLike, image_root: str | os.PathLike) -> DatasetSplits:
+    """A CoOp split file ``{"train": [[relpath, label, classname], ...], "val": [...], "test": [...]}``.
+
+    Labels keep the file's order; class names come from the file (``_`` read as a space).  A label with two
+    different class names is an error; labels that are not ``0 .. C-1`` are renumbered in sorted order.
+    """
+    path, image_root = Path(path), Path(image_root)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file not found: {path}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict) or "train" not in raw or "test" not in raw:
+        raise ValueError(f"{path} is not a CoOp split file: expected keys 'train', 'val', 'test'")
+    names: dict[int, str] = {}
+    splits: dict[str, list[tuple[str, int, str]]] = {}
+    for split in ("train", "val", "test"):
+        rows = raw.get(split, [])
+        checked = []
+        for i, row in enumerate(rows):
+            if not (isinstance(row, (list, tuple)) and len(row) == 3):
+                raise ValueError(f"{path}: {split}[{i}] must be [path, label, classname], got {row!r}")
+            rel, label, classname = str(row[0]), int(row[1]), _clean_name(str(row[2]))
+            if names.setdefault(label, classname) != classname:
+                raise ValueError(f"{path}: label {label} is both {names[label]!r} and {classname!r}")
+            checked.append((rel, label, classname))
+        splits[split] = checked
+    if not names:
+        raise ValueError(f"{path} lists no images")
+    relabel = {label: i for i, label in enumerate(sorted(names))}
+    classnames = [names[label] for label in sorted(names)]
+    out = {
+        split: [Record(str(image_root / rel), relabel[label], classname) for rel, label, classname in rows]
+        for split, rows in splits.items()
+    }
+    return DatasetSplits(path.stem, classnames, out["train"], out["val"], out["test"], "split_json", str(image_root))
+
+
+def read_classnames_file(path: str | os.PathLike) -> dict[str, str]:
+    """``{folder: class name}`` from lines ``<folder> <class name with spaces>`` (CoOp's ImageNet format)."""
+    mapping = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        folder, _, name = line.partition(" ")
+        if not name.strip():
+            raise ValueError(f"{path}:{n}: expected '<folder> <class name>', got {line!r}")
+        mapping[folder] = name.strip()
+    return mapping
+
+
+def split_per_class(
+    records: Sequence[Record], p_train: float = 0.5, p_val: float = 0.2, seed: int = 1
+) -> tuple[list[Record], list[Record], list[Record]]:
+    """Shuffle each class's images with ``random.Random(seed)`` and cut them into train / val / test.
+
+    ``round(n * p_train)`` training and ``round(n * p_val)`` validation images per class, the rest test
+    (the proportions CoOp uses for datasets without an official split, e.g. DTD and EuroSAT).
+    """
+    if not (0 < p_train < 1 and 0 <= p_val < 1 and p_train + p_val < 1):
+        raise ValueError(f"need 0 < p_train, 0 <= p_val and p_train + p_val < 1, got {p_train}, {p_val}")
+    rng = random.Random(seed)
+    train, val, test = [], [], []
+    for items in _by_label(records).values():
+        items = list(items)
+        rng.shuffle(items)
+        n_train, n_val = round(len(items) * p_train), round(len(items) * p_val)
+        train += items[:n_train]
+        val += items[n_train : n_train + n_val]
+        test += items[n_train + n_val :]
+    return train, val, test
+
+
+# ---------------------------------------------------------------------- protocols
+def few_shot(
+    records: Sequence[Record], shots: int, rng: random.Random | int = 0, repeat: bool = True
+) -> list[Record]:
+    """``shots`` records per class (all of them when ``shots < 1``), as Dassl's ``generate_fewshot_dataset``.
+
+    Classes are visited in order of first appearance; a class with at least ``shots`` images gets
+    ``rng.sample(items, shots)``, a smaller one ``rng.choices(items, k=shots)`` (``repeat=True``) or all its
+    images.
+
+    Args:
+        rng: a ``random.Random`` (shared across calls, as Dassl's global RNG) or an int seed.
+    """
+    if shots < 1:
+        return list(records)
+    rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+    out: list[Record] = []
+    for items in _by_label(records).values():
+        if len(items) >= shots:
+            out += rng.sample(items, shots)
+        else:
+            out += rng.choices(items, k=shots) if repeat else items
+    return out
+
+
+def sample_few_shot(dataset: DatasetSplits, shots: int, seed: int) -> DatasetSplits:
+    """K-shot training set and ``min(K, 4)``-shot validation set drawn with one ``random.Random(seed)``
+    (CoOp's order: train first, then val); the test set is kept whole."""
+    if shots < 1:
+        return dataset
+    rng = random.Random(seed)
+    train = few_shot(dataset.train, shots, rng)
+    val = few_shot(dataset.val, min(shots, 4), rng)
+    return replace(dataset, train=train, val=val)
+
+
+def base_novel_split(n_classes: int) -> tuple[list[int], list[int]]:
+    """Labels of the base (first ``ceil(C / 2)``) and novel (the rest) classes."""
+    m = math.ceil(n_classes / 2)
+    return list(range(m)), list(range(m, n_classes))
+
+
+def subsample_classes(dataset: DatasetSplits, subsample: str = "all") -> DatasetSplits:
+    """Keep the ``"base"`` or ``"new"`` (novel) half of the classes, relabelled from 0; ``"all"`` keeps all.
+
+    As Dassl: the labels are those present in the training split (all classes when it is empty), sorted;
+    the first ``ceil(n / 2)`` are base.
+    """
+    if subsample not in ("all", "base", "new", "novel"):
+        raise ValueError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
+    if subsample == "all":
+        return dataset
+    labels = sorted({r.label for r in dataset.train}) or list(range(dataset.n_classes))
+    m = math.ceil(len(labels) / 2)
+    selected = labels[:m] if subsample == "base" else labels[m:]
+    relabel = {label: i for i, label in enumerate(selected)}
+
+    def keep(records: Iterable[Record]) -> list[Record]:
+        return [replace(r, label=relabel[r.label]) for r in records if r.label in relabel]
+
+    return replace(
+        dataset,
+        classnames=[dataset.classnames[label] for label in selected],
+        train=keep(dataset.train),
+        val=keep(dataset.val),
+        test=keep(dataset.test),
+    )
+
+
+# ---------------------------------------------------------------------- torch dataset
+class ImageDataset(torch.utils.data.Dataset):
+    """Records as a torch dataset of ``(image, label, index)``; ``transform`` maps a PIL RGB image to a tensor.
+
+    The index lets a training loop look up cached image features.
+    """
+
+    def __init__(self, records: Sequence[Record], transform: Callable | None = None):
+        self.records = list(records)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        record = self.records[index]
+        try:
+            with Image.open(record.path) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise OSError(f"cannot read image {record.path}: {err}") from err
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, record.label, index
+
+    @property
+    def labels(self) -> list[int]:
+        return [r.label for r in self.records]
+
+
+def make_synthetic_image_folder(
+    root: str | os.PathLike,
+    classnames: Sequence[str] = ("circle", "square", "stripe", "cross"),
+    per_class: int = 12,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
+    """Write a small ImageFolder of synthetic PNGs (one colour and shape per class, with noise).
+
+    For offline demos and tests of the runner: ``root/<class>/<n>.png``.  Returns ``root``.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for c, name in enumerate(classnames):
+        folder = root / name.replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        colour = torch.rand(3, 1, 1, generator=g)
+        for n in range(per_class):
+            dy, dx = torch.randint(-size // 8, size // 8 + 1, (2,), generator=g).tolist()
+            mask = _shape_mask(c, yy - dy, xx - dx, size).float()
+            image = colour * mask + 0.25 * torch.rand(3, size, size, generator=g)
+            pixels = (image.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+            Image.frombytes("RGB", (size, size), bytes(pixels.flatten().tolist())).save(folder / f"{n:04d}.png")
+    return root
+
+
+def _shape_mask(kind: int, yy: torch.Tensor, xx: torch.Tensor, size: int) -> torch.Tensor:
+    c = size / 2
+    shapes = [
+        (yy - c) ** 2 + (xx - c) ** 2 < (size / 3) ** 2,
+        ((yy - c).abs() < size / 4) & ((xx - c).abs() < size / 4),
+        (yy // 4) % 2 == 0,
+        ((yy - c).abs() < size / 10) | ((xx - c).abs() < size / 10),
+        (xx // 4) % 2 == 0,
+        (yy + xx) % 8 < 4,
+    ]
+    return shapes[kind % len(shapes)]
+
+
+# ---------------------------------------------------------------------- helpers
+def _by_label(records: Iterable[Record]) -> dict[int, list[Record]]:
+    groups: dict[int, list[Record]] = {}
+    for record in records:
+        groups.setdefault(record.label, []).append(record)
+    return groups
+
+
+def _image_files(folder: Path) -> Iterable[Path]:
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in filenames:
+            if filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith("."):
+                yield Path(dirpath) / filename
+
+
+def _clean_name(name: str) -> str:
+    return " ".join(name.replace("_", " ").split())
+
+
+def _find_split_file(root: Path) -> Path | None:
+    for pattern in SPLIT_FILE_PATTERNS:
+        found = sorted(root.glob(pattern))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ValueError(f"{root} holds several split files {[f.name for f in found]}: pass one explicitly")
+    return None
+
+
+def _guess_image_root(split_json: Path, root: Path) -> Path:
+    """The directory in which the split file's first image exists (``root`` or one of its sub-directories)."""
+    raw = json.loads(split_json.read_text(encoding="utf-8"))
+    first = next((rows[0][0] for rows in (raw.get("train"), raw.get("test"), raw.get("val")) if rows), None)
+    if first is None:
+        return root
+    candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
+    for candidate in candidates:
+        if (candidate / first).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"cannot find {first!r} (the first image of {split_json.name}) under {root} or its sub-directories; "
+        "pass the image directory explicitly (--image-root)"
+    )
