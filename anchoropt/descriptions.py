@@ -42,7 +42,13 @@ def load_descriptions(
         raise DescriptionsError(f"{where} must be a JSON object {{class name: [sentences]}}, got {type(raw).__name__}")
     if max_per_class is not None and max_per_class < 1:
         raise DescriptionsError(f"max_per_class must be >= 1, got {max_per_class}")
-    by_key = {_key(name): name for name in raw}
+    if isinstance(classnames, str):
+        raise TypeError("classnames must be a list of class names, not a single string")
+    by_key: dict[str, str] = {}
+    for name in raw:
+        if _key(name) in by_key:
+            raise DescriptionsError(f"{where} has two entries for the same class: {by_key[_key(name)]!r} and {name!r}")
+        by_key[_key(name)] = name
     wanted = list(raw) if classnames is None else list(classnames)
     missing = [c for c in wanted if _key(c) not in by_key]
     if missing:

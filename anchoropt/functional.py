@@ -101,6 +101,10 @@ def anchoropt_loss(
     n_classes = logits_normal.shape[1]
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= n_classes):
         raise ValueError(f"target holds class indices outside [0, {n_classes}): {target.tolist()[:10]}")
+    if kd_normalization not in KD_NORMALIZATIONS:
+        raise ValueError(f"unknown KD normalization {kd_normalization!r}; choose one of {KD_NORMALIZATIONS}")
+    if temperature <= 0:
+        raise ValueError(f"the distillation temperature must be > 0, got {temperature}")
     loss = ce_weight * F.cross_entropy(logits_normal.float(), target)
     if kd_weight:
         teacher = ensemble_logits(logits_normal, logits_anchor)

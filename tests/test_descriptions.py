@@ -154,3 +154,17 @@ def test_bad_max_per_class(tmp_path, n) -> None:
 
 def test_errors_are_value_errors() -> None:
     assert issubclass(DescriptionsError, ValueError)
+
+
+def test_classnames_given_as_one_string_is_refused():
+    from anchoropt import load_descriptions
+
+    with pytest.raises(TypeError, match="not a single string"):
+        load_descriptions({"cat": ["A cat."]}, "cat")
+
+
+def test_keys_equal_after_normalisation_are_refused():
+    from anchoropt import DescriptionsError, load_descriptions
+
+    with pytest.raises(DescriptionsError, match="two entries for the same class: 'Sea Lion' and 'sea_lion'"):
+        load_descriptions({"Sea Lion": ["A sea lion."], "sea_lion": ["Another."]})

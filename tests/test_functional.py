@@ -199,3 +199,14 @@ def test_unknown_prediction_mode(batch) -> None:
     normal, anchor, _ = batch
     with pytest.raises(ValueError, match=r"unknown prediction mode 'ensemble'; choose one of"):
         select_logits(normal, anchor, "ensemble")
+
+
+def test_loss_options_are_checked_even_without_distillation():
+    from anchoropt.functional import anchoropt_loss
+
+    logits = torch.zeros(2, 3)
+    target = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="unknown KD normalization 'sum'"):
+        anchoropt_loss(logits, logits, target, kd_weight=0.0, kd_normalization="sum")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        anchoropt_loss(logits, logits, target, kd_weight=0.0, temperature=0.0)
