@@ -5,6 +5,7 @@ Public names only; ``import anchoropt`` does not import open_clip.
 
 from ._version import __version__
 from .anchors import AnchorLearner, DescriptionTargets
+from .deep import DeepAnchorHooks, DeepPrompts, attach_deep
 from .descriptions import DescriptionsError, load_descriptions
 from .io import load_anchors, load_prompt_learner, save_anchors, save_prompt_learner
 from .losses import StageIILoss, StageIILossConfig
@@ -22,6 +23,8 @@ __all__ = [
     "AnchorOPTPromptLearner",
     "AnchorPromptTemplate",
     "ARRANGEMENTS",
+    "DeepAnchorHooks",
+    "DeepPrompts",
     "DescriptionTargets",
     "DescriptionsError",
     "OneStageTrainer",
@@ -30,6 +33,7 @@ __all__ = [
     "StageIILossConfig",
     "TextTower",
     "UnsupportedTowerError",
+    "attach_deep",
     "default_tokenizer",
     "load_anchors",
     "load_descriptions",

@@ -5,12 +5,14 @@
 
 The normal prompt is trained (soft tokens + position logits); the anchor prompt is frozen, so its text
 features are computed once per class set and reused until the anchors or the classes change.
+``deep_depth > 0`` gives the deep variant (per-layer soft prompts, anchors carried: :mod:`anchoropt.deep`).
 
 Axes: ``B`` images, ``C`` classes, ``M`` soft tokens, ``N`` anchors, ``D`` width, ``E`` feature width.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional
+from .deep import DeepAnchorHooks, DeepPrompts, attach_deep
 from .position import PositionMatrix
 from .template import AnchorPromptTemplate, Tokenizer
 from .towers import TextTower
@@ -39,6 +42,10 @@ class AnchorOPTPromptLearner(nn.Module):
         tokenizer: CLIP BPE by default.
         position: a ready :class:`PositionMatrix`; else one is built from ``tau``, ``arrangement`` and
             ``position_init``.
+        deep_depth: deep variant (paper §3.2.3): per-layer soft prompts for text blocks ``1 .. deep_depth``
+            (:class:`~anchoropt.deep.DeepPrompts`, ``M`` per layer, as ``self.deep``) with the anchors'
+            own hidden states carried through; installs context-gated hooks on the tower
+            (``self.deep_hooks``, removable).  ``0`` (default) is the shallow variant.
     """
 
     def __init__(
@@ -54,6 +61,7 @@ class AnchorOPTPromptLearner(nn.Module):
         tau: float = 1.0,
         arrangement: str = "learned",
         position_init: str = "randn",
+        deep_depth: int = 0,
     ):
         super().__init__()
         self.tower = TextTower.from_model(tower)
@@ -71,6 +79,9 @@ class AnchorOPTPromptLearner(nn.Module):
             )
         self.position = position.to(self.tower.device)
         self._anchor_cache: tuple[tuple, torch.Tensor] | None = None
+        # Deep variant: created last, so a deep learner's other tensors equal a shallow one's for a seed.
+        self.deep_hooks: DeepAnchorHooks | None = attach_deep(self.tower, deep_depth) if deep_depth else None
+        self.deep = DeepPrompts(deep_depth, n_soft, self.tower.width, device=self.tower.device) if deep_depth else None
 
     # ------------------------------------------------------------------ facts
     @property
@@ -106,9 +117,41 @@ class AnchorOPTPromptLearner(nn.Module):
         return self.position(sources, matrix)
 
     def normal_features(self, matrix: torch.Tensor | None = None) -> torch.Tensor:
-        """Normal-prompt text features ``(C, E)``, float32, L2-normalised (differentiable)."""
-        features = self.template.encode_slots(self.template.normal, self.slot_tokens(matrix))
+        """Normal-prompt text features ``(C, E)``, float32, L2-normalised (differentiable).
+
+        One position-matrix sample (``matrix``, else :meth:`PositionMatrix.matrix`) arranges the input
+        slots and, in the deep variant, every deep layer's slots.
+        """
+        matrix = self.position.matrix() if matrix is None else matrix
+        slots = self.slot_tokens(matrix)
+        if self.deep is None:
+            features = self.template.encode_slots(self.template.normal, slots)
+        else:
+            hooks = self._installed_deep_hooks()
+            features = hooks.encode_slots(
+                self.template, self.template.normal, slots, matrix, self.deep.prompts, self.n_soft, self.n_anchor
+            )
         return F.normalize(features.float(), dim=-1)
+
+    def deep_context(self, matrix: torch.Tensor):
+        """Context in which the tower's deep hooks apply this learner's per-layer prompts with ``matrix``.
+
+        For code that runs the text tower itself (e.g. a CoOp-family text encoder fed with
+        ``template.normal_prompts(slot_tokens(matrix))``).  A no-op context for the shallow learner.
+        """
+        if self.deep is None:
+            return contextlib.nullcontext()
+        return self._installed_deep_hooks().active(
+            matrix, self.n_soft, self.n_anchor, self.deep.prompts, slot_start=self.template.normal.slot_start
+        )
+
+    def _installed_deep_hooks(self) -> DeepAnchorHooks:
+        if self.deep_hooks is None or not self.deep_hooks.installed:
+            raise RuntimeError(
+                "this deep prompt learner's tower hooks were removed; re-attach them with "
+                "learner.deep_hooks = anchoropt.attach_deep(learner.tower, learner.deep.depth)"
+            )
+        return self.deep_hooks
 
     def anchor_features(self) -> torch.Tensor:
         """Frozen anchor-prompt text features ``(C, E)``, float32, L2-normalised; computed once per class set."""
