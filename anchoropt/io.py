@@ -9,6 +9,11 @@ Layout of a saved prompt learner directory::
 
     anchoropt_config.json     {"format": "anchoropt", "kind": "prompt_learner", "width": 512, ...}
     anchoropt.safetensors     soft (M, D), anchors (N, D), position.logits (M+N, M+N)
+                              [+ deep.prompts (deep_depth, M, D) for the deep variant]
+
+Format versions: 1 = shallow learner; 2 = adds ``deep_depth`` / ``deep_length`` and ``deep.prompts``.  A
+shallow learner is still written as version 1 (readable by older anchoropt); files without ``deep_depth``
+load as shallow.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ __all__ = [
 
 CONFIG_NAME = "anchoropt_config.json"
 WEIGHTS_NAME = "anchoropt.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # anchors and shallow prompt learners
+DEEP_FORMAT_VERSION = 2  # prompt learners with deep prompts; also the newest format this version reads
 
 
 # ---------------------------------------------------------------------- anchors (Stage I output)
@@ -90,10 +96,11 @@ def save_prompt_learner(learner: AnchorOPTPromptLearner, directory: str | os.Pat
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     position = learner.position
+    deep = getattr(learner, "deep", None)
     config = {
         "format": "anchoropt",
         "kind": "prompt_learner",
-        "format_version": FORMAT_VERSION,
+        "format_version": DEEP_FORMAT_VERSION if deep is not None else FORMAT_VERSION,
         "anchoropt_version": __version__,
         "width": learner.tower.width,
         "n_soft": learner.n_soft,
@@ -104,6 +111,8 @@ def save_prompt_learner(learner: AnchorOPTPromptLearner, directory: str | os.Pat
         "sample_in_eval": position.sample_in_eval,
         "trained_classnames": learner.classnames,
     }
+    if deep is not None:
+        config["deep_depth"], config["deep_length"] = deep.depth, deep.length
     tensors = {name: t.detach().cpu().contiguous() for name, t in learner.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "anchoropt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -127,6 +136,13 @@ def load_prompt_learner(
         "anchors": (config["n_anchor"], config["width"]),
         "position.logits": (config["n_soft"] + config["n_anchor"],) * 2,
     }
+    deep_depth = int(config.get("deep_depth", 0))
+    if deep_depth:
+        if int(config.get("deep_length", config["n_soft"])) != config["n_soft"]:
+            raise ValueError(
+                f"{directory / CONFIG_NAME}: deep_length {config['deep_length']} must equal n_soft {config['n_soft']}"
+            )
+        expected["deep.prompts"] = (deep_depth, config["n_soft"], config["width"])
     for name, shape in expected.items():
         if name not in tensors:
             raise ValueError(f"{directory / WEIGHTS_NAME} is missing the tensor {name!r}")
@@ -144,6 +160,7 @@ def load_prompt_learner(
         tokenizer=tokenizer,
         tau=config["tau"],
         arrangement=config["arrangement"],
+        deep_depth=deep_depth,
     )
     learner.position.sample_in_eval = bool(config.get("sample_in_eval", False))
     learner.load_state_dict({k: v.to(tower.device) for k, v in tensors.items()}, strict=True)
@@ -161,7 +178,7 @@ def read_config(directory: str | os.PathLike, kind: str) -> dict:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(config, dict) or config.get("format") != "anchoropt" or config.get("kind") != kind:
         raise ValueError(f"{path} is not an anchoropt {kind} config")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+    if int(config.get("format_version", 0)) > DEEP_FORMAT_VERSION:
         raise ValueError(
             f"{path} was written by a newer anchoropt (format {config['format_version']}); upgrade anchoropt"
         )
