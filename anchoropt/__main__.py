@@ -1,0 +1,8 @@
+"""``python -m anchoropt``: the experiment runner (same as the ``anchoropt`` console script)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
