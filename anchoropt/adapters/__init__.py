@@ -1,0 +1,43 @@
+"""Adapter shims: AnchorOPT inside existing CoOp / CoCoOp / MaPLe / DePT code (Dassl trainers, OpenAI ``clip``).
+
+One module per method, each with the same two entry points:
+
+* ``patch(trainer_module, anchors=..., **options) -> ClassPatch`` - before ``trainer.build_model()``: replaces the
+  module's prompt-learner class by a subclass that attaches AnchorOPT right after the peer's ``__init__``;
+* ``wrap(prompt_learner, clip_model=..., classnames=..., anchors=..., owner=None, **options) -> AnchorOPTInjection``
+  - for a model that is already built.
+
+The injection lives at ``prompt_learner.anchoropt`` (find it with :func:`find`), so the peers' optimizers,
+freezing by name and checkpoints include it.  It is also the handle: ``loss(labels, ...)`` inside
+``forward_backward``, ``predict(logits)`` / ``set_mode("base" | "novel")`` at test time, ``remove()``.
+
+>>> import anchoropt.adapters as adapters
+>>> sorted(adapters.METHODS)
+['cocoop', 'coop', 'dept', 'maple']
+"""
+
+from . import cocoop, coop, dassl, dept, maple
+from .base import CHILD_NAME, AnchorOPTInjection, ClassPatch, find, shift_token_ids
+from .cocoop import CoCoOpInjection
+from .coop import CoOpInjection
+from .maple import MaPLeInjection
+
+METHODS = {"coop": coop, "cocoop": cocoop, "maple": maple, "dept": dept}
+"""Method name -> shim module (each has ``patch`` and ``wrap``)."""
+
+__all__ = [
+    "AnchorOPTInjection",
+    "CHILD_NAME",
+    "ClassPatch",
+    "CoCoOpInjection",
+    "CoOpInjection",
+    "MaPLeInjection",
+    "METHODS",
+    "cocoop",
+    "coop",
+    "dassl",
+    "dept",
+    "find",
+    "maple",
+    "shift_token_ids",
+]

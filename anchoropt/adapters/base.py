@@ -1,0 +1,676 @@
+"""Shared machinery of the adapter shims: AnchorOPT attached to a CoOp-family prompt learner.
+
+What an injection does to the user's prompt learner (``L`` = 77 positions, ``M`` = ``n_ctx`` soft tokens,
+``N`` anchors, ``C`` classes, ``D`` width)::
+
+    peer output        [SOS] ctx_1 .. ctx_M  class . [EOT] pad .. pad           (..., C, L, D)
+    rewritten output   [SOS] P @ [ctx; anchors]  class . [EOT] pad .. pad       (..., C, L, D)
+                             \\__ M + N slots __/          (the last N pad rows are dropped)
+    tokenized_prompts  shifted by N *in place*, so argmax pooling reads the true EOT
+
+* The rewrite is a forward hook on the prompt learner: the peer's ``forward`` is not touched, and
+  :meth:`AnchorOPTInjection.remove` gives back the original outputs exactly.
+* The injection is registered as the child ``prompt_learner.anchoropt``: its position logits are
+  ``prompt_learner.anchoropt.position.logits`` (fp32), its anchors the persistent fp32 buffer
+  ``prompt_learner.anchoropt.anchors`` (fixed shapes, so base -> novel reloads work); the peers' optimizer
+  construction, freezing by name and checkpointing pick them up unchanged.
+* The anchor prompt ``[SOS] anchors {preposition} {class} . [EOT]`` runs through the user's own frozen
+  text transformer (via :class:`~anchoropt.TextTower`), once per class set and device.
+* Image features (for the anchor logits) and, where the peer's model returns a loss instead of logits
+  (CoCoOp, MaPLe, DePT in training), the normal-prompt text features are captured by hooks on the
+  user's CLIP (``visual`` and ``ln_final``) during the model's own forward.
+
+Axes: ``B`` images, ``C`` classes, ``L`` positions, ``D`` width, ``E`` feature width, ``K = M + N``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import sys
+import warnings
+import weakref
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional
+from ..io import load_anchors
+from ..losses import StageIILossConfig
+from ..position import PositionMatrix
+from ..template import AnchorPromptTemplate
+from ..towers import TextTower
+
+__all__ = ["AnchorOPTInjection", "ClassPatch", "find", "shift_token_ids", "MODES", "CHILD_NAME"]
+
+CHILD_NAME = "anchoropt"
+"""Name of the injection inside the prompt learner (``prompt_learner.anchoropt``)."""
+
+MODES = ("base", "novel")
+
+
+class AnchorOPTInjection(nn.Module):
+    """AnchorOPT attached to a peer's prompt learner; also the handle that removes it again.
+
+    Do not build this class directly: use ``anchoropt.adapters.<method>.wrap`` or ``.patch``.
+
+    Args:
+        prompt_learner: the peer's prompt learner (CoOp ``PromptLearner``, CoCoOp ``PromptLearner``,
+            MaPLe ``MultiModalPromptLearner``), already built.
+        clip_model: the OpenAI-``clip`` model the learner was built from (its token embedding embeds the
+            anchor prompt; its frozen text transformer encodes it).
+        classnames: the learner's class names, in its order.
+        anchors: Stage I anchors ``(N, D)``, or a path to them (our safetensors file or the authors'
+            ``model.pth.tar``).
+        owner: the ``CustomCLIP`` holding the learner (optional): if its ``tokenized_prompts`` is not the
+            learner's own tensor, it is shifted too.
+        tokenizer: ``list[str] -> (n, 77)`` ids; default: the ``clip.tokenize`` of the learner's module, else
+            open_clip's identical CLIP BPE tokenizer.
+        mode: ``"base"`` (normal prompt) or ``"novel"`` (ensemble with the anchor prompt) for :meth:`predict`.
+        tau, position_init, arrangement, sample_in_eval: the :class:`~anchoropt.PositionMatrix`.
+        preposition: the anchor prompt's word between anchors and class name ("of").
+        ce_weight, kd_weight, kd_temperature, kd_normalization: the Stage II loss
+            (:class:`~anchoropt.StageIILossConfig`); ``"released"`` normalisation matches the authors' tables.
+    """
+
+    kind = "generic"
+    _peer_name = "prompt learner"
+
+    def __init__(
+        self,
+        prompt_learner: nn.Module,
+        *,
+        clip_model: nn.Module,
+        classnames: Sequence[str],
+        anchors: torch.Tensor | str | os.PathLike,
+        owner: nn.Module | None = None,
+        tokenizer: Callable[..., torch.Tensor] | None = None,
+        mode: str = "base",
+        tau: float = 1.0,
+        position_init: str = "randn",
+        arrangement: str = "learned",
+        sample_in_eval: bool = False,
+        preposition: str | None = "of",
+        ce_weight: float = 1.0,
+        kd_weight: float = 10.0,
+        kd_temperature: float = 1.0,
+        kd_normalization: str = "batchmean",
+    ):
+        super().__init__()
+        learner = prompt_learner
+        if not isinstance(learner, nn.Module):
+            raise TypeError(f"expected the peer's prompt learner (an nn.Module), got {type(learner).__name__}")
+        if isinstance(learner._modules.get(CHILD_NAME), AnchorOPTInjection):
+            raise RuntimeError(
+                f"this {type(learner).__name__} already carries AnchorOPT (prompt_learner.{CHILD_NAME}); "
+                "remove() it first, or do not both patch() the class and wrap() the instance"
+            )
+        if CHILD_NAME in learner._modules or hasattr(learner, CHILD_NAME):
+            raise RuntimeError(f"{type(learner).__name__} already has an attribute {CHILD_NAME!r}")
+        _require(learner, ("ctx", "n_ctx", "n_cls", "tokenized_prompts", "token_prefix", "token_suffix"), self)
+        self.check_learner(learner)
+
+        ctx = learner.ctx
+        width, device = int(ctx.shape[-1]), ctx.device
+        n_soft = int(learner.n_ctx)
+        anchors = resolve_anchors(anchors, width)
+        n_anchor = int(anchors.shape[0])
+        self.n_soft, self.n_anchor = n_soft, n_anchor
+        self.mode = check_mode(mode)
+        self.loss_config = StageIILossConfig(ce_weight, kd_weight, kd_temperature, kd_normalization)
+
+        # -- the learner's tokens: check the layout, then shift the ids by N (refuses EOTs that fall off)
+        self._prepare_learner(learner)
+        try:
+            ids = learner.tokenized_prompts
+            classnames = list(classnames)
+            if len(classnames) != int(learner.n_cls) or ids.shape[0] != int(learner.n_cls):
+                raise ValueError(
+                    f"got {len(classnames)} class names for a prompt learner with n_cls={learner.n_cls} "
+                    f"({ids.shape[0]} tokenized prompts); pass the class names the learner was built with"
+                )
+            self.check_layout(learner)
+            shifted = shift_token_ids(ids, n_soft, n_anchor, classnames)
+
+            # -- the frozen anchor branch on the user's own CLIP text tower
+            self.tower = self.make_tower(clip_model)
+            if self.tower.width != width:
+                raise ValueError(
+                    f"the CLIP text tower has width {self.tower.width} but the prompt learner's ctx has width {width}"
+                )
+            tokenizer = tokenizer or peer_tokenizer(learner)
+            self.template = AnchorPromptTemplate(self.tower, classnames, n_soft, n_anchor, preposition, tokenizer)
+            self.register_buffer("anchors", anchors)
+            self.position = PositionMatrix(
+                n_soft, n_anchor, tau=tau, init=position_init, arrangement=arrangement, sample_in_eval=sample_in_eval
+            )
+            self.to(device)
+        except BaseException:
+            self._undo_prepare(learner)
+            raise
+
+        # -- commit: nothing below can fail half-way
+        # plain references, not child modules (a strong one to the learner, so copy.deepcopy of the model
+        # gives the copy's injection the copied learner)
+        object.__setattr__(self, "_clip", clip_model)
+        object.__setattr__(self, "_learner", learner)
+        self._id_tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for tensor in _id_targets(learner, owner):
+            self._id_tensors.append((tensor, tensor.clone()))
+            tensor.copy_(shifted.to(tensor.device, tensor.dtype))
+        self._pool_index = shifted.argmax(dim=-1)
+        self._seq_len = int(shifted.shape[1])
+        self._busy = False
+        self._anchor_cache: tuple[tuple, torch.Tensor] | None = None
+        self.clear()
+        learner.add_module(CHILD_NAME, self)
+        self._hooks = [
+            learner.register_forward_hook(_rewrite_hook),
+            learner.register_forward_pre_hook(_reset_hook),
+            clip_model.visual.register_forward_pre_hook(self._visual_pre_hook),
+            clip_model.visual.register_forward_hook(self._visual_hook),
+            clip_model.ln_final.register_forward_hook(self._ln_final_hook),
+        ]
+        self._removed = False
+
+    # ------------------------------------------------------------------ per-method hooks (overridden)
+    def check_learner(self, learner: nn.Module) -> None:
+        """Refuse learners this method's shim cannot handle (called before anything is changed)."""
+
+    def _prepare_learner(self, learner: nn.Module) -> None:
+        """Fix-ups needed before the learner's forward can run (MaPLe: ``proj`` dtype)."""
+
+    def _undo_prepare(self, learner: nn.Module) -> None:
+        """Undo :meth:`_prepare_learner`."""
+
+    def peer_forward_for_check(self, learner: nn.Module) -> torch.Tensor:
+        """The learner's prompts ``(C, L, D)`` from one plain forward (for the layout check)."""
+        return self.prompts_of(learner())
+
+    def prompts_of(self, output: Any) -> torch.Tensor:
+        """The prompt-embedding tensor inside the learner's output."""
+        return output
+
+    def with_prompts(self, output: Any, prompts: torch.Tensor) -> Any:
+        """The learner's output with its prompt tensor replaced."""
+        return prompts
+
+    def make_tower(self, clip_model: nn.Module) -> TextTower:
+        """The bridge that runs ``clip_model``'s frozen text transformer (MaPLe: the list protocol)."""
+        return TextTower(clip_model)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def prompt_learner(self) -> nn.Module | None:
+        """The prompt learner this injection is attached to (``None`` once removed)."""
+        return self._learner
+
+    @property
+    def removed(self) -> bool:
+        return self._removed
+
+    def describe(self) -> list[str]:
+        """Slot -> source of the evaluation arrangement, e.g. ``['soft1', 'anchor1', 'soft2', ...]``."""
+        return self.position.describe()
+
+    def set_mode(self, mode: str) -> "AnchorOPTInjection":
+        """``"base"``: :meth:`predict` returns the normal prompt's logits; ``"novel"``: the ensemble."""
+        self.mode = check_mode(mode)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, n_soft={self.n_soft}, n_anchor={self.n_anchor}, mode={self.mode!r}"
+
+    # ------------------------------------------------------------------ the prompt rewrite
+    def insert_anchors(self, prompts: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
+        """``(..., C, L, D)`` peer prompts -> the same shape with ``P @ [ctx; anchors]`` in rows ``1 .. M+N``.
+
+        One position matrix is drawn per call (shared by every image and class of the call).
+        """
+        m, n = self.n_soft, self.n_anchor
+        length = prompts.shape[-2]
+        matrix = self.position.matrix() if matrix is None else matrix
+        self.last_matrix = matrix  # the sample this forward used (deep-variant hooks need the same one)
+        soft = prompts[..., 1 : 1 + m, :]
+        anchors = self.anchors.to(prompts.dtype).expand(*soft.shape[:-2], n, prompts.shape[-1])
+        with _no_autocast(prompts.device):  # a one-hot selection: exact in the prompts' own dtype
+            slots = self.position(torch.cat([soft, anchors], dim=-2), matrix)
+        return torch.cat([prompts[..., :1, :], slots.to(prompts.dtype), prompts[..., 1 + m : length - n, :]], dim=-2)
+
+    def check_layout(self, learner: nn.Module) -> None:
+        """Refuse learners whose output is not ``[SOS] ctx(M) suffix`` (checked once, without gradients)."""
+        with torch.no_grad():
+            prompts = self.peer_forward_for_check(learner)
+        m = self.n_soft
+        prefix, suffix = learner.token_prefix, learner.token_suffix
+        ok = (
+            prompts.dim() == 3
+            and prompts.shape[0] == prefix.shape[0]
+            and prompts.shape[1] == 1 + m + suffix.shape[1]
+            and torch.equal(prompts[:, :1], prefix.to(prompts.dtype))
+            and torch.equal(prompts[:, 1 + m :], suffix.to(prompts.dtype))
+        )
+        if not ok:
+            raise ValueError(
+                f"the {self._peer_name}'s output is not laid out as [SOS] ctx(n_ctx={m}) [class . EOT pad] "
+                "(token_prefix, ctx, token_suffix); AnchorOPT can only arrange soft tokens that sit right after "
+                "SOS with the class name after them"
+            )
+
+    # ------------------------------------------------------------------ anchor branch
+    def logit_scale(self) -> torch.Tensor:
+        """The CLIP model's ``logit_scale.exp()`` as a float32 scalar (100 when it has none)."""
+        scale = getattr(self._clip, "logit_scale", None)
+        if isinstance(scale, torch.Tensor):
+            return scale.detach().float().exp()
+        return torch.tensor(100.0)
+
+    def anchor_text_features(self) -> torch.Tensor:
+        """Frozen anchor-prompt features ``(C, E)``, float32, L2-normalised; computed once per device / anchors."""
+        device = self.anchors.device
+        key = (device, self.anchors._version, self.tower.dtype)
+        if self._anchor_cache is None or self._anchor_cache[0] != key:
+            with torch.no_grad(), _no_autocast(device), self._busy_scope():
+                prompts = self.template.anchor_prompts(self.anchors)
+                features = self.template.encode(self.template.anchor, prompts).float()
+            self._anchor_cache = (key, F.normalize(features, dim=-1))
+        return self._anchor_cache[1]
+
+    def anchor_logits(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Anchor-prompt logits ``(B, C)`` (float32, no gradient).
+
+        Args:
+            image_features: ``(B, E)``; default: those captured during the model's last forward.
+        """
+        if image_features is None:
+            image_features = self.anchor_image_features()
+        text = self.anchor_text_features()
+        with torch.no_grad():
+            return functional.clip_logits(image_features.detach(), text.to(image_features.device), self.logit_scale())
+
+    def anchor_image_features(self) -> torch.Tensor:
+        """Image features the anchor branch uses (the model's own, captured during its forward)."""
+        return self.captured_image_features()
+
+    def captured_image_features(self) -> torch.Tensor:
+        if self._image_features is None:
+            raise RuntimeError(
+                "no image features were captured: call the model on a batch first (the shim records the output "
+                "of clip_model.visual), or pass image_features= explicitly (e.g. under nn.DataParallel)"
+            )
+        return self._image_features
+
+    def normal_logits(self) -> torch.Tensor:
+        """Normal-prompt logits ``(B, C)`` of the model's last forward, rebuilt from the captured features.
+
+        Equal to the peer's own logits (computed here in float32); differentiable.  Needed where the
+        peer's model returns a loss in training (CoCoOp, MaPLe, DePT).
+        """
+        image = self.captured_image_features()
+        texts = self._text_features
+        scale = self.logit_scale()
+        if not texts:
+            raise RuntimeError(
+                "no text features were captured during the last forward: pass logits= to loss() "
+                "(the shim records clip_model.ln_final's output while the prompt learner's prompts are encoded)"
+            )
+        if len(texts) == 1:
+            return functional.clip_logits(image, texts[0], scale)
+        if len(texts) == image.shape[0]:  # CoCoOp: one text pass per image
+            return torch.stack([functional.clip_logits(image[i : i + 1], t, scale)[0] for i, t in enumerate(texts)])
+        raise RuntimeError(
+            f"captured {len(texts)} text passes for {image.shape[0]} images during the last forward; "
+            "pass logits= to loss()"
+        )
+
+    # ------------------------------------------------------------------ loss and inference
+    def loss(
+        self,
+        labels: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        *,
+        base_loss: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """AnchorOPT's Stage II loss for the batch the model just saw - one call in ``forward_backward``.
+
+        ``ce_weight * CE(logits, labels) + kd_weight * T^2 * KL(ensemble || normal)``, the ensemble
+        ``(normal + anchor) / 2`` detached.
+
+        Args:
+            labels: ``(B,)`` class indices.
+            logits: the model's normal-prompt logits ``(B, C)`` (CoOp's output); default: rebuilt from the
+                captured features of the last forward (CoCoOp / MaPLe / DePT return a loss instead).
+            base_loss: the peer's own training loss (CoCoOp / MaPLe: its CE; DePT: its CE + linear-probe
+                loss); replaces the CE term, weighted by ``ce_weight``.
+            image_features: for the anchor logits; default: captured.
+        """
+        cfg = self.loss_config
+        labels = torch.as_tensor(labels)
+        need_logits = cfg.kd_weight != 0 or base_loss is None
+        normal = None
+        if need_logits:
+            normal = logits if logits is not None else self.normal_logits()
+            if normal.dim() != 2:
+                raise ValueError(
+                    f"logits must be (B, C) class scores, got shape {tuple(normal.shape)}; a model that returns "
+                    "its loss in training goes in base_loss=, not logits="
+                )
+            labels = labels.to(normal.device)
+        if base_loss is not None:
+            total = cfg.ce_weight * base_loss.float()
+        else:
+            total = cfg.ce_weight * F.cross_entropy(normal.float(), labels)
+        if cfg.kd_weight:
+            anchor = self.anchor_logits(image_features).to(normal.device)
+            if anchor.shape != normal.shape:
+                raise ValueError(
+                    f"anchor logits {tuple(anchor.shape)} and normal logits {tuple(normal.shape)} differ: were the "
+                    "image features captured from the same batch?"
+                )
+            teacher = functional.ensemble_logits(normal.float(), anchor)
+            kd = functional.distillation_loss(normal, teacher, cfg.temperature, cfg.kd_normalization)
+            total = total + cfg.kd_weight * kd
+        return total
+
+    def predict(
+        self, logits: torch.Tensor, image_features: torch.Tensor | None = None, mode: str | None = None
+    ) -> torch.Tensor:
+        """Inference switch: ``"base"`` returns ``logits`` unchanged, ``"novel"`` the float32 ensemble
+        ``(logits + anchor_logits) / 2`` (paper: novel classes use the ensemble).
+
+        Args:
+            logits: the model's output ``(B, C)`` for the batch it just saw.
+            image_features: for the anchor logits; default: captured during that forward.
+            mode: overrides :attr:`mode` for this call.
+        """
+        mode = check_mode(mode or self.mode)
+        if mode == "base":
+            return logits
+        anchor = self.anchor_logits(image_features)
+        if anchor.shape != logits.shape:
+            raise ValueError(f"anchor logits {tuple(anchor.shape)} and model logits {tuple(logits.shape)} differ")
+        return functional.ensemble_logits(logits.float(), anchor.to(logits.device))
+
+    # ------------------------------------------------------------------ removal
+    def remove(self) -> None:
+        """Detach AnchorOPT: the learner's outputs, ``tokenized_prompts`` and ``state_dict`` are the original
+        ones again (an optimizer built meanwhile still holds the position logits)."""
+        if self._removed:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for tensor, original in self._id_tensors:
+            tensor.copy_(original)
+        learner = self._learner
+        self._undo_prepare(learner)
+        if learner._modules.get(CHILD_NAME) is self:
+            del learner._modules[CHILD_NAME]
+        object.__setattr__(self, "_learner", None)
+        self.clear()
+        self._anchor_cache = None
+        self._removed = True
+
+    def clear(self) -> None:
+        """Forget the features captured during the last forward."""
+        self._image_features: torch.Tensor | None = None
+        self._visual_args: tuple | None = None
+        self._text_features: list[torch.Tensor] = []
+        self.last_matrix: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ capture hooks
+    @contextlib.contextmanager
+    def _busy_scope(self) -> Iterator[None]:
+        """Our own passes through the user's towers are not captured."""
+        previous, self._busy = self._busy, True
+        try:
+            yield
+        finally:
+            self._busy = previous
+
+    def _visual_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if not self._busy:
+            self._visual_args = args
+
+    def _visual_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._busy and isinstance(output, torch.Tensor):
+            self._image_features = output
+
+    def _ln_final_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._busy or not isinstance(output, torch.Tensor) or output.dim() != 3:
+            return
+        if output.shape[0] != self._pool_index.shape[0] or output.shape[1] != self._seq_len:
+            return  # not the prompt learner's prompts (another text pass through the same tower)
+        dtype = getattr(self._clip, "dtype", output.dtype)
+        hidden = output.to(dtype)
+        index = self._pool_index.to(hidden.device)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+        proj = self.tower.text_projection
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        self._text_features.append(pooled)
+
+
+# ---------------------------------------------------------------------- hooks on the prompt learner
+def _rewrite_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    injection = module._modules.get(CHILD_NAME)  # the replica's own child under nn.DataParallel
+    if not isinstance(injection, AnchorOPTInjection):
+        return None
+    return injection.with_prompts(output, injection.insert_anchors(injection.prompts_of(output)))
+
+
+def _reset_hook(module: nn.Module, args: tuple) -> None:
+    injection = module._modules.get(CHILD_NAME)
+    if isinstance(injection, AnchorOPTInjection) and not injection._busy:
+        injection._text_features = []
+
+
+# ---------------------------------------------------------------------- class-level patching
+class ClassPatch:
+    """Handle of a class-level patch: ``module.<attr>`` replaced by a subclass that attaches AnchorOPT.
+
+    ``remove()`` puts the original class back (models built meanwhile keep their injections; remove those
+    with :attr:`injections`).  Usable as a context manager.
+    """
+
+    def __init__(self, module: Any, attr: str, original: type, patched: type):
+        self.module, self.attr, self.original, self.patched = module, attr, original, patched
+        self._injections: list[weakref.ref] = []
+        self._removed = False
+
+    @property
+    def injections(self) -> list[AnchorOPTInjection]:
+        """The live injections of the learners built through the patched class."""
+        return [ref() for ref in self._injections if ref() is not None and not ref().removed]
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        current = getattr(self.module, self.attr, None)
+        if current is not self.patched:
+            raise RuntimeError(
+                f"{_name(self.module)}.{self.attr} was replaced again after the AnchorOPT patch; not restoring it"
+            )
+        setattr(self.module, self.attr, self.original)
+        self._removed = True
+
+    def __enter__(self) -> "ClassPatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "active"
+        return f"ClassPatch({_name(self.module)}.{self.attr}, {state}, {len(self.injections)} injection(s))"
+
+
+def patch_class(
+    module: Any,
+    attr: str,
+    injection_cls: type[AnchorOPTInjection],
+    options: dict,
+    resolve_options: Callable[[Any, dict], dict],
+) -> ClassPatch:
+    """Replace ``module.<attr>`` by a subclass whose ``__init__`` attaches ``injection_cls`` after the peer's own."""
+    original = getattr(module, attr, None)
+    if not isinstance(original, type) or not issubclass(original, nn.Module):
+        raise AttributeError(f"{_name(module)} has no prompt-learner class {attr!r} to patch")
+    if getattr(original, "_anchoropt_patched", False):
+        raise RuntimeError(f"{_name(module)}.{attr} is already patched with AnchorOPT")
+    signature = inspect.signature(original.__init__)
+    tokenizer = options.pop("tokenizer", None) or _module_tokenizer(module)
+    handle: ClassPatch | None = None
+
+    def __init__(self, *args, **kwargs):
+        original.__init__(self, *args, **kwargs)
+        cfg, classnames, clip_model = _constructor_args(signature, self, args, kwargs)
+        resolved = resolve_options(cfg, dict(options))
+        injection = injection_cls(self, clip_model=clip_model, classnames=classnames, tokenizer=tokenizer, **resolved)
+        handle._injections.append(weakref.ref(injection))
+
+    namespace = {
+        "__init__": __init__,
+        "__module__": original.__module__,
+        "__qualname__": original.__qualname__,
+        "__doc__": original.__doc__,
+        "_anchoropt_patched": True,
+    }
+    patched = type(original.__name__, (original,), namespace)
+    handle = ClassPatch(module, attr, original, patched)
+    setattr(module, attr, patched)
+    return handle
+
+
+def _constructor_args(signature: inspect.Signature, obj, args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
+    """``(cfg, classnames, clip_model)`` of a CoOp-family constructor call."""
+    try:
+        bound = signature.bind(obj, *args, **kwargs).arguments
+    except TypeError:
+        bound = {}
+    if all(k in bound for k in ("cfg", "classnames", "clip_model")):
+        return bound["cfg"], bound["classnames"], bound["clip_model"]
+    if len(args) >= 3:
+        return args[0], args[1], args[2]
+    raise TypeError("the patched prompt learner must be built as PromptLearner(cfg, classnames, clip_model)")
+
+
+# ---------------------------------------------------------------------- helpers
+def find(model: nn.Module) -> AnchorOPTInjection:
+    """The one AnchorOPT injection inside ``model`` (a ``CustomCLIP``, a prompt learner, a DataParallel)."""
+    found = [m for m in model.modules() if isinstance(m, AnchorOPTInjection)]
+    if not found:
+        raise LookupError(f"no AnchorOPT injection inside this {type(model).__name__}: patch() or wrap() it first")
+    if len(found) > 1:
+        raise LookupError(f"{len(found)} AnchorOPT injections inside this {type(model).__name__}; pick one")
+    return found[0]
+
+
+def shift_token_ids(ids: torch.Tensor, n_soft: int, n_anchor: int, classnames: Sequence[str]) -> torch.Tensor:
+    """Token ids ``(C, L)`` with ``n_anchor`` placeholder ids inserted after SOS + ``n_soft`` ctx tokens and as many
+    trailing pads dropped; refuses prompts whose EOT would fall off the end."""
+    if ids.dim() != 2:
+        raise ValueError(f"tokenized_prompts must be (n_cls, context_length), got {tuple(ids.shape)}")
+    length = ids.shape[1]
+    eot = ids.argmax(dim=-1)
+    too_long = (eot + n_anchor >= length).nonzero().flatten().tolist()
+    if too_long:
+        names = ", ".join(repr(classnames[i]) if i < len(classnames) else f"#{i}" for i in too_long[:5])
+        raise ValueError(
+            f"class name(s) {names} leave no room for {n_anchor} anchor token(s): with {n_soft} soft token(s) "
+            f"their prompt's end-of-text token would fall off the {length}-token context; shorten the name(s) "
+            "or use fewer soft tokens"
+        )
+    if 1 + n_soft >= length or bool((eot <= n_soft).any()):
+        raise ValueError(f"tokenized_prompts do not hold SOS + {n_soft} context token(s) before the class name")
+    placeholder = ids[:, 1:2].expand(-1, n_anchor)  # any id below EOT; argmax pooling only needs the EOT
+    return torch.cat([ids[:, : 1 + n_soft], placeholder, ids[:, 1 + n_soft : length - n_anchor]], dim=1)
+
+
+def resolve_anchors(anchors: torch.Tensor | str | os.PathLike, width: int) -> torch.Tensor:
+    """Stage I anchors as a float32 ``(N, D)`` tensor (loaded when a path is given)."""
+    if anchors is None:
+        raise ValueError(
+            "no anchors given: pass anchors= (a (N, D) tensor or a path to Stage I anchors), "
+            "or set TRAINER.ANCHOROPT.ANCHORS"
+        )
+    if isinstance(anchors, (str, os.PathLike)):
+        if not str(anchors):
+            raise ValueError("the anchors path is empty: set TRAINER.ANCHOROPT.ANCHORS or pass anchors=")
+        anchors = load_anchors(anchors, expected_width=width)
+    if not isinstance(anchors, torch.Tensor):
+        raise TypeError(f"anchors must be a tensor (N, {width}) or a path, got {type(anchors).__name__}")
+    if anchors.dim() == 1:
+        anchors = anchors[None]
+    if anchors.dim() != 2 or anchors.shape[1] != width or anchors.shape[0] < 1:
+        raise ValueError(
+            f"anchors of shape {tuple(anchors.shape)} do not fit this prompt learner: expected (N, {width}); "
+            "were they learned with a CLIP of another width?"
+        )
+    if not torch.isfinite(anchors).all():
+        raise ValueError("anchors contain NaN or inf")
+    return anchors.detach().float().clone()
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose 'base' (normal prompt) or 'novel' (ensemble)")
+    return mode
+
+
+def peer_tokenizer(learner: nn.Module) -> Callable[..., torch.Tensor] | None:
+    """``clip.tokenize`` of the module that defines the learner's class (the peers import ``from clip import clip``)."""
+    for cls in type(learner).__mro__:
+        found = _module_tokenizer(sys.modules.get(cls.__module__))
+        if found is not None:
+            return found
+    return None
+
+
+def _module_tokenizer(module: Any) -> Callable[..., torch.Tensor] | None:
+    clip = getattr(module, "clip", None)
+    tokenize = getattr(clip, "tokenize", None)
+    return tokenize if callable(tokenize) else None
+
+
+def _id_targets(learner: nn.Module, owner: nn.Module | None) -> list[torch.Tensor]:
+    targets = [learner.tokenized_prompts]
+    other = getattr(owner, "tokenized_prompts", None) if owner is not None else None
+    if isinstance(other, torch.Tensor) and other is not targets[0]:
+        if other.shape != targets[0].shape:
+            raise ValueError(
+                f"owner.tokenized_prompts {tuple(other.shape)} does not match the prompt learner's "
+                f"{tuple(targets[0].shape)}"
+            )
+        targets.append(other)
+    return targets
+
+
+def _require(learner: nn.Module, names: Sequence[str], injection: AnchorOPTInjection) -> None:
+    missing = [n for n in names if not hasattr(learner, n)]
+    if missing:
+        raise TypeError(
+            f"{type(learner).__name__} does not look like a {injection._peer_name}: missing {', '.join(missing)}"
+        )
+
+
+@contextlib.contextmanager
+def _no_autocast(device: torch.device) -> Iterator[None]:
+    try:
+        ctx = torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+def _name(module: Any) -> str:
+    return getattr(module, "__name__", type(module).__name__)
+
+
+def warn_once(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)

@@ -1,0 +1,165 @@
+"""MaPLe + AnchorOPT: inject AnchorOPT into MaPLe's ``MultiModalPromptLearner`` (``trainers/maple.py``).
+
+Shallow part (this module), paper S2.2.4 / Fig. S4: the initial text soft tokens are mapped to visual tokens
+(``proj(ctx)``, MaPLe's own output #2) **before** the position matrix; only the text prompt (output #1) is
+arranged as ``[SOS] P @ [ctx; anchors] class . [EOT]``.  The learner keeps returning MaPLe's 4-tuple
+``(prompts, proj(ctx), compound_prompts_text, visual_deep_prompts)``.
+
+Deep part: MaPLe's blocks (``[x, compound_prompts, counter]`` protocol) overwrite rows ``[1, 1 + n_ctx)`` at
+layers ``1 .. PROMPT_DEPTH-1``.  With the shallow shim alone, slots ``0 .. M-1`` receive MaPLe's deep prompts
+there and slots ``M .. M+N-1`` carry their hidden states.  The paper's deep variant (anchor hidden states
+kept at the slots the position matrix chose, deep soft tokens re-placed by the same matrix) is the job of
+the deep-variant hooks (``anchoropt.deep``, a separate issue); a warning says so when ``PROMPT_DEPTH > 1``.
+
+Anchor logits use CLIP's **vanilla** image features by default (MaPLe's image encoder run without its
+prompts, as the authors do with a second CLIP), so one extra frozen image pass per step;
+``anchor_image="model"`` uses MaPLe's prompted image features instead (no extra pass).
+
+Peer bug handled: MaPLe calls ``self.proj.half()`` unconditionally, so ``proj(ctx)`` fails under fp32 and
+(outside CUDA autocast) amp.  The shim casts ``proj`` to the dtype of ``ctx`` (and back on ``remove()``).
+
+Docs: ``docs/integrations/maple.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..towers import TextTower
+from . import dassl
+from .base import AnchorOPTInjection, ClassPatch, patch_class, warn_once
+
+__all__ = ["MaPLeInjection", "ListProtocolTextTower", "patch", "wrap", "ANCHOR_IMAGE"]
+
+ANCHOR_IMAGE = ("vanilla", "model")
+
+
+class ListProtocolTextTower(TextTower):
+    """:class:`~anchoropt.TextTower` for MaPLe-built CLIPs, whose blocks take and return ``[x, prompts, counter]``.
+
+    The anchor prompt runs with no deep prompts (``[x, [], 0]``), i.e. through the vanilla CLIP text tower.
+    """
+
+    def run_transformer(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        with _block_masks(self.blocks, attn_mask):
+            outputs = self.transformer([x.permute(1, 0, 2), [], 0])
+        return outputs[0].permute(1, 0, 2)
+
+
+class MaPLeInjection(AnchorOPTInjection):
+    """AnchorOPT on a MaPLe ``MultiModalPromptLearner`` (4-tuple output)."""
+
+    kind = "maple"
+    _peer_name = "MaPLe MultiModalPromptLearner"
+
+    def __init__(self, prompt_learner: nn.Module, *, anchor_image: str = "vanilla", **kwargs: Any):
+        if anchor_image not in ANCHOR_IMAGE:
+            raise ValueError(f"anchor_image must be one of {ANCHOR_IMAGE}, got {anchor_image!r}")
+        super().__init__(prompt_learner, **kwargs)
+        self.anchor_image = anchor_image
+        self._vanilla: torch.Tensor | None = None
+        depth = len(getattr(prompt_learner, "compound_prompts_text", ())) + 1
+        if depth > 1:
+            warn_once(
+                f"MaPLe PROMPT_DEPTH={depth}: anchoropt.adapters.maple wires the shallow part of MaPLe+AnchorOPT "
+                "only. MaPLe's own blocks overwrite rows [1, 1+n_ctx) at layers 1..depth-1, so the anchor's hidden "
+                "state survives there only in the last n_anchor slots; the paper's deep variant needs the "
+                "deep-variant hooks (anchoropt.deep)."
+            )
+
+    # ------------------------------------------------------------------ learner protocol
+    def check_learner(self, learner: nn.Module) -> None:
+        if not isinstance(getattr(learner, "proj", None), nn.Module):
+            raise TypeError(f"{type(learner).__name__} has no proj: not a MaPLe MultiModalPromptLearner")
+        if not hasattr(learner, "compound_prompts_text"):
+            raise TypeError(f"{type(learner).__name__} has no compound_prompts_text: not a MaPLe prompt learner")
+
+    def _prepare_learner(self, learner: nn.Module) -> None:
+        proj_dtype, ctx_dtype = learner.proj.weight.dtype, learner.ctx.dtype
+        self._proj_dtype = proj_dtype if proj_dtype != ctx_dtype else None
+        if self._proj_dtype is not None:  # MaPLe's unconditional proj.half() (trainers/maple.py)
+            learner.proj.to(ctx_dtype)
+
+    def _undo_prepare(self, learner: nn.Module) -> None:
+        if getattr(self, "_proj_dtype", None) is not None:
+            learner.proj.to(self._proj_dtype)
+            self._proj_dtype = None
+
+    def prompts_of(self, output: Any) -> torch.Tensor:
+        if not isinstance(output, (tuple, list)) or len(output) != 4 or not isinstance(output[0], torch.Tensor):
+            raise TypeError(
+                "expected MaPLe's (prompts, proj(ctx), compound_prompts_text, visual_deep_prompts) from the "
+                f"prompt learner, got a {type(output).__name__}"
+            )
+        return output[0]
+
+    def with_prompts(self, output: Any, prompts: torch.Tensor) -> Any:
+        return type(output)([prompts, *output[1:]]) if isinstance(output, list) else (prompts, *output[1:])
+
+    def make_tower(self, clip_model: nn.Module) -> TextTower:
+        return ListProtocolTextTower(clip_model)
+
+    # ------------------------------------------------------------------ anchor branch image features
+    def anchor_image_features(self) -> torch.Tensor:
+        if self.anchor_image == "model":
+            return self.captured_image_features()
+        args = self._visual_args
+        if args is None or len(args) < 2 or not isinstance(args[1], torch.Tensor):
+            raise RuntimeError(
+                "no MaPLe image-encoder call was captured: run the model on a batch first, or pass "
+                "image_features= (or build the shim with anchor_image='model')"
+            )
+        if self._vanilla is None:  # once per model forward (reset by the image encoder's pre-hook)
+            image, shared_ctx = args[0], args[1]
+            with torch.no_grad(), self._busy_scope():
+                self._vanilla = self._clip.visual(image, shared_ctx[..., :0, :], [])
+        return self._vanilla
+
+    def _visual_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        super()._visual_pre_hook(module, args)
+        if not self._busy:
+            self._vanilla = None
+
+    def clear(self) -> None:
+        super().clear()
+        self._vanilla = None
+
+
+def wrap(
+    prompt_learner: nn.Module,
+    *,
+    clip_model: nn.Module,
+    classnames: Sequence[str],
+    anchors: torch.Tensor | str | os.PathLike,
+    owner: nn.Module | None = None,
+    **options: Any,
+) -> MaPLeInjection:
+    """Attach AnchorOPT to a built MaPLe ``MultiModalPromptLearner`` (``clip_model``: the MaPLe-built CLIP)."""
+    return MaPLeInjection(prompt_learner, clip_model=clip_model, classnames=classnames, anchors=anchors,
+                          owner=owner, **options)
+
+
+def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = None,
+          attr: str = "MultiModalPromptLearner", **options: Any) -> ClassPatch:
+    """Replace ``module.MultiModalPromptLearner`` (e.g. ``trainers.maple``); also covers DePT's ELP-MaPLe."""
+    explicit = {"anchors": anchors, **options}
+    return patch_class(module, attr, MaPLeInjection, explicit,
+                       lambda cfg, opts: dassl.resolve_options(cfg, opts, {"kd_weight": 10.0}))
+
+
+@contextlib.contextmanager
+def _block_masks(blocks: nn.Module, mask: torch.Tensor | None) -> Iterator[None]:
+    """Give every block the (possibly truncated) causal mask it reads from ``self.attn_mask``; restore after."""
+    saved = [block.attn_mask for block in blocks]
+    try:
+        for block in blocks:
+            block.attn_mask = mask
+        yield
+    finally:
+        for block, original in zip(blocks, saved):
+            block.attn_mask = original
