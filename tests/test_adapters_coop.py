@@ -353,3 +353,25 @@ def test_deepcopy_of_a_wrapped_model_is_independent() -> None:
     assert hasattr(model.prompt_learner, CHILD_NAME) and not hasattr(twin.prompt_learner, CHILD_NAME)
     with torch.no_grad():
         assert not torch.equal(twin(image), model(image))  # the original keeps its anchors
+
+
+def test_two_models_on_one_clip_do_not_mix_their_captured_text() -> None:
+    clip_model = pf.tiny_clip("fp32")
+    cfg = pf.make_cfg("coop")
+    first, second = (pf.coop.CustomCLIP(cfg, names, clip_model).eval() for names in (pf.BASE, pf.BASE[::-1]))
+    h1, h2 = (coop.wrap(m.prompt_learner, clip_model=clip_model, classnames=n, anchors=torch.zeros(1, 64))
+              for m, n in ((first, pf.BASE), (second, pf.BASE[::-1])))
+    with torch.no_grad():
+        logits = first(pf.images())
+        second(pf.images())  # same n_cls, same CLIP modules
+    assert len(h1._text_features) == 1 and len(h2._text_features) == 1
+    torch.testing.assert_close(h1._text_features[0], first.text_encoder(first.prompt_learner(), first.tokenized_prompts))
+
+
+def test_wrapping_a_model_in_eval_mode_is_deterministic() -> None:
+    clip_model = pf.tiny_clip("fp32")
+    model = pf.coop.CustomCLIP(pf.make_cfg("coop"), pf.BASE, clip_model).eval()
+    h = coop.wrap(model.prompt_learner, clip_model=clip_model, classnames=pf.BASE, anchors=torch.randn(1, 64))
+    assert not h.training and not h.position.training
+    with torch.no_grad():
+        assert torch.equal(model(pf.images()), model(pf.images()))

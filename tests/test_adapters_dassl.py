@@ -87,3 +87,26 @@ def test_find_unwraps_containers() -> None:
     assert "kind='coop'" in repr(h) and set(adapters.METHODS) == {"coop", "cocoop", "maple", "dept"}
     for module in adapters.METHODS.values():
         assert callable(module.patch) and callable(module.wrap)
+
+
+@pytest.mark.filterwarnings("ignore:MaPLe PROMPT_DEPTH")
+def test_wrap_reads_the_config_node(tmp_path) -> None:
+    from anchoropt import save_anchors
+    from anchoropt.adapters import maple
+
+    path = save_anchors(torch.full((1, 64), 0.1), tmp_path / "anchors.safetensors")
+    cfg = dassl.extend_cfg(pf.make_cfg("coop", subsample="new"))
+    node = cfg.TRAINER.ANCHOROPT
+    node.ANCHORS, node.ANCHOR_IMAGE, node.KD_NORMALIZATION = str(path), "model", "released"
+    clip_model = pf.tiny_clip("fp32")
+    model = pf.coop.CustomCLIP(cfg, pf.BASE, clip_model)
+    h = coop.wrap(model.prompt_learner, clip_model=clip_model, classnames=pf.BASE, owner=model, cfg=cfg)
+    assert torch.equal(h.anchors, torch.full((1, 64), 0.1)) and h.mode == "novel"  # ANCHOR_IMAGE: MaPLe only
+    assert (h.loss_config.kd_weight, h.loss_config.kd_normalization) == (10.0, "released")
+    maple_clip = pf.tiny_maple_clip("fp32", n_ctx=2)
+    mmodel = pf.maple.CustomCLIP(pf.make_cfg("maple", n_ctx=2), pf.BASE, maple_clip)
+    hm = maple.wrap(mmodel.prompt_learner, clip_model=maple_clip, classnames=pf.BASE, cfg=cfg)
+    assert hm.anchor_image == "model"
+    node.ANCHOR_IMAGE = "auto"
+    other = pf.maple.CustomCLIP(pf.make_cfg("maple", n_ctx=2), pf.BASE, maple_clip)
+    assert maple.wrap(other.prompt_learner, clip_model=maple_clip, classnames=pf.BASE, cfg=cfg).anchor_image == "vanilla"

@@ -85,7 +85,7 @@ class AnchorOPTInjection(nn.Module):
         *,
         clip_model: nn.Module,
         classnames: Sequence[str],
-        anchors: torch.Tensor | str | os.PathLike,
+        anchors: torch.Tensor | str | os.PathLike | None = None,
         owner: nn.Module | None = None,
         tokenizer: Callable[..., torch.Tensor] | None = None,
         mode: str = "base",
@@ -148,6 +148,7 @@ class AnchorOPTInjection(nn.Module):
                 n_soft, n_anchor, tau=tau, init=position_init, arrangement=arrangement, sample_in_eval=sample_in_eval
             )
             self.to(device)
+            self.train(learner.training)  # follow the learner's mode (wrapping a model already in eval())
         except BaseException:
             self._undo_prepare(learner)
             raise
@@ -443,6 +444,8 @@ class AnchorOPTInjection(nn.Module):
     def _ln_final_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._busy or not isinstance(output, torch.Tensor) or output.dim() != 3:
             return
+        if _LAST_LEARNER_RUN.get(id(self._clip)) is not self:
+            return  # another model built on the same CLIP is encoding its prompts
         if output.shape[0] != self._pool_index.shape[0] or output.shape[1] != self._seq_len:
             return  # not the prompt learner's prompts (another text pass through the same tower)
         dtype = getattr(self._clip, "dtype", output.dtype)
@@ -456,10 +459,15 @@ class AnchorOPTInjection(nn.Module):
 
 
 # ---------------------------------------------------------------------- hooks on the prompt learner
+_LAST_LEARNER_RUN: "weakref.WeakValueDictionary[int, AnchorOPTInjection]" = weakref.WeakValueDictionary()
+"""id(clip_model) -> the injection whose learner ran last on it (two models built on one CLIP share its hooks)."""
+
+
 def _rewrite_hook(module: nn.Module, args: tuple, output: Any) -> Any:
     injection = module._modules.get(CHILD_NAME)  # the replica's own child under nn.DataParallel
     if not isinstance(injection, AnchorOPTInjection):
         return None
+    _LAST_LEARNER_RUN[id(injection._clip)] = injection
     return injection.with_prompts(output, injection.insert_anchors(injection.prompts_of(output)))
 
 

@@ -60,13 +60,14 @@ def wrap(
     *,
     clip_model: nn.Module,
     classnames: Sequence[str],
-    anchors: torch.Tensor | str | os.PathLike,
+    anchors: torch.Tensor | str | os.PathLike | None = None,
     owner: nn.Module | None = None,
+    cfg: Any = None,
     **options: Any,
 ) -> CoCoOpInjection:
     """Attach AnchorOPT to a built CoCoOp ``PromptLearner``; see :func:`anchoropt.adapters.coop.wrap`."""
-    return CoCoOpInjection(prompt_learner, clip_model=clip_model, classnames=classnames, anchors=anchors,
-                           owner=owner, **options)
+    options = dassl.resolve_options(cfg, {"anchors": anchors, **options}, _DEFAULTS)
+    return CoCoOpInjection(prompt_learner, clip_model=clip_model, classnames=classnames, owner=owner, **options)
 
 
 def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = None, attr: str = "PromptLearner",
@@ -74,4 +75,7 @@ def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = Non
     """Replace ``module.PromptLearner`` (e.g. ``trainers.cocoop``); also covers DePT's ELP-CoCoOp."""
     explicit = {"anchors": anchors, **options}
     return patch_class(module, attr, CoCoOpInjection, explicit,
-                       lambda cfg, opts: dassl.resolve_options(cfg, opts, {"kd_weight": 10.0}))
+                       lambda cfg, opts: dassl.resolve_options(cfg, opts, _DEFAULTS))
+
+
+_DEFAULTS = {"kd_weight": 10.0}

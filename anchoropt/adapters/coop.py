@@ -55,8 +55,9 @@ def wrap(
     *,
     clip_model: nn.Module,
     classnames: Sequence[str],
-    anchors: torch.Tensor | str | os.PathLike,
+    anchors: torch.Tensor | str | os.PathLike | None = None,
     owner: nn.Module | None = None,
+    cfg: Any = None,
     **options: Any,
 ) -> CoOpInjection:
     """Attach AnchorOPT to a built CoOp ``PromptLearner``; returns the handle (``handle.remove()`` undoes it).
@@ -65,8 +66,8 @@ def wrap(
     optimizer afterwards (:func:`anchoropt.adapters.dassl.rebuild_optimizer`).  ``options``: see
     :class:`~anchoropt.adapters.base.AnchorOPTInjection` (``mode``, ``tau``, ``ce_weight``, ``kd_weight``, ...).
     """
-    return CoOpInjection(prompt_learner, clip_model=clip_model, classnames=classnames, anchors=anchors,
-                         owner=owner, **options)
+    options = dassl.resolve_options(cfg, {"anchors": anchors, **options}, _DEFAULTS)
+    return CoOpInjection(prompt_learner, clip_model=clip_model, classnames=classnames, owner=owner, **options)
 
 
 def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = None, attr: str = "PromptLearner",

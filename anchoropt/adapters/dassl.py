@@ -113,16 +113,20 @@ def mode_from_cfg(cfg: Any, default: str = "base") -> str:
 def resolve_options(cfg: Any, explicit: dict[str, Any], method_defaults: dict[str, Any] | None = None) -> dict:
     """Options for one injection: ``method_defaults`` < ``cfg.TRAINER.ANCHOROPT`` < ``explicit`` keyword arguments.
 
-    ``mode="auto"`` (or no mode anywhere) becomes :func:`mode_from_cfg`.
+    ``anchors=None`` in ``explicit`` means "from the config"; ``mode="auto"`` (or no mode anywhere) becomes
+    :func:`mode_from_cfg`; ``anchor_image`` is kept only for methods that default it (MaPLe).
     """
-    options = dict(method_defaults or {})
+    method_defaults = dict(method_defaults or {})
+    options = dict(method_defaults)
     if cfg is not None:
         options.update(options_from_cfg(cfg))
-    options.update({k: v for k, v in explicit.items() if v is not None})
+    options.update({k: v for k, v in explicit.items() if not (k == "anchors" and v is None)})
     if options.get("mode", "auto") == "auto":
         options["mode"] = mode_from_cfg(cfg)
-    if options.get("anchor_image") == "auto":
-        del options["anchor_image"]
+    if "anchor_image" not in method_defaults:
+        options.pop("anchor_image", None)
+    elif options.get("anchor_image") == "auto":
+        options["anchor_image"] = method_defaults["anchor_image"]
     return options
 
 

@@ -40,10 +40,11 @@ def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = Non
     The method is read from the module (``MultiModalPromptLearner`` -> MaPLe; a ``PromptLearner`` whose
     ``forward`` takes image features -> CoCoOp; else CoOp).  DePT's ELP trainers inherit the patched class.
     """
-    injection_cls, default_attr = _method_of(module)
+    shim, default_attr = _method_of(module)
+    defaults = {**shim._DEFAULTS, **DEFAULTS}
     explicit = {"anchors": anchors, **options}
-    return patch_class(module, attr or default_attr, injection_cls, explicit,
-                       lambda cfg, opts: dassl.resolve_options(cfg, opts, DEFAULTS))
+    return patch_class(module, attr or default_attr, _INJECTIONS[shim], explicit,
+                       lambda cfg, opts: dassl.resolve_options(cfg, opts, defaults))
 
 
 def wrap(
@@ -51,27 +52,30 @@ def wrap(
     *,
     clip_model: nn.Module,
     classnames: Sequence[str],
-    anchors: torch.Tensor | str | os.PathLike,
+    anchors: torch.Tensor | str | os.PathLike | None = None,
     owner: nn.Module | None = None,
+    cfg: Any = None,
     **options: Any,
 ) -> AnchorOPTInjection:
     """Attach AnchorOPT to the prompt learner of a built DePT model (the kind is detected from the learner)."""
-    options = {**DEFAULTS, **options}
     if hasattr(prompt_learner, "compound_prompts_text"):
-        injection_cls = maple.MaPLeInjection
+        shim = maple
     elif isinstance(getattr(prompt_learner, "meta_net", None), nn.Module):
-        injection_cls = cocoop.CoCoOpInjection
+        shim = cocoop
     else:
-        injection_cls = coop.CoOpInjection
-    return injection_cls(prompt_learner, clip_model=clip_model, classnames=classnames, anchors=anchors,
-                         owner=owner, **options)
+        shim = coop
+    options = dassl.resolve_options(cfg, {"anchors": anchors, **options}, {**shim._DEFAULTS, **DEFAULTS})
+    return _INJECTIONS[shim](prompt_learner, clip_model=clip_model, classnames=classnames, owner=owner, **options)
 
 
-def _method_of(module: Any) -> tuple[type[AnchorOPTInjection], str]:
+_INJECTIONS = {coop: coop.CoOpInjection, cocoop: cocoop.CoCoOpInjection, maple: maple.MaPLeInjection}
+
+
+def _method_of(module: Any) -> tuple[Any, str]:
     if isinstance(getattr(module, "MultiModalPromptLearner", None), type):
-        return maple.MaPLeInjection, "MultiModalPromptLearner"
+        return maple, "MultiModalPromptLearner"
     learner = getattr(module, "PromptLearner", None)
     if not isinstance(learner, type):
         raise AttributeError(f"{getattr(module, '__name__', module)!r} has no PromptLearner / MultiModalPromptLearner")
     takes_images = len(inspect.signature(learner.forward).parameters) > 1  # CoCoOp: forward(self, im_features)
-    return (cocoop.CoCoOpInjection if takes_images else coop.CoOpInjection), "PromptLearner"
+    return (cocoop if takes_images else coop), "PromptLearner"

@@ -135,13 +135,14 @@ def wrap(
     *,
     clip_model: nn.Module,
     classnames: Sequence[str],
-    anchors: torch.Tensor | str | os.PathLike,
+    anchors: torch.Tensor | str | os.PathLike | None = None,
     owner: nn.Module | None = None,
+    cfg: Any = None,
     **options: Any,
 ) -> MaPLeInjection:
     """Attach AnchorOPT to a built MaPLe ``MultiModalPromptLearner`` (``clip_model``: the MaPLe-built CLIP)."""
-    return MaPLeInjection(prompt_learner, clip_model=clip_model, classnames=classnames, anchors=anchors,
-                          owner=owner, **options)
+    options = dassl.resolve_options(cfg, {"anchors": anchors, **options}, _DEFAULTS)
+    return MaPLeInjection(prompt_learner, clip_model=clip_model, classnames=classnames, owner=owner, **options)
 
 
 def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = None,
@@ -149,7 +150,10 @@ def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = Non
     """Replace ``module.MultiModalPromptLearner`` (e.g. ``trainers.maple``); also covers DePT's ELP-MaPLe."""
     explicit = {"anchors": anchors, **options}
     return patch_class(module, attr, MaPLeInjection, explicit,
-                       lambda cfg, opts: dassl.resolve_options(cfg, opts, {"kd_weight": 10.0}))
+                       lambda cfg, opts: dassl.resolve_options(cfg, opts, _DEFAULTS))
+
+
+_DEFAULTS = {"kd_weight": 10.0, "anchor_image": "vanilla"}
 
 
 @contextlib.contextmanager
