@@ -122,7 +122,8 @@ def open_dataset(
             names, as CoOp's ImageNet ``classnames.txt``; ``root/classnames.txt`` is used when present.
         holdout: for a plain ImageFolder: split each class into train / val / test (``True``), or read all
             images as ``test`` (``False``: a cross-dataset or domain-generalisation target).
-        p_train, p_val: per-class fractions for the holdout split (the rest is test).
+        p_train: per-class fraction of training images for the holdout split.
+        p_val: per-class fraction of validation images (the rest is test).
         split_seed: seed of the holdout split (fixed per dataset, independent of the run's seed).
         name: name for reports (the directory name by default).
     """
