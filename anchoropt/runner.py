@@ -720,7 +720,9 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         stage1 = {"anchors_from": cfg.anchors}
     elif cfg.descriptions:
         anchors, stage1 = learn_anchors(bundle, trained, cfg.descriptions, cfg, ctx)
-        _log(ctx, f"Stage I: {stage1['steps']} steps, loss {stage1['loss_first']:.4f} -> {stage1['loss_last']:.4f}")
+        if ctx.is_main:  # the other processes did not run Stage I (rank 0 broadcast the anchors)
+            _log(ctx, f"Stage I: {stage1['steps']} steps, loss {stage1['loss_first']:.4f} -> "
+                      f"{stage1['loss_last']:.4f}")
     else:
         raise ValueError("Stage II needs anchors: pass --descriptions JSON (Stage I runs first) or --anchors FILE")
     if cfg.n_anchor != anchors.shape[0]:
