@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     anchors.add_argument("--descriptions", help="descriptions JSON: run Stage I first on the training classes")
     anchors.add_argument("--anchors", help="Stage I anchors: our .safetensors or the authors' model.pth.tar")
     p.add_argument("--n-anchor", type=int, default=None, help="N, anchor tokens for Stage I (1)")
+    p.add_argument("--deep-depth", type=int, default=0,
+                   help="deep variant: per-layer soft prompts for the first N text blocks after the input, anchors "
+                        "carried through (0: shallow, the default)")
     p.add_argument("--augment", choices=("rrc_flip", "none"), default="rrc_flip",
                    help="training augmentation: random resized crop + flip (default) or none")
     p.add_argument("--cache-image-features", action="store_true",

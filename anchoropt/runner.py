@@ -96,6 +96,7 @@ class RunConfig:
     n_soft: int | None = None
     n_anchor: int | None = None
     preposition: str = "of"
+    deep_depth: int = 0
     tau: float | None = None
     epochs: int | None = None
     batch_size: int | None = None
@@ -728,8 +729,9 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
     if cfg.n_anchor != anchors.shape[0]:
         cfg = dataclasses.replace(cfg, n_anchor=int(anchors.shape[0]))
 
+    deep = {"deep_depth": cfg.deep_depth} if cfg.deep_depth else {}
     learner = AnchorOPTPromptLearner(bundle.model, trained, anchors, n_soft=cfg.n_soft, preposition=cfg.preposition,
-                                     tokenizer=bundle.tokenizer, tau=cfg.tau)
+                                     tokenizer=bundle.tokenizer, tau=cfg.tau, **deep)
 
     def checkpoint(epoch: int, loss: float) -> None:
         if ctx.is_main and cfg.save_every and (epoch + 1) % cfg.save_every == 0 and epoch + 1 < cfg.epochs:

@@ -123,6 +123,18 @@ def test_learn_anchors_then_train_from_them(tmp_path, folder, descriptions):
     assert results["stage1"] == {"anchors_from": str(tmp_path / "s1" / "anchors.safetensors")}
 
 
+def test_deep_variant_through_the_runner(tmp_path, folder, descriptions):
+    out = tmp_path / "deep"
+    assert cli.main(["train", "--data", str(folder), "--descriptions", str(descriptions), "--model", "tiny-test",
+                     "--deep-depth", "1", "-o", str(out), "--no-plots", *FAST]) == 0
+    saved = json.loads((out / "prompt_learner" / "anchoropt_config.json").read_text())
+    assert saved["deep_depth"] == 1
+    assert cli.main(["eval", str(out), "--no-progress"]) == 0  # reloads the deep learner
+    first = json.loads((out / "results.json").read_text())["results"]
+    again = json.loads((out / "eval_results.json").read_text())["results"]
+    assert again["base"]["accuracy_normal"] == first["base"]["accuracy_normal"]
+
+
 @pytest.mark.parametrize("model, protocol, causal, target_classes, mode", [
     # CustomTextCLIP with a causal tower pooled at EOT (EVA-CLIP-style); a target with an unseen class
     ("tiny-eva-test", "cross-dataset", True, ["square", "hexagon"], "novel"),
