@@ -25,6 +25,7 @@ def test_extend_cfg_adds_defaults_and_keeps_user_values() -> None:
     assert dassl.options_from_cfg(fresh) == {
         "tau": 1.0, "position_init": "randn", "arrangement": "learned", "sample_in_eval": False,
         "preposition": "of", "ce_weight": 1.0, "kd_temperature": 1.0, "kd_normalization": "batchmean",
+        "deep": True,
     }  # method defaults (KD_WEIGHT < 0, MODE/ANCHOR_IMAGE auto, no ANCHORS) are left to the shim
     with pytest.raises(AttributeError, match="TRAINER"):
         dassl.extend_cfg(types.SimpleNamespace())
@@ -106,7 +107,7 @@ def test_wrap_reads_the_config_node(tmp_path) -> None:
     maple_clip = pf.tiny_maple_clip("fp32", n_ctx=2)
     mmodel = pf.maple.CustomCLIP(pf.make_cfg("maple", n_ctx=2), pf.BASE, maple_clip)
     hm = maple.wrap(mmodel.prompt_learner, clip_model=maple_clip, classnames=pf.BASE, cfg=cfg)
-    assert hm.anchor_image == "model"
+    assert hm.anchor_image == "model" and hm.deep  # DEEP True (the default) reaches MaPLe only
     node.ANCHOR_IMAGE = "auto"
     other = pf.maple.CustomCLIP(pf.make_cfg("maple", n_ctx=2), pf.BASE, maple_clip)
     assert maple.wrap(other.prompt_learner, clip_model=maple_clip, classnames=pf.BASE, cfg=cfg).anchor_image == "vanilla"

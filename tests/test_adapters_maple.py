@@ -119,13 +119,74 @@ def test_anchor_logits_image_features(anchor_image) -> None:
     assert h.captured_image_features() is prompted  # our own vanilla pass is not captured
 
 
-def test_deep_depth_warns_that_the_deep_part_is_not_wired() -> None:
+def test_shallow_only_warns() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        _build(depth=3, deep=False)
+        _build(depth=1, deep=False)
         _build(depth=3)
-        _build(depth=1)
     messages = [str(w.message) for w in caught if "PROMPT_DEPTH" in str(w.message)]
-    assert len(messages) == 1 and "PROMPT_DEPTH=3" in messages[0]
+    assert len(messages) == 1 and "PROMPT_DEPTH=3 with deep=False" in messages[0]
+
+
+def _record_block_inputs(model):
+    """Inputs each text block really receives (registered after the shim's hooks, so it sees their result)."""
+    seen = {}
+    for i, block in enumerate(model.text_encoder.transformer.resblocks):
+        block.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[0]))
+        block.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(f"out{i}", out[0]))
+    return seen
+
+
+def test_deep_layers_carry_the_anchor_and_re_place_maples_compound_prompts() -> None:
+    model, _, _ = _build(depth=3)
+    pl, h = model.prompt_learner, find(model)
+    assert h.deep
+    order = [1, M, 0]  # slot 0 <- soft 2, slot 1 <- the anchor, slot 2 <- soft 1
+    with torch.no_grad():
+        h.position.logits.fill_(-9.0)
+        h.position.logits[torch.arange(3), torch.tensor(order)] = 9.0
+    seen = _record_block_inputs(model)
+    model.eval()
+    with torch.no_grad():
+        model(pf.images(B))
+    for block in (1, 2):
+        x, prompts, counter = seen[block]
+        assert len(prompts) == 0  # MaPLe's own overwrite suppressed, our rows kept
+        previous = seen[f"out{block - 1}"]  # (L, C, D) the previous block's output
+        layer = pl.compound_prompts_text[block - 1].to(x.dtype)
+        assert torch.equal(x[1], layer[1].expand_as(x[1]))
+        assert torch.equal(x[2], previous[2])  # the anchor's own hidden state, at its own slot
+        assert torch.equal(x[3], layer[0].expand_as(x[3]))
+        assert torch.equal(x[0], previous[0]) and torch.equal(x[4:], previous[4:])
+    with torch.no_grad():  # outside the model's forward the hooks do nothing (e.g. the anchor prompt)
+        features = h.anchor_text_features()
+    assert torch.isfinite(features).all()
+
+
+def test_deep_gradients_and_removal() -> None:
+    clip_model = pf.tiny_maple_clip("fp32", n_ctx=M)
+    model = pf.maple.CustomCLIP(pf.make_cfg("maple", n_ctx=M, depth=3), pf.BASE, clip_model)
+    model.prompt_learner.proj.float()  # the peer bug, fixed by hand to compare outputs before / after
+    image, labels = pf.images(B), torch.tensor([0, 1])
+    model.eval()
+    with torch.no_grad():
+        before = model(image)
+    h = maple.wrap(model.prompt_learner, clip_model=clip_model, classnames=pf.BASE, anchors=torch.randn(1, 64),
+                   owner=model)
+    with torch.no_grad():  # a clear permutation, so that the Gumbel sample keeps both soft tokens
+        h.position.logits.copy_(torch.eye(3) * 20.0)
+    model.train()
+    loss = h.loss(labels, base_loss=model(image, labels))
+    loss.backward()
+    for p in (h.position.logits, model.prompt_learner.compound_prompts_text[1]):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    h.remove()
+    blocks = model.text_encoder.transformer.resblocks
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in blocks)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(image), before)
 
 
 def test_whole_model_checkpoint_reloads_on_novel_classes() -> None:

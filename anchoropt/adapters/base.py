@@ -199,6 +199,9 @@ class AnchorOPTInjection(nn.Module):
         """The learner's output with its prompt tensor replaced."""
         return prompts
 
+    def after_rewrite(self) -> None:
+        """Called after each prompt rewrite (MaPLe: arms the deep hooks for the text pass that follows)."""
+
     def make_tower(self, clip_model: nn.Module) -> TextTower:
         """The bridge that runs ``clip_model``'s frozen text transformer (MaPLe: the list protocol)."""
         return TextTower(clip_model)
@@ -468,7 +471,9 @@ def _rewrite_hook(module: nn.Module, args: tuple, output: Any) -> Any:
     if not isinstance(injection, AnchorOPTInjection):
         return None
     _LAST_LEARNER_RUN[id(injection._clip)] = injection
-    return injection.with_prompts(output, injection.insert_anchors(injection.prompts_of(output)))
+    output = injection.with_prompts(output, injection.insert_anchors(injection.prompts_of(output)))
+    injection.after_rewrite()
+    return output
 
 
 def _reset_hook(module: nn.Module, args: tuple) -> None:

@@ -17,6 +17,7 @@ Config keys (``TRAINER.ANCHOROPT.*``), added by :func:`extend_cfg`::
     KD_NORMALIZATION  "batchmean" batchmean | released (the authors' sum / (B*C); use with their tables)
     MODE              "auto"      base | novel | auto (from DATASET.SUBSAMPLE_CLASSES: base -> base, else novel)
     ANCHOR_IMAGE      "auto"      MaPLe only: vanilla | model image features for the anchor logits
+    DEEP              True        MaPLe only: deep variant (anchors carried across the PROMPT_DEPTH layers)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "KD_NORMALIZATION": "batchmean",
     "MODE": "auto",
     "ANCHOR_IMAGE": "auto",
+    "DEEP": True,
 }
 
 _KEY_TO_OPTION = {
@@ -55,7 +57,10 @@ _KEY_TO_OPTION = {
     "KD_NORMALIZATION": "kd_normalization",
     "MODE": "mode",
     "ANCHOR_IMAGE": "anchor_image",
+    "DEEP": "deep",
 }
+
+_METHOD_ONLY = ("anchor_image", "deep")  # options only some shims take (MaPLe)
 
 
 def extend_cfg(cfg: Any) -> Any:
@@ -114,7 +119,7 @@ def resolve_options(cfg: Any, explicit: dict[str, Any], method_defaults: dict[st
     """Options for one injection: ``method_defaults`` < ``cfg.TRAINER.ANCHOROPT`` < ``explicit`` keyword arguments.
 
     ``anchors=None`` in ``explicit`` means "from the config"; ``mode="auto"`` (or no mode anywhere) becomes
-    :func:`mode_from_cfg`; ``anchor_image`` is kept only for methods that default it (MaPLe).
+    :func:`mode_from_cfg`; ``anchor_image`` and ``deep`` are kept only for methods that default them (MaPLe).
     """
     method_defaults = dict(method_defaults or {})
     options = dict(method_defaults)
@@ -123,10 +128,11 @@ def resolve_options(cfg: Any, explicit: dict[str, Any], method_defaults: dict[st
     options.update({k: v for k, v in explicit.items() if not (k == "anchors" and v is None)})
     if options.get("mode", "auto") == "auto":
         options["mode"] = mode_from_cfg(cfg)
-    if "anchor_image" not in method_defaults:
-        options.pop("anchor_image", None)
-    elif options.get("anchor_image") == "auto":
-        options["anchor_image"] = method_defaults["anchor_image"]
+    for key in _METHOD_ONLY:
+        if key not in method_defaults:
+            options.pop(key, None)
+        elif options.get(key) == "auto":
+            options[key] = method_defaults[key]
     return options
 
 

@@ -1,15 +1,18 @@
 """MaPLe + AnchorOPT: inject AnchorOPT into MaPLe's ``MultiModalPromptLearner`` (``trainers/maple.py``).
 
-Shallow part (this module), paper S2.2.4 / Fig. S4: the initial text soft tokens are mapped to visual tokens
+Input layer, paper S2.2.4 / Fig. S4: the initial text soft tokens are mapped to visual tokens
 (``proj(ctx)``, MaPLe's own output #2) **before** the position matrix; only the text prompt (output #1) is
 arranged as ``[SOS] P @ [ctx; anchors] class . [EOT]``.  The learner keeps returning MaPLe's 4-tuple
 ``(prompts, proj(ctx), compound_prompts_text, visual_deep_prompts)``.
 
-Deep part: MaPLe's blocks (``[x, compound_prompts, counter]`` protocol) overwrite rows ``[1, 1 + n_ctx)`` at
-layers ``1 .. PROMPT_DEPTH-1``.  With the shallow shim alone, slots ``0 .. M-1`` receive MaPLe's deep prompts
-there and slots ``M .. M+N-1`` carry their hidden states.  The paper's deep variant (anchor hidden states
-kept at the slots the position matrix chose, deep soft tokens re-placed by the same matrix) is the job of
-the deep-variant hooks (``anchoropt.deep``, a separate issue); a warning says so when ``PROMPT_DEPTH > 1``.
+Deep part (paper Fig. S4 / S6, "retain the anchors, drop and re-introduce the soft tokens"): MaPLe's text
+blocks ``1 .. PROMPT_DEPTH-1`` normally overwrite rows ``[1, 1 + n_ctx)`` with ``compound_prompts_text``.
+With ``deep=True`` (default) the shim installs :mod:`anchoropt.deep`'s hooks on those blocks: at each of them
+the ``M + N`` slot rows become ``P @ [compound_prompts_text[i-1]; anchor hidden states]`` with the **same**
+position-matrix sample as the input layer, the anchors' hidden states read at the anchors' own slots, and
+MaPLe's own overwrite suppressed.  MaPLe's vision side (``proj(ctx)`` and the deep visual prompts) is
+untouched.  ``deep=False`` keeps MaPLe's own overwrite (then only the last ``N`` slots carry their hidden
+states - not the paper's design; a warning says so).
 
 Anchor logits use CLIP's **vanilla** image features by default (MaPLe's image encoder run without its
 prompts, as the authors do with a second CLIP), so one extra frozen image pass per step;
@@ -30,6 +33,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..deep import DeepAnchorHooks, attach_deep
 from ..towers import TextTower
 from . import dassl
 from .base import AnchorOPTInjection, ClassPatch, patch_class, warn_once
@@ -57,20 +61,69 @@ class MaPLeInjection(AnchorOPTInjection):
     kind = "maple"
     _peer_name = "MaPLe MultiModalPromptLearner"
 
-    def __init__(self, prompt_learner: nn.Module, *, anchor_image: str = "vanilla", **kwargs: Any):
+    def __init__(self, prompt_learner: nn.Module, *, anchor_image: str = "vanilla", deep: bool = True, **kwargs: Any):
         if anchor_image not in ANCHOR_IMAGE:
             raise ValueError(f"anchor_image must be one of {ANCHOR_IMAGE}, got {anchor_image!r}")
         super().__init__(prompt_learner, **kwargs)
         self.anchor_image = anchor_image
         self._vanilla: torch.Tensor | None = None
-        depth = len(getattr(prompt_learner, "compound_prompts_text", ())) + 1
-        if depth > 1:
+        self._deep_hooks: DeepAnchorHooks | None = None
+        self._deep_context: contextlib.AbstractContextManager | None = None
+        self._deep_armed = False
+        depth = len(getattr(prompt_learner, "compound_prompts_text", ()))
+        try:
+            if deep and depth > 0:
+                self._attach_deep(depth)
+        except BaseException:
+            self.remove()
+            raise
+        if not deep and depth > 0:
             warn_once(
-                f"MaPLe PROMPT_DEPTH={depth}: anchoropt.adapters.maple wires the shallow part of MaPLe+AnchorOPT "
-                "only. MaPLe's own blocks overwrite rows [1, 1+n_ctx) at layers 1..depth-1, so the anchor's hidden "
-                "state survives there only in the last n_anchor slots; the paper's deep variant needs the "
-                "deep-variant hooks (anchoropt.deep)."
+                f"MaPLe PROMPT_DEPTH={depth + 1} with deep=False: MaPLe's own blocks overwrite rows [1, 1+n_ctx) at "
+                "layers 1..depth-1, so an anchor's hidden state survives only in the last n_anchor slots; the "
+                "paper's deep variant is deep=True (TRAINER.ANCHOROPT.DEEP True)"
             )
+
+    # ------------------------------------------------------------------ deep variant
+    @property
+    def deep(self) -> bool:
+        return self._deep_hooks is not None
+
+    def _attach_deep(self, depth: int) -> None:
+        text = self._clip.transformer
+        self._deep_hooks = attach_deep(text, depth, batch_first=False)  # MaPLe blocks: [x (L, C, D), prompts, counter]
+        self._hooks += [
+            text.register_forward_pre_hook(self._deep_enter),
+            text.register_forward_hook(self._deep_exit, always_call=True),
+        ]
+
+    def after_rewrite(self) -> None:
+        self._deep_armed = self._deep_hooks is not None  # the next text pass encodes these prompts
+
+    def _deep_enter(self, module: nn.Module, args: tuple) -> None:
+        if self._busy or not self._deep_armed or self.last_matrix is None:
+            return
+        self._deep_armed = False
+        self._close_deep()
+        # prompts=None: each block's own compound prompt, compound_prompts_text[counter]
+        context = self._deep_hooks.active(self.last_matrix, self.n_soft, self.n_anchor)
+        context.__enter__()
+        self._deep_context = context
+
+    def _deep_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._close_deep()
+
+    def _close_deep(self) -> None:
+        context, self._deep_context = self._deep_context, None
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    def remove(self) -> None:
+        self._close_deep()
+        if self._deep_hooks is not None:
+            self._deep_hooks.remove()
+            self._deep_hooks = None
+        super().remove()
 
     # ------------------------------------------------------------------ learner protocol
     def check_learner(self, learner: nn.Module) -> None:
@@ -140,7 +193,11 @@ def wrap(
     cfg: Any = None,
     **options: Any,
 ) -> MaPLeInjection:
-    """Attach AnchorOPT to a built MaPLe ``MultiModalPromptLearner`` (``clip_model``: the MaPLe-built CLIP)."""
+    """Attach AnchorOPT to a built MaPLe ``MultiModalPromptLearner`` (``clip_model``: the MaPLe-built CLIP).
+
+    MaPLe-only options: ``deep`` (default True: the deep variant on text blocks ``1 .. PROMPT_DEPTH-1``) and
+    ``anchor_image`` (``"vanilla"``, default, or ``"model"``).
+    """
     options = dassl.resolve_options(cfg, {"anchors": anchors, **options}, _DEFAULTS)
     return MaPLeInjection(prompt_learner, clip_model=clip_model, classnames=classnames, owner=owner, **options)
 
@@ -153,7 +210,7 @@ def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = Non
                        lambda cfg, opts: dassl.resolve_options(cfg, opts, _DEFAULTS))
 
 
-_DEFAULTS = {"kd_weight": 10.0, "anchor_image": "vanilla"}
+_DEFAULTS = {"kd_weight": 10.0, "anchor_image": "vanilla", "deep": True}
 
 
 @contextlib.contextmanager
