@@ -107,7 +107,7 @@ class DeepPrompts(nn.Module):
         return f"depth={self.depth}, length={self.length}, width={self.width}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DeepForward:
     """What one forward's hooks need (built by :meth:`DeepAnchorHooks.active`; read-only).
 
@@ -395,7 +395,13 @@ def deep_slot_rows(
         )
     if tuple(prompts.shape) != (n_soft, hidden.shape[-1]):
         raise ValueError(f"layer prompts must have shape ({n_soft}, {hidden.shape[-1]}), got {tuple(prompts.shape)}")
-    with torch.autocast(hidden.device.type, enabled=False):  # a selection: keep the residual stream's precision
+    device_type = hidden.device.type
+    no_autocast = (
+        torch.autocast(device_type, enabled=False)  # a selection: keep the residual stream's precision
+        if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:
         matrix = record.matrix.to(device=hidden.device, dtype=hidden.dtype)
         slots = hidden.narrow(seq, start, size)
         carried = slots.index_select(seq, record.anchor_slot.to(hidden.device))  # (C, N, D) / (N, C, D)
