@@ -54,8 +54,7 @@ from functools import partial
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
-from einops import einsum, rearrange
+from einops import einsum
 from torch import nn
 
 from . import shared_prefix
@@ -170,7 +169,6 @@ class DeepAnchorHooks:
         _check_depth(depth, len(blocks))
         self.blocks, self.depth, self.batch_first, self.width = blocks, depth, bool(batch_first), width
         self._tag = f"_anchoropt_deep_{id(self):x}"
-        self._plain_blocks = shared_prefix.supports(blocks)  # checked before our own hooks go on
         self._handles = []
         for i in range(1, depth + 1):
             self._handles.append(blocks[i].register_forward_pre_hook(partial(self._pre_hook, i), with_kwargs=True))
@@ -290,17 +288,7 @@ class DeepAnchorHooks:
         blocks = list(tower.blocks)
         if len(blocks) != len(self.blocks) or any(a is not b for a, b in zip(blocks, self.blocks)):
             return False
-        ours = {h.id for h in self._handles}
-        return (
-            getattr(tower, "share_prefix", False)
-            and tower.can_truncate
-            and tower.pool_type in ("argmax", "eos")
-            and not getattr(tower.transformer, "grad_checkpointing", False)
-            and bool(pool_index.numel()) and int(pool_index.min()) >= prefix_length
-            and self._plain_blocks
-            and all(set(b._forward_pre_hooks) <= ours and set(b._forward_hooks) <= ours for b in blocks)
-            and not any(b.attn.dropout and b.training for b in blocks)
-        )
+        return tower.can_share_prefix(prefix_length, pool_index, allowed_hook_ids={h.id for h in self._handles})
 
     # ------------------------------------------------------------------ the hook
     def _current(self, hidden: torch.Tensor) -> DeepForward | None:
@@ -434,31 +422,15 @@ def encode_shared_deep(
     if record.prompts is None:
         raise ValueError("the shared-prefix path needs the per-layer prompts in the record")
     depth = record.prompts.shape[0]
-    dtype = tower.dtype
-    n_prefix = prefix.shape[1]
-    positions = tower.positional_embedding.to(dtype)
-    hidden = prefix.to(dtype) + positions[:n_prefix]
-    prefix_kv = []
-    for i, block in enumerate(tower.blocks):
-        if 1 <= i <= depth:
-            hidden = deep_slot_rows(hidden, record, record.layer_prompts(i), batch_first=True)
-        q, k, v = shared_prefix._qkv(block, block.ln_1(hidden))
-        prefix_kv.append((k, v))
-        hidden = shared_prefix._finish_block(block, hidden, F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    # From here on as encode_with_shared_prefix: suffixes grouped by length attend to the prefix keys/values.
-    features, order = [], []
-    for members in shared_prefix._length_groups(pool_index, bucket):
-        length = int(pool_index[members].max()) + 1
-        hidden = suffix[members, : length - n_prefix].to(dtype) + positions[n_prefix:length]
-        hidden = shared_prefix._run_suffix(tower.blocks, hidden, prefix_kv)
-        index = (pool_index[members] - n_prefix).repeat(prefix.shape[0])
-        pooled = tower.pool_and_project(hidden, index)
-        features.append(rearrange(pooled, "(g c) e -> g c e", g=prefix.shape[0]))
-        order.append(members)
-    features = torch.cat(features, dim=1)
-    inverse = torch.empty_like(pool_index)
-    inverse[torch.cat(order)] = torch.arange(pool_index.shape[0], device=pool_index.device)
-    return features[:, inverse.to(features.device)]
+
+    def replace_slot_rows(block: int, hidden: torch.Tensor) -> torch.Tensor:
+        if not 1 <= block <= depth:
+            return hidden
+        return deep_slot_rows(hidden, record, record.layer_prompts(block), batch_first=True)
+
+    return shared_prefix.encode_with_shared_prefix(
+        tower, prefix, suffix, pool_index, bucket, before_block=replace_slot_rows
+    )
 
 
 def attach_deep(

@@ -15,6 +15,8 @@ length, ``H`` heads, ``h`` head width, ``D`` width, ``E`` output width.
 
 from __future__ import annotations
 
+from typing import Callable, Collection
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -23,8 +25,11 @@ from torch import nn
 __all__ = ["supports", "encode_with_shared_prefix"]
 
 
-def supports(blocks) -> bool:
-    """Whether the blocks are plain CLIP blocks this module computes exactly (and nobody hooks them)."""
+def supports(blocks, allowed_hook_ids: Collection[int] = ()) -> bool:
+    """Whether the blocks are plain CLIP blocks this module computes exactly (and nobody hooks them).
+
+    ``allowed_hook_ids``: ids of hook handles whose effect the caller reproduces itself (the deep variant's).
+    """
     for block in blocks:
         attn = getattr(block, "attn", None)
         if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
@@ -33,7 +38,8 @@ def supports(blocks) -> bool:
             return False
         if not all(hasattr(block, name) for name in ("ln_1", "ln_2", "mlp")) or hasattr(block, "ln_1_kv"):
             return False
-        if block._forward_hooks or block._forward_pre_hooks or type(block).__name__ not in _CLIP_BLOCKS:
+        hooks = set(block._forward_hooks) | set(block._forward_pre_hooks)
+        if not hooks <= set(allowed_hook_ids) or type(block).__name__ not in _CLIP_BLOCKS:
             return False
     return True
 
@@ -48,6 +54,7 @@ def encode_with_shared_prefix(
     suffix: torch.Tensor,
     pool_index: torch.Tensor,
     bucket: bool = True,
+    before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Pooled, projected features ``(G, C, E)`` of prompts ``cat(prefix[g], suffix[c])``.
 
@@ -57,11 +64,13 @@ def encode_with_shared_prefix(
         suffix: ``(C, S, D)`` class-specific token embeddings (``S`` may exceed what is needed).
         pool_index: ``(C,)`` pooled position in the full prompt (must be ``>= P``).
         bucket: run each group of equal pooled position at its own length (else all at the longest).
+        before_block: ``f(i, prefix_hidden) -> prefix_hidden`` applied to the prefix's hidden states
+            ``(G, P, D)`` before block ``i`` (the deep variant replaces its slot rows there).
     """
     dtype = tower.dtype
     n_prefix = prefix.shape[1]
     positions = tower.positional_embedding.to(dtype)
-    prefix_kv = _run_prefix(tower.blocks, prefix.to(dtype) + positions[:n_prefix])
+    prefix_kv = _run_prefix(tower.blocks, prefix.to(dtype) + positions[:n_prefix], before_block)
     features = []
     order = []
     for members in _length_groups(pool_index, bucket):
@@ -85,10 +94,12 @@ def _length_groups(pool_index: torch.Tensor, bucket: bool) -> list[torch.Tensor]
     return [(pool_index == value).nonzero().flatten() for value in torch.unique(pool_index)]
 
 
-def _run_prefix(blocks, hidden: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _run_prefix(blocks, hidden: torch.Tensor, before_block=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run the shared prefix ``(G, P, D)`` through every block; keys/values ``(G, H, P, h)`` per block."""
     cache = []
-    for block in blocks:
+    for i, block in enumerate(blocks):
+        if before_block is not None:
+            hidden = before_block(i, hidden)
         q, k, v = _qkv(block, block.ln_1(hidden))
         cache.append((k, v))
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -23,7 +23,7 @@ are exact; towers with a bidirectional mask (SigLIP-style) always run the full l
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Collection, Iterator
 
 import torch
 from torch import nn
@@ -120,15 +120,20 @@ class TextTower:
         """Whether running only up to the last pooled position is exact for this tower."""
         return self.truncate and self.causal and self.pad_mask_id is None
 
-    def can_share_prefix(self, prefix_length: int, pool_index: torch.Tensor) -> bool:
-        """Whether :meth:`encode_shared` may run the prefix once (exact for these prompts and blocks now)."""
+    def can_share_prefix(
+        self, prefix_length: int, pool_index: torch.Tensor, allowed_hook_ids: Collection[int] = ()
+    ) -> bool:
+        """Whether :meth:`encode_shared` may run the prefix once (exact for these prompts and blocks now).
+
+        ``allowed_hook_ids``: block hooks whose effect the caller reproduces itself (the deep variant).
+        """
         return (
             self.share_prefix
             and self.can_truncate
             and self.pool_type in ("argmax", "eos")
             and not getattr(self.transformer, "grad_checkpointing", False)
             and bool(pool_index.numel()) and int(pool_index.min()) >= prefix_length
-            and shared_prefix.supports(self.blocks)
+            and shared_prefix.supports(self.blocks, allowed_hook_ids)
         )
 
     # ------------------------------------------------------------------ token level
