@@ -697,7 +697,7 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
     from .io import load_anchors, save_anchors, save_prompt_learner
     from .prompts import AnchorOPTPromptLearner
 
-    cfg = cfg.resolve()
+    cfg = _absolute_paths(cfg.resolve())  # run_config.json then works from any directory
     own_ctx = ctx is None
     ctx = ctx or dist_utils.init_from_env(cfg.device)
     seed_everything(cfg.seed)  # same frozen random towers and initial prompts on every process
@@ -804,6 +804,19 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
         print(results["summary"], flush=True)
     dist_utils.cleanup(ctx)
     return results
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    def absolute(path):
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    model = absolute(cfg.model) if cfg.model.endswith(".json") else cfg.model
+    pretrained = absolute(cfg.pretrained) if cfg.pretrained and Path(cfg.pretrained).is_file() else cfg.pretrained
+    return dataclasses.replace(
+        cfg, data=absolute(cfg.data), split_json=absolute(cfg.split_json), image_root=absolute(cfg.image_root),
+        classnames_file=absolute(cfg.classnames_file), targets=[absolute(t) for t in cfg.targets],
+        descriptions=absolute(cfg.descriptions), anchors=absolute(cfg.anchors), model=model, pretrained=pretrained,
+    )
 
 
 def _text_width(model: nn.Module) -> int:

@@ -110,6 +110,14 @@ def test_eval_reloads_the_run_and_reproduces_it(b2n_run, capsys):
     assert capsys.readouterr().out.strip().startswith("base2novel shapes seed 1 | base")
 
 
+def test_plot_command_redraws_a_run(b2n_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert cli.main(["plot", str(b2n_run), "--k", "3", "-o", str(tmp_path / "p")]) == 0
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {"position_matrix.png", "anchor_tokens.png",
+                                                           "anchor_tokens.json"}
+    assert capsys.readouterr().out.startswith("anchor 1 (norm ")
+
+
 def test_learn_anchors_then_train_from_them(tmp_path, folder, descriptions):
     assert cli.main(["learn-anchors", "--descriptions", str(descriptions), "--data", str(folder), "--model",
                      "tiny-test", "--pretrained", "none", "--stage1-steps", "2", "-o", str(tmp_path / "s1"),
@@ -120,7 +128,7 @@ def test_learn_anchors_then_train_from_them(tmp_path, folder, descriptions):
     assert cli.main(["train", "--data", str(folder), "--anchors", str(tmp_path / "s1" / "anchors.safetensors"),
                      "--model", "tiny-test", "-o", str(out), "--no-plots", "--epochs", "1", *FAST[:2]]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["stage1"] == {"anchors_from": str(tmp_path / "s1" / "anchors.safetensors")}
+    assert results["stage1"] == {"anchors_from": str((tmp_path / "s1" / "anchors.safetensors").resolve())}
 
 
 def test_deep_variant_through_the_runner(tmp_path, folder, descriptions):
