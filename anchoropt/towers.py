@@ -221,7 +221,7 @@ class TextTower:
         """Run the residual blocks on batch-first hidden states ``(C, L, D)``; returns the same layout."""
         if not self.sequence_first:
             return self.transformer(x, attn_mask=attn_mask)
-        with _block_masks(self.blocks, attn_mask):
+        with swap_block_masks(self.blocks, attn_mask):
             return self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
 
     def pool_and_project(self, hidden: torch.Tensor, pool_index: torch.Tensor) -> torch.Tensor:
@@ -340,7 +340,7 @@ def _num_heads(block: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _block_masks(blocks, mask: torch.Tensor | None) -> Iterator[None]:
+def swap_block_masks(blocks, mask: torch.Tensor | None) -> Iterator[None]:
     """Temporarily give every sequence-first block the (truncated) mask it reads from ``self.attn_mask``."""
     saved = [block.attn_mask for block in blocks]
     try:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from ..deep import DeepAnchorHooks, attach_deep
-from ..towers import TextTower
+from ..towers import TextTower, swap_block_masks
 from . import dassl
 from .base import AnchorOPTInjection, ClassPatch, patch_class, warn_once
 
@@ -50,7 +50,7 @@ class ListProtocolTextTower(TextTower):
     """
 
     def run_transformer(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        with _block_masks(self.blocks, attn_mask):
+        with swap_block_masks(self.blocks, attn_mask):
             outputs = self.transformer([x.permute(1, 0, 2), [], 0])
         return outputs[0].permute(1, 0, 2)
 
@@ -211,16 +211,3 @@ def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = Non
 
 
 _DEFAULTS = {"kd_weight": 10.0, "anchor_image": "vanilla", "deep": True}
-
-
-@contextlib.contextmanager
-def _block_masks(blocks: nn.Module, mask: torch.Tensor | None) -> Iterator[None]:
-    """Give every block the (possibly truncated) causal mask it reads from ``self.attn_mask``; restore after."""
-    saved = [block.attn_mask for block in blocks]
-    try:
-        for block in blocks:
-            block.attn_mask = mask
-        yield
-    finally:
-        for block, original in zip(blocks, saved):
-            block.attn_mask = original
