@@ -155,6 +155,9 @@ class RunConfig:
                 "caching image features needs fixed images: pass --augment none with --cache-image-features "
                 "(the paper's default is a fresh random crop + flip every step)"
             )
+        if self.protocol == "base2novel" and self.targets:
+            raise ValueError("--target datasets belong to --protocol cross-dataset or domain-generalization; "
+                             "base-to-novel evaluates the novel half of --data")
         if self.protocol != "base2novel" and not self.targets:
             raise ValueError(f"the {self.protocol} protocol needs at least one target dataset (--target DIR)")
         for name in ("epochs", "batch_size", "n_anchor"):

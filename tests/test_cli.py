@@ -72,6 +72,8 @@ def test_config_resolution_explicit_beats_preset_beats_default():
         runner.RunConfig(cache_image_features=True).resolve()
     with pytest.raises(ValueError, match="target"):
         runner.RunConfig(protocol="cross-dataset").resolve()
+    with pytest.raises(ValueError, match="cross-dataset or domain-generalization"):
+        runner.RunConfig(targets=["elsewhere"]).resolve()
     assert runner.epoch_lr(0, plain) == 1e-5 and runner.epoch_lr(1, plain) == pytest.approx(0.002)
 
 
