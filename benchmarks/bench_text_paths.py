@@ -10,16 +10,19 @@ on a random ViT-B/16 text tower, fp32, M = 4, N = 1, with the same parameters an
 * prefix+bucket- shared prefix, suffixes grouped by length (the default path).
 
 Also: achieved FLOP/s of the default path as a fraction of this machine's fp32 matmul peak (measured in the
-same run), and peak memory of the text pass (``--memory``: each path in a fresh subprocess, max RSS).
+same run), and peak memory of the text pass (``--memory``: each path in a fresh subprocess; resident memory
+sampled every millisecond during one forward+backward, minus the resident memory before it).
 
     python benchmarks/bench_text_paths.py [--classes 100] [--repeats 3] [--memory]
 """
 
 from __future__ import annotations
 
-import resource
+import gc
+import os
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -64,6 +67,30 @@ def text_step(learner, noise, weights) -> torch.Tensor:
     return features.detach()
 
 
+class ChunkedLearners:
+    """One learner per chunk of classes, all holding the same tensors: the naive pass in pieces.
+
+    At 1000 classes a single 77-token pass needs more memory than this 24 GB machine has; its cost is linear
+    in the number of classes, so summing the chunks' forward+backward times measures the same work.
+    """
+
+    def __init__(self, model, names, options: dict, seed: int, chunk: int):
+        self.parts = [make_learner(model, names[i : i + chunk], options, seed) for i in range(0, len(names), chunk)]
+        self.position, self.tower = self.parts[0].position, self.parts[0].tower
+
+    def load_state_dict(self, state) -> None:
+        for part in self.parts:
+            part.load_state_dict(state)
+
+    def step(self, noise, weights) -> torch.Tensor:
+        outputs, start = [], 0
+        for part in self.parts:
+            n = len(part.classnames)
+            outputs.append(text_step(part, noise, weights[start : start + n]))
+            start += n
+        return torch.cat(outputs)
+
+
 def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
     """fp32 matmul FLOP/s of this machine (best of ``repeats``)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -89,17 +116,37 @@ def text_pass_flops(learner: AnchorOPTPromptLearner) -> float:
     return 3 * layers * (tokens * per_token + attention)
 
 
-def peak_memory_child(path: str, classes: int, seed: int) -> None:
+def peak_memory_child(path: str, classes: int, seed: int, naive_chunk: int) -> None:
     names = common.classnames(classes)
     model = common.text_model("cpu", seed)
-    learner = make_learner(model, names, PATHS[path], seed)
+    if path == "naive":
+        learner = ChunkedLearners(model, names, PATHS[path], seed, naive_chunk or len(names))
+    else:
+        learner = make_learner(model, names, PATHS[path], seed)
     k = learner.position.size
     noise = torch.zeros(k, k)
     weights = torch.ones(len(names), learner.tower.output_dim)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    text_step(learner, noise, weights)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"{before} {after}")
+    gc.collect()
+    before = _rss_mb()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:  # the pass's peak resident memory, sampled every millisecond
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _step(learner, noise, weights)
+    done.set()
+    sampler.join()
+    print(f"{before} {peak[0]}")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main() -> None:
@@ -107,14 +154,19 @@ def main() -> None:
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     p.add_argument("--memory", action="store_true", help="also measure peak RSS of each path (subprocesses)")
     p.add_argument("--memory-child", default=None, help=argparse_hidden())
+    p.add_argument("--naive-chunk", type=int, default=0,
+                   help="run the naive path over chunks of this many classes (time summed; bounded memory)")
     args = p.parse_args()
     if args.memory_child:
-        peak_memory_child(args.memory_child, args.classes, args.seed)
+        peak_memory_child(args.memory_child, args.classes, args.seed, args.naive_chunk)
         return
     names = common.classnames(args.classes)
     model = common.text_model(args.device, args.seed)
-    learners = {name: make_learner(model, names, PATHS[name], args.seed) for name in args.paths}
-    reference = learners[args.paths[0]]
+    learners = {name: make_learner(model, names, PATHS[name], args.seed) for name in args.paths if name != "naive"}
+    if "naive" in args.paths:
+        chunk = args.naive_chunk or len(names)
+        learners = {"naive": ChunkedLearners(model, names, PATHS["naive"], args.seed, chunk), **learners}
+    reference = learners["naive"].parts[0] if "naive" in learners else next(iter(learners.values()))
     for learner in learners.values():
         learner.load_state_dict(reference.state_dict())
     generator = torch.Generator().manual_seed(args.seed)
@@ -123,13 +175,13 @@ def main() -> None:
     weights = torch.randn(len(names), reference.tower.output_dim, generator=generator).to(args.device)
 
     times = common.time_interleaved(
-        {name: (lambda l=l: text_step(l, noise, weights)) for name, l in learners.items()}, args.repeats, args.device
+        {name: (lambda l=l: _step(l, noise, weights)) for name, l in learners.items()}, args.repeats, args.device
     )
     medians = {name: common.median(t) for name, t in times.items()}
-    base_feats = text_step(learners[args.paths[0]], noise, weights)
+    base_feats = _step(learners[args.paths[0]], noise, weights)
     result = {"n_classes": len(names), "median_seconds": medians, "seconds": times, "ratio_vs_first": {}, "max_rel_diff": {}}
     for name in args.paths:
-        feats = text_step(learners[name], noise, weights)
+        feats = _step(learners[name], noise, weights)
         diff = float((feats - base_feats).abs().max() / base_feats.abs().max())
         ratio = medians[args.paths[0]] / medians[name]
         result["ratio_vs_first"][name], result["max_rel_diff"][name] = ratio, diff
@@ -147,14 +199,21 @@ def main() -> None:
         result["peak_rss_mb"] = {}
         for name in args.paths:
             out = subprocess.run(
-                [sys.executable, __file__, "--memory-child", name, "--classes", str(args.classes)],
+                [sys.executable, __file__, "--memory-child", name, "--classes", str(args.classes),
+                 "--naive-chunk", str(args.naive_chunk)],
                 capture_output=True, text=True, check=True,
             ).stdout.split()
-            before, after = int(out[-2]) / 1024, int(out[-1]) / 1024
-            result["peak_rss_mb"][name] = {"before_pass": before, "peak": after}
-            print(f"peak RSS C={len(names)} {name:>13}: {after:.0f} MB (model loaded: {before:.0f} MB)")
+            before, peak = float(out[-2]), float(out[-1])
+            result["peak_rss_mb"][name] = {"before_pass": before, "peak": peak, "text_pass": peak - before}
+            chunked = f" (in chunks of {args.naive_chunk} classes)" if name == "naive" and args.naive_chunk else ""
+            print(f"peak memory of the text pass C={len(names)} {name:>13}: +{peak - before:.0f} MB over the "
+                  f"{before:.0f} MB of the loaded model{chunked}")
     path = common.write_results(f"bench_text_paths_c{len(names)}", args, result)
     print(f"wrote {path.relative_to(path.parents[2])}")
+
+
+def _step(learner, noise, weights) -> torch.Tensor:
+    return learner.step(noise, weights) if isinstance(learner, ChunkedLearners) else text_step(learner, noise, weights)
 
 
 def argparse_hidden():
