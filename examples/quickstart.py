@@ -9,8 +9,9 @@ The real thing (an open_clip model, an ImageFolder dataset, a {class: [sentences
     python examples/quickstart.py --model ViT-B-16 --pretrained openai \
         --data path/to/imagefolder --descriptions path/to/descriptions.json --save runs/quickstart
 
-Classes are sorted as ImageFolder sorts them; the first half are the base classes (trained on, K shots each),
-the second half the novel classes (never seen), as in Dassl's base-to-novel protocol.
+Classes are sorted as ImageFolder sorts them; the first ceil(C/2) are the base classes (trained on, K shots
+each), the rest the novel classes (never seen), as in Dassl's base-to-novel protocol.  For full experiments
+(split files, presets, cross-dataset and domain generalisation) use the runner: ``anchoropt train --help``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import anchoropt
+import anchoropt.data
 from anchoropt.testing import tiny_open_clip
 from anchoropt.functional import anchoropt_loss
 
@@ -170,7 +172,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     model, tokenizer, classes, train_set, test_set, labels, descriptions = load_setup(args)
     model = model.to(args.device).requires_grad_(False)
-    n_base = len(classes) // 2 if len(classes) > 1 else 1
+    n_base = len(anchoropt.data.base_novel_split(len(classes))[0])  # first ceil(C/2) classes, as Dassl
     base, novel = classes[:n_base], classes[n_base:]
     train_idx, base_idx, novel_idx = few_shot_split(labels, n_base, args.shots, args.seed)
     print(f"{len(classes)} classes: base {base}, novel {novel}; {len(train_idx)} training images "
