@@ -128,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=("rrc_flip", "none"), default="rrc_flip",
                    help="training augmentation: random resized crop + flip (default) or none")
     p.add_argument("--cache-image-features", action="store_true",
-                   help="encode each training image once (needs --augment none)")
+                   help="encode the training images once, before training (with --augment none, or --cache-views)")
+    p.add_argument("--cache-views", type=int, default=None,
+                   help="with --cache-image-features and an augmentation: K augmented views per image drawn once; "
+                        "each step uses one at random")
     p.add_argument("--eval-mode", choices=("auto", "base", "novel", "anchor"), default="auto",
                    help="headline accuracy: auto (normal prompt for trained classes, ensemble for unseen ones), "
                         "base (normal), novel (ensemble), anchor (anchor prompt only)")

@@ -115,6 +115,7 @@ class RunConfig:
     max_descriptions: int | None = None
     augment: str = "rrc_flip"
     cache_image_features: bool = False
+    cache_views: int = 0
     eval_mode: str = "auto"
     eval_batch_size: int = 100
     p_train: float = 0.5
@@ -150,11 +151,14 @@ class RunConfig:
             raise ValueError(f"unknown augmentation {self.augment!r}; choose one of {AUGMENTATIONS}")
         if self.eval_mode not in EVAL_MODES:
             raise ValueError(f"unknown eval mode {self.eval_mode!r}; choose one of {EVAL_MODES}")
-        if self.cache_image_features and self.augment != "none":
+        if self.cache_image_features and self.augment != "none" and self.cache_views < 1:
             raise ValueError(
-                "caching image features needs fixed images: pass --augment none with --cache-image-features "
-                "(the paper's default is a fresh random crop + flip every step)"
+                "caching image features needs fixed images: pass --augment none with --cache-image-features, "
+                "or --cache-views K to draw K augmented views per image once (the paper's default is a fresh "
+                "random crop + flip every step)"
             )
+        if self.cache_views and (not self.cache_image_features or self.augment == "none"):
+            raise ValueError("--cache-views K goes with --cache-image-features and an augmentation (not --augment none)")
         if self.protocol == "base2novel" and self.targets:
             raise ValueError("--target datasets belong to --protocol cross-dataset or domain-generalization; "
                              "base-to-novel evaluates the novel half of --data")
@@ -397,8 +401,9 @@ def train_stage2(
 ) -> dict:
     """Stage II: SGD on the soft tokens and position logits over ``records`` for ``cfg.epochs`` epochs.
 
-    With ``cfg.cache_image_features`` (and ``augment="none"``) the frozen image tower runs once per training
-    image before the first epoch instead of once per step.  Returns a summary (losses per epoch, steps,
+    With ``cfg.cache_image_features`` the frozen image tower runs before the first epoch instead of once per
+    step: once per training image (``augment="none"``), or ``cfg.cache_views`` times per image with the
+    training augmentation, each step then using one of an image's views at random (Tip-Adapter practice).  Returns a summary (losses per epoch, steps,
     seconds, cache build time).
     """
     from torch.utils.data import DataLoader, TensorDataset
@@ -411,9 +416,15 @@ def train_stage2(
     cached = None
     if cfg.cache_image_features:
         start = time.perf_counter()
-        cached = _feature_table(bundle, records, bundle.test_transform, cfg, device)
+        if cfg.augment == "none":
+            cached = _feature_table(bundle, records, bundle.test_transform, cfg, device)[None]
+        else:
+            cached = torch.stack([_feature_table(bundle, records, bundle.train_transform, cfg, device)
+                                  for _ in range(cfg.cache_views)])
         summary["cache_seconds"] = round(time.perf_counter() - start, 3)
-        dataset = TensorDataset(cached, torch.tensor([r.label for r in records]), torch.arange(len(records)))
+        view_generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        dataset = TensorDataset(torch.arange(len(records)), torch.tensor([r.label for r in records]),
+                                torch.arange(len(records)))
     else:
         dataset = D.ImageDataset(records, bundle.train_transform)
     sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=False) if ctx.distributed else None
@@ -445,8 +456,9 @@ def train_stage2(
             if cached is None:
                 with timer("image_encoding"):
                     features = encode_images(bundle.model, batch.to(device))
-            else:
-                features = batch.to(device)
+            else:  # batch holds image indices (V, N, E) table: one of each image's cached views
+                views = torch.randint(cached.shape[0], (len(batch),), generator=view_generator)
+                features = cached[views.to(cached.device), batch.to(cached.device)].to(device)
             with timer("text_encoding"):
                 logits_normal, logits_anchor = module(features)
             with timer("loss_backward"):

@@ -196,6 +196,26 @@ def test_image_feature_cache_gives_the_same_training(tmp_path, folder, descripti
         torch.testing.assert_close(learned[0][key], learned[1][key], rtol=1e-4, atol=1e-5)
 
 
+def test_cached_augmented_views(tmp_path, folder, descriptions):
+    """K augmented views per image are encoded once; training then only looks them up."""
+    bundle = runner.build_model("tiny-test")
+    calls = []
+    original = runner.encode_images
+    cfg = runner.RunConfig(data=str(folder), model="tiny-test", pretrained=None, descriptions=str(descriptions),
+                           output=str(tmp_path / "views"), shots=4, epochs=3, warmup_epochs=0, batch_size=4,
+                           stage1_steps=2, cache_image_features=True, cache_views=2, progress=False, plots=False)
+    try:
+        runner.encode_images = lambda model, images: calls.append(len(images)) or original(model, images)
+        result = runner.run_training(cfg, bundle=bundle, evaluate_after=False)
+    finally:
+        runner.encode_images = original
+    n_images = result.results["stage2"]["images"]
+    assert sum(calls) == 2 * n_images  # two views per image, none encoded during the 3 epochs
+    assert len(result.results["stage2"]["epoch_losses"]) == 3
+    with pytest.raises(ValueError, match="--cache-views K goes with"):
+        runner.RunConfig(cache_views=2).resolve()
+
+
 def test_pretrained_weights_from_a_local_file(tmp_path):
     # a tiny model's weights
     donor = runner.TINY_MODELS["tiny-test"]()
