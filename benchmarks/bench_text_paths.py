@@ -104,7 +104,11 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
 
 
 def text_pass_flops(learner: AnchorOPTPromptLearner) -> float:
-    """Matmul FLOPs of the forward+backward text pass actually run by the default path (3x forward)."""
+    """Matmul FLOPs of the forward+backward text pass run by the default path.
+
+    The tower is frozen, so backward computes gradients of the activations only (no weight gradients): about
+    one more forward's worth of matmuls, 2x forward in all.
+    """
     width = learner.tower.width
     layers = len(learner.tower.blocks)
     pool = learner.template.normal.pool_index
@@ -113,7 +117,7 @@ def text_pass_flops(learner: AnchorOPTPromptLearner) -> float:
     tokens = n_prefix + suffix_tokens
     per_token = 2 * 12 * width * width  # qkv (3), out (1), mlp (8) D x D matmuls
     attention = sum(4 * width * (int(p) + 1) * (int(p) + 1 - n_prefix) for p in pool)  # scores + weighted sum
-    return 3 * layers * (tokens * per_token + attention)
+    return 2 * layers * (tokens * per_token + attention)
 
 
 def peak_memory_child(path: str, classes: int, seed: int, naive_chunk: int) -> None:
