@@ -174,3 +174,18 @@ def test_anchor_prompt_uses_the_shortcut_exactly():
     got = template.encode_slots(template.anchor, anchors)
     want = _plain_features(model, anchors, 0, 2, kind="anchor")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_tower_close_to_full_pass_with_gradients():
+    model = tiny_open_clip().to(torch.bfloat16)
+    tower = TextTower(model)
+    template = AnchorPromptTemplate(tower, CLASSES, n_soft=4, n_anchor=1)
+    slots = (torch.randn(5, tower.width) * 0.05).requires_grad_(True)
+    got = template.encode_slots(template.normal, slots)
+    assert got.dtype == torch.bfloat16
+    (got_grad,) = torch.autograd.grad(got.float().sum(), slots)
+    reference_slots = slots.detach().clone().requires_grad_(True)
+    want = _plain_features(model, reference_slots, 4, 1)
+    (want_grad,) = torch.autograd.grad(want.float().sum(), reference_slots)
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+    assert torch.nn.functional.cosine_similarity(got_grad.flatten(), want_grad.flatten(), dim=0) > 0.99
