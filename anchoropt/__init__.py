@@ -14,7 +14,6 @@ from .one_stage import OneStageTrainer
 from .position import ARRANGEMENTS, PositionMatrix
 from .prompts import AnchorOPTPromptLearner
 from .template import AnchorPromptTemplate, default_tokenizer
-from . import shared_prefix
 from .towers import TextTower, UnsupportedTowerError
 
 __all__ = [

@@ -362,7 +362,7 @@ def test_two_models_on_one_clip_do_not_mix_their_captured_text() -> None:
     h1, h2 = (coop.wrap(m.prompt_learner, clip_model=clip_model, classnames=n, anchors=torch.zeros(1, 64))
               for m, n in ((first, pf.BASE), (second, pf.BASE[::-1])))
     with torch.no_grad():
-        logits = first(pf.images())
+        first(pf.images())
         second(pf.images())  # same n_cls, same CLIP modules
     assert len(h1._text_features) == 1 and len(h2._text_features) == 1
     torch.testing.assert_close(h1._text_features[0], first.text_encoder(first.prompt_learner(), first.tokenized_prompts))

@@ -13,7 +13,7 @@ import torch
 
 from anchoropt import cli, runner
 from anchoropt import data as D
-from anchoropt.presets import Preset, available_presets, canonical_name, preset
+from anchoropt.presets import available_presets, canonical_name, preset
 
 FAST = ["--pretrained", "none", "--shots", "4", "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "8",
         "--stage1-steps", "3", "--no-progress", "--seed", "1"]

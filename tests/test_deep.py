@@ -7,7 +7,6 @@ then takes the hook path rather than the shared-prefix path).  Towers have 3 blo
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 
 import pytest
 import torch

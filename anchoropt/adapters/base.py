@@ -43,6 +43,7 @@ from ..losses import StageIILossConfig
 from ..position import PositionMatrix
 from ..template import AnchorPromptTemplate
 from ..towers import TextTower
+from . import dassl
 
 __all__ = ["AnchorOPTInjection", "ClassPatch", "find", "shift_token_ids", "MODES", "CHILD_NAME"]
 
@@ -78,6 +79,50 @@ class AnchorOPTInjection(nn.Module):
 
     kind = "generic"
     _peer_name = "prompt learner"
+    peer_class_attr = "PromptLearner"  # the trainer module's class that :meth:`patch` replaces
+    defaults: dict[str, Any] = {"kd_weight": 10.0}  # method defaults, below cfg.TRAINER.ANCHOROPT and keywords
+
+    @classmethod
+    def wrap(
+        cls,
+        prompt_learner: nn.Module,
+        *,
+        clip_model: nn.Module,
+        classnames: Sequence[str],
+        anchors: torch.Tensor | str | os.PathLike | None = None,
+        owner: nn.Module | None = None,
+        cfg: Any = None,
+        defaults: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> "AnchorOPTInjection":
+        """Attach AnchorOPT to an already-built prompt learner; returns the handle (``handle.remove()`` undoes it).
+
+        Call it before the optimizer is built (right after ``CustomCLIP(...)`` in ``build_model``), or rebuild
+        the optimizer afterwards (:func:`anchoropt.adapters.dassl.rebuild_optimizer`).  Options come from (later
+        wins) the method's defaults, ``cfg.TRAINER.ANCHOROPT`` and these keyword arguments (``mode``, ``tau``,
+        ``ce_weight``, ``kd_weight``, ...; see the class).
+        """
+        merged = dassl.resolve_options(cfg, {"anchors": anchors, **options}, cls.defaults if defaults is None else defaults)
+        return cls(prompt_learner, clip_model=clip_model, classnames=classnames, owner=owner, **merged)
+
+    @classmethod
+    def patch(
+        cls,
+        module: Any,
+        *,
+        anchors: torch.Tensor | str | os.PathLike | None = None,
+        attr: str | None = None,
+        defaults: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> "ClassPatch":
+        """Replace ``module.<peer class>`` (e.g. ``trainers.coop.PromptLearner``) before ``build_model()``, so
+        every learner built afterwards carries AnchorOPT; returns the removable patch.
+
+        Options as in :meth:`wrap`; ``mode`` defaults to the config's ``DATASET.SUBSAMPLE_CLASSES``.
+        """
+        chosen = cls.defaults if defaults is None else defaults
+        return patch_class(module, attr or cls.peer_class_attr, cls, {"anchors": anchors, **options},
+                           lambda cfg, opts: dassl.resolve_options(cfg, opts, chosen))
 
     def __init__(
         self,

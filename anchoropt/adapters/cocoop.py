@@ -16,14 +16,12 @@ Docs: ``docs/integrations/cocoop.md``.
 
 from __future__ import annotations
 
-import os
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import dassl
-from .base import AnchorOPTInjection, ClassPatch, patch_class
+from .base import AnchorOPTInjection
 
 __all__ = ["CoCoOpInjection", "patch", "wrap"]
 
@@ -31,6 +29,8 @@ __all__ = ["CoCoOpInjection", "patch", "wrap"]
 class CoCoOpInjection(AnchorOPTInjection):
     """AnchorOPT on a CoCoOp ``PromptLearner`` (output ``(B, n_cls, 77, D)``)."""
 
+    peer_class_attr = "PromptLearner"
+    defaults = {"kd_weight": 10.0}
     kind = "cocoop"
     _peer_name = "CoCoOp PromptLearner"
 
@@ -55,27 +55,8 @@ class CoCoOpInjection(AnchorOPTInjection):
         return output
 
 
-def wrap(
-    prompt_learner: nn.Module,
-    *,
-    clip_model: nn.Module,
-    classnames: Sequence[str],
-    anchors: torch.Tensor | str | os.PathLike | None = None,
-    owner: nn.Module | None = None,
-    cfg: Any = None,
-    **options: Any,
-) -> CoCoOpInjection:
-    """Attach AnchorOPT to a built CoCoOp ``PromptLearner``; see :func:`anchoropt.adapters.coop.wrap`."""
-    options = dassl.resolve_options(cfg, {"anchors": anchors, **options}, _DEFAULTS)
-    return CoCoOpInjection(prompt_learner, clip_model=clip_model, classnames=classnames, owner=owner, **options)
+wrap = CoCoOpInjection.wrap
+"""Attach AnchorOPT to a built CoCoOp ``PromptLearner`` (see :meth:`AnchorOPTInjection.wrap`)."""
 
-
-def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = None, attr: str = "PromptLearner",
-          **options: Any) -> ClassPatch:
-    """Replace ``module.PromptLearner`` (e.g. ``trainers.cocoop``); also covers DePT's ELP-CoCoOp."""
-    explicit = {"anchors": anchors, **options}
-    return patch_class(module, attr, CoCoOpInjection, explicit,
-                       lambda cfg, opts: dassl.resolve_options(cfg, opts, _DEFAULTS))
-
-
-_DEFAULTS = {"kd_weight": 10.0}
+patch = CoCoOpInjection.patch
+"""Replace ``module.PromptLearner`` (e.g. ``trainers.cocoop``); also covers DePT's ELP-CoCoOp."""

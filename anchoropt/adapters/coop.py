@@ -17,14 +17,12 @@ In ``forward_backward``: ``loss = handle.loss(label, logits=output)``; at test t
 
 from __future__ import annotations
 
-import os
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import dassl
-from .base import AnchorOPTInjection, ClassPatch, patch_class
+from .base import AnchorOPTInjection
 
 __all__ = ["CoOpInjection", "patch", "wrap"]
 
@@ -32,6 +30,8 @@ __all__ = ["CoOpInjection", "patch", "wrap"]
 class CoOpInjection(AnchorOPTInjection):
     """AnchorOPT on a CoOp ``PromptLearner`` (output ``(n_cls, 77, D)``)."""
 
+    peer_class_attr = "PromptLearner"
+    defaults = {"kd_weight": 10.0}
     kind = "coop"
     _peer_name = "CoOp PromptLearner"
 
@@ -50,40 +50,11 @@ class CoOpInjection(AnchorOPTInjection):
         return output
 
 
-def wrap(
-    prompt_learner: nn.Module,
-    *,
-    clip_model: nn.Module,
-    classnames: Sequence[str],
-    anchors: torch.Tensor | str | os.PathLike | None = None,
-    owner: nn.Module | None = None,
-    cfg: Any = None,
-    **options: Any,
-) -> CoOpInjection:
-    """Attach AnchorOPT to a built CoOp ``PromptLearner``; returns the handle (``handle.remove()`` undoes it).
+wrap = CoOpInjection.wrap
+"""Attach AnchorOPT to a built CoOp ``PromptLearner`` (see :meth:`AnchorOPTInjection.wrap`)."""
 
-    Call it before the optimizer is built (right after ``CustomCLIP(...)`` in ``build_model``), or rebuild the
-    optimizer afterwards (:func:`anchoropt.adapters.dassl.rebuild_optimizer`).  ``options``: see
-    :class:`~anchoropt.adapters.base.AnchorOPTInjection` (``mode``, ``tau``, ``ce_weight``, ``kd_weight``, ...).
-    """
-    options = dassl.resolve_options(cfg, {"anchors": anchors, **options}, _DEFAULTS)
-    return CoOpInjection(prompt_learner, clip_model=clip_model, classnames=classnames, owner=owner, **options)
-
-
-def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = None, attr: str = "PromptLearner",
-          **options: Any) -> ClassPatch:
-    """Replace ``module.PromptLearner`` (e.g. ``trainers.coop``) so every learner built afterwards carries AnchorOPT.
-
-    Options come from (later wins) the defaults, ``cfg.TRAINER.ANCHOROPT`` (see :mod:`anchoropt.adapters.dassl`)
-    and these keyword arguments; ``mode`` defaults to the config's ``DATASET.SUBSAMPLE_CLASSES``.  Patching
-    ``trainers.coop`` also covers DePT's ``ExtrasLinearProbeCoOp`` (its CustomCLIP inherits CoOp's).
-    """
-    explicit = {"anchors": anchors, **options}
-    return patch_class(module, attr, CoOpInjection, explicit,
-                       lambda cfg, opts: dassl.resolve_options(cfg, opts, _DEFAULTS))
-
-
-_DEFAULTS = {"kd_weight": 10.0}
+patch = CoOpInjection.patch
+"""Replace ``module.PromptLearner`` (e.g. ``trainers.coop``); patching ``trainers.coop`` also covers DePT's ``ExtrasLinearProbeCoOp``."""
 
 
 def _shape(output: Any) -> str:

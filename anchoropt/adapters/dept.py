@@ -24,8 +24,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import cocoop, coop, dassl, maple
-from .base import AnchorOPTInjection, ClassPatch, patch_class
+from . import cocoop, coop, maple
+from .base import AnchorOPTInjection, ClassPatch
 
 __all__ = ["patch", "wrap", "DEFAULTS"]
 
@@ -41,10 +41,9 @@ def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = Non
     ``forward`` takes image features -> CoCoOp; else CoOp).  DePT's ELP trainers inherit the patched class.
     """
     shim, default_attr = _method_of(module)
-    defaults = {**shim._DEFAULTS, **DEFAULTS}
-    explicit = {"anchors": anchors, **options}
-    return patch_class(module, attr or default_attr, _INJECTIONS[shim], explicit,
-                       lambda cfg, opts: dassl.resolve_options(cfg, opts, defaults))
+    injection = _INJECTIONS[shim]
+    return injection.patch(module, anchors=anchors, attr=attr or default_attr,
+                           defaults={**injection.defaults, **DEFAULTS}, **options)
 
 
 def wrap(
@@ -64,8 +63,9 @@ def wrap(
         shim = cocoop
     else:
         shim = coop
-    options = dassl.resolve_options(cfg, {"anchors": anchors, **options}, {**shim._DEFAULTS, **DEFAULTS})
-    return _INJECTIONS[shim](prompt_learner, clip_model=clip_model, classnames=classnames, owner=owner, **options)
+    injection = _INJECTIONS[shim]
+    return injection.wrap(prompt_learner, clip_model=clip_model, classnames=classnames, anchors=anchors,
+                          owner=owner, cfg=cfg, defaults={**injection.defaults, **DEFAULTS}, **options)
 
 
 _INJECTIONS = {coop: coop.CoOpInjection, cocoop: cocoop.CoCoOpInjection, maple: maple.MaPLeInjection}

@@ -27,16 +27,14 @@ Docs: ``docs/integrations/maple.md``.
 from __future__ import annotations
 
 import contextlib
-import os
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..deep import DeepAnchorHooks, attach_deep
 from ..towers import TextTower, swap_block_masks
-from . import dassl
-from .base import AnchorOPTInjection, ClassPatch, patch_class, warn_once
+from .base import AnchorOPTInjection, warn_once
 
 __all__ = ["MaPLeInjection", "ListProtocolTextTower", "patch", "wrap", "ANCHOR_IMAGE"]
 
@@ -58,6 +56,8 @@ class ListProtocolTextTower(TextTower):
 class MaPLeInjection(AnchorOPTInjection):
     """AnchorOPT on a MaPLe ``MultiModalPromptLearner`` (4-tuple output)."""
 
+    peer_class_attr = "MultiModalPromptLearner"
+    defaults = {"kd_weight": 10.0, "anchor_image": "vanilla", "deep": True}
     kind = "maple"
     _peer_name = "MaPLe MultiModalPromptLearner"
 
@@ -183,31 +183,11 @@ class MaPLeInjection(AnchorOPTInjection):
         self._vanilla = None
 
 
-def wrap(
-    prompt_learner: nn.Module,
-    *,
-    clip_model: nn.Module,
-    classnames: Sequence[str],
-    anchors: torch.Tensor | str | os.PathLike | None = None,
-    owner: nn.Module | None = None,
-    cfg: Any = None,
-    **options: Any,
-) -> MaPLeInjection:
-    """Attach AnchorOPT to a built MaPLe ``MultiModalPromptLearner`` (``clip_model``: the MaPLe-built CLIP).
+wrap = MaPLeInjection.wrap
+"""Attach AnchorOPT to a built MaPLe ``MultiModalPromptLearner`` (``clip_model``: the MaPLe-built CLIP).
 
-    MaPLe-only options: ``deep`` (default True: the deep variant on text blocks ``1 .. PROMPT_DEPTH-1``) and
-    ``anchor_image`` (``"vanilla"``, default, or ``"model"``).
-    """
-    options = dassl.resolve_options(cfg, {"anchors": anchors, **options}, _DEFAULTS)
-    return MaPLeInjection(prompt_learner, clip_model=clip_model, classnames=classnames, owner=owner, **options)
+MaPLe-only options: ``deep`` (default True: the deep variant on text blocks ``1 .. PROMPT_DEPTH-1``) and
+``anchor_image`` (``"vanilla"``, default, or ``"model"``)."""
 
-
-def patch(module: Any, *, anchors: torch.Tensor | str | os.PathLike | None = None,
-          attr: str = "MultiModalPromptLearner", **options: Any) -> ClassPatch:
-    """Replace ``module.MultiModalPromptLearner`` (e.g. ``trainers.maple``); also covers DePT's ELP-MaPLe."""
-    explicit = {"anchors": anchors, **options}
-    return patch_class(module, attr, MaPLeInjection, explicit,
-                       lambda cfg, opts: dassl.resolve_options(cfg, opts, _DEFAULTS))
-
-
-_DEFAULTS = {"kd_weight": 10.0, "anchor_image": "vanilla", "deep": True}
+patch = MaPLeInjection.patch
+"""Replace ``module.MultiModalPromptLearner`` (e.g. ``trainers.maple``); also covers DePT's ELP-MaPLe."""
