@@ -17,7 +17,14 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["tiny_open_clip", "tiny_custom_text_clip", "tiny_openai_clip", "OpenAIStyleCLIP", "vit_b16_text_clip"]
+__all__ = [
+    "tiny_open_clip",
+    "tiny_custom_text_clip",
+    "tiny_openai_clip",
+    "OpenAIStyleCLIP",
+    "CoOpStyleTextEncoder",
+    "vit_b16_text_clip",
+]
 
 VOCAB_SIZE = 49408
 CONTEXT_LENGTH = 77
@@ -149,6 +156,25 @@ class OpenAIStyleCLIP(nn.Module):
         x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
         x = self.ln_final(x).to(self.dtype)
         return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
+
+
+class CoOpStyleTextEncoder(nn.Module):
+    """The CoOp family's ``TextEncoder`` contract: ``forward(prompts (C, L, D), tokenized_prompts (C, L))``
+    adds positions, runs the sequence-first transformer, ``ln_final``, pools at ``argmax`` and projects."""
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.transformer = clip_model.transformer
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.dtype = clip_model.dtype
+
+    def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
+        x = prompts + self.positional_embedding.type(self.dtype)
+        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
+        x = self.ln_final(x).type(self.dtype)
+        return x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ self.text_projection
 
 
 def _to_half(model: OpenAIStyleCLIP) -> OpenAIStyleCLIP:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchoropt.template import default_tokenizer
-from anchoropt.testing import tiny_openai_clip
+from anchoropt.testing import CoOpStyleTextEncoder, tiny_openai_clip
 
 CONTEXT_LENGTH = 77
 _BPE = default_tokenizer()  # the CLIP BPE (the peers ship the same vocabulary)
@@ -133,22 +133,7 @@ def _class_tokens(module: nn.Module, classnames, prompt_prefix: str, n_ctx: int,
 
 
 # ---------------------------------------------------------------------- CoOp
-class TextEncoder(nn.Module):
-    """CoOp's TextEncoder: prompts + pos emb, NLD->LND, transformer, LND->NLD, ln_final, argmax pooling @ proj."""
-
-    def __init__(self, clip_model):
-        super().__init__()
-        self.transformer = clip_model.transformer
-        self.positional_embedding = clip_model.positional_embedding
-        self.ln_final = clip_model.ln_final
-        self.text_projection = clip_model.text_projection
-        self.dtype = clip_model.dtype
-
-    def forward(self, prompts, tokenized_prompts):
-        x = prompts + self.positional_embedding.type(self.dtype)
-        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
-        x = self.ln_final(x).type(self.dtype)
-        return x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ self.text_projection
+TextEncoder = CoOpStyleTextEncoder  # CoOp's TextEncoder (CoCoOp's and DePT's are the same code)
 
 
 class CoOpPromptLearner(nn.Module):

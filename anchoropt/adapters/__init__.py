@@ -11,6 +11,9 @@ The injection lives at ``prompt_learner.anchoropt`` (find it with :func:`find`),
 freezing by name and checkpoints include it.  It is also the handle: ``loss(labels, ...)`` inside
 ``forward_backward``, ``predict(logits)`` / ``set_mode("base" | "novel")`` at test time, ``remove()``.
 
+:func:`accelerate` (independent of the shims) makes a CoOp-family ``TextEncoder`` use anchoropt's exact fast
+text path (stop at the last EOT, shared prefix computed once) - with or without AnchorOPT.
+
 >>> import anchoropt.adapters as adapters
 >>> sorted(adapters.METHODS)
 ['cocoop', 'coop', 'dept', 'maple']
@@ -20,6 +23,7 @@ from . import cocoop, coop, dassl, dept, maple
 from .base import CHILD_NAME, AnchorOPTInjection, ClassPatch, find, shift_token_ids
 from .cocoop import CoCoOpInjection
 from .coop import CoOpInjection
+from .fast_text import FastTextEncoder, accelerate
 from .maple import MaPLeInjection
 
 METHODS = {"coop": coop, "cocoop": cocoop, "maple": maple, "dept": dept}
@@ -31,8 +35,10 @@ __all__ = [
     "ClassPatch",
     "CoCoOpInjection",
     "CoOpInjection",
+    "FastTextEncoder",
     "MaPLeInjection",
     "METHODS",
+    "accelerate",
     "cocoop",
     "coop",
     "dassl",
