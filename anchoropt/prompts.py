@@ -79,6 +79,7 @@ class AnchorOPTPromptLearner(nn.Module):
             )
         self.position = position.to(self.tower.device)
         self._anchor_cache: tuple[tuple, torch.Tensor] | None = None
+        self._normal_cache: tuple[tuple, torch.Tensor] | None = None  # eval-time features (see normal_features)
         # Deep variant: created last, so a deep learner's other tensors equal a shallow one's for a seed.
         self.deep_hooks: DeepAnchorHooks | None = attach_deep(self.tower, deep_depth) if deep_depth else None
         self.deep = DeepPrompts(deep_depth, n_soft, self.tower.width, device=self.tower.device) if deep_depth else None
@@ -103,7 +104,7 @@ class AnchorOPTPromptLearner(nn.Module):
         self.template = AnchorPromptTemplate(
             self.tower, classnames, self.n_soft, self.n_anchor, self.preposition, self._tokenizer
         ).to(device)
-        self._anchor_cache = None
+        self._anchor_cache = self._normal_cache = None
 
     @torch.no_grad()
     def set_anchors(self, anchors: torch.Tensor) -> None:
@@ -122,6 +123,9 @@ class AnchorOPTPromptLearner(nn.Module):
         One position-matrix sample (``matrix``, else :meth:`PositionMatrix.matrix`) arranges the input
         slots and, in the deep variant, every deep layer's slots.
         """
+        key = self._frozen_normal_key() if matrix is None else None
+        if key is not None and self._normal_cache is not None and self._normal_cache[0] == key:
+            return self._normal_cache[1]
         matrix = self.position.matrix() if matrix is None else matrix
         slots = self.slot_tokens(matrix)
         if self.deep is None:
@@ -131,7 +135,17 @@ class AnchorOPTPromptLearner(nn.Module):
             features = hooks.encode_slots(
                 self.template, self.template.normal, slots, matrix, self.deep.prompts, self.n_soft, self.n_anchor
             )
-        return F.normalize(features.float(), dim=-1)
+        features = F.normalize(features.float(), dim=-1)
+        self._normal_cache = None if key is None else (key, features)
+        return features
+
+    def _frozen_normal_key(self) -> tuple | None:
+        """Cache key of the normal features when they cannot change between calls (evaluation without
+        gradients and without test-time sampling): every learned tensor's version, the class set, the device."""
+        if self.training or self.position.sample_in_eval or torch.is_grad_enabled():
+            return None
+        versions = tuple((id(t), t._version) for t in (*self.parameters(), self.anchors))
+        return (versions, self.template.normal.embeddings.data_ptr(), self.soft.device)
 
     def deep_context(self, matrix: torch.Tensor):
         """Context in which the tower's deep hooks apply this learner's per-layer prompts with ``matrix``.

@@ -520,7 +520,8 @@ def evaluate(
     learner = dist_utils.unwrap(learner)
     learner.set_classnames(list(classnames))
     learner.eval()
-    text_normal, text_anchor = learner.normal_features(), learner.anchor_features()
+    with torch.no_grad():
+        text_normal, text_anchor = learner.normal_features(), learner.anchor_features()
     scale = learner.logit_scale()
     mine = dist_utils.shard(list(records), ctx)
     loader = DataLoader(D.ImageDataset(mine, bundle.test_transform), batch_size=cfg.eval_batch_size,

@@ -202,3 +202,25 @@ def test_one_stage_alternates_anchor_and_prompt_updates(model):
     assert not torch.allclose(anchor_learner.anchors.detach(), anchors_before)
     assert not torch.allclose(prompt_learner.soft.detach(), soft_before)
     torch.testing.assert_close(prompt_learner.anchors, anchor_learner.anchors.detach())
+
+
+def test_eval_features_without_gradients_are_computed_once_per_state(model, monkeypatch):
+    learner = _learner(model).eval()
+    encoded = []
+    original = learner.template.encode_slots
+    monkeypatch.setattr(
+        learner.template, "encode_slots", lambda layout, slots: encoded.append(layout) or original(layout, slots)
+    )
+    image = torch.randn(3, 32)
+    first = learner.predict(image, "base")
+    torch.testing.assert_close(learner.predict(image, "base"), first, rtol=0, atol=0)
+    assert [layout is learner.template.normal for layout in encoded].count(True) == 1
+    with torch.no_grad():
+        learner.soft.add_(torch.randn_like(learner.soft))  # a changed parameter is seen
+    assert not torch.allclose(learner.predict(image, "base"), first)
+    assert [layout is learner.template.normal for layout in encoded].count(True) == 2
+    learner.train()
+    with torch.no_grad():
+        learner.normal_features()
+        learner.normal_features()
+    assert [layout is learner.template.normal for layout in encoded].count(True) == 4  # training: never cached
