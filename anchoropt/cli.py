@@ -213,13 +213,13 @@ def _cmd_eval(args) -> int:
 
 def _cmd_plot(args) -> int:
     from . import viz
-    from .io import load_prompt_learner
-    from .runner import RUN_CONFIG, RunConfig, build_model
+    from .io import load_prompt_learner, read_config
+    from .runner import build_model, load_run_config
 
     run = Path(args.run)
-    cfg = RunConfig.from_json(json.loads((run / RUN_CONFIG).read_text(encoding="utf-8")))
+    cfg = load_run_config(run)
     bundle = build_model(cfg.model, args.pretrained or cfg.pretrained, "cpu", "fp32", "none")
-    saved = json.loads((run / "prompt_learner" / "anchoropt_config.json").read_text(encoding="utf-8"))
+    saved = read_config(run / "prompt_learner", "prompt_learner")
     learner = load_prompt_learner(run / "prompt_learner", bundle.model, saved["trained_classnames"],
                                   tokenizer=bundle.tokenizer)
     out = Path(args.output) if args.output else run / "plots"

@@ -32,6 +32,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from ._jsonfile import read_json
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "Record",
@@ -195,12 +197,7 @@ def read_split_json(path: str | os.PathLike, image_root: str | os.PathLike) -> D
     different class names is an error; labels that are not ``0 .. C-1`` are renumbered in sorted order.
     """
     path, image_root = Path(path), Path(image_root)
-    if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    raw = read_json(path, f"split file not found: {path}")
     if not isinstance(raw, dict) or "train" not in raw or "test" not in raw:
         raise ValueError(f"{path} is not a CoOp split file: expected keys 'train', 'val', 'test'")
     names: dict[int, str] = {}

@@ -7,10 +7,11 @@ letter (real files contain lone ``"."`` entries) are dropped; a class left with 
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from ._jsonfile import read_json
 
 __all__ = ["load_descriptions", "DescriptionsError"]
 
@@ -37,7 +38,11 @@ def load_descriptions(
         ``{classname: [sentence, ...]}`` with the caller's class names as keys.
     """
     where = str(source) if isinstance(source, (str, os.PathLike)) else "the descriptions mapping"
-    raw = _read_json(Path(source)) if isinstance(source, (str, os.PathLike)) else source
+    raw = (
+        read_json(Path(source), f"descriptions file not found: {source}", DescriptionsError)
+        if isinstance(source, (str, os.PathLike))
+        else source
+    )
     if not isinstance(raw, Mapping):
         raise DescriptionsError(f"{where} must be a JSON object {{class name: [sentences]}}, got {type(raw).__name__}")
     if max_per_class is not None and max_per_class < 1:
@@ -63,15 +68,6 @@ def load_descriptions(
         sentences = _usable_sentences(raw[file_key], file_key, where)
         result[name] = sentences[:max_per_class] if max_per_class else sentences
     return result
-
-
-def _read_json(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"descriptions file not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DescriptionsError(f"{path} is not valid JSON: {err}") from err
 
 
 def _usable_sentences(value, class_key: str, where: str) -> list[str]:

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._jsonfile import read_json
 from ._version import __version__
 from .official import load_official_anchors
 from .prompts import AnchorOPTPromptLearner
@@ -170,12 +171,7 @@ def load_prompt_learner(
 def read_config(directory: str | os.PathLike, kind: str) -> dict:
     """The validated JSON config of a saved ``kind`` in ``directory``."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved anchoropt {kind.replace('_', ' ')}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    config = read_json(path, f"no {CONFIG_NAME} in {directory}: not a saved anchoropt {kind.replace('_', ' ')}")
     if not isinstance(config, dict) or config.get("format") != "anchoropt" or config.get("kind") != kind:
         raise ValueError(f"{path} is not an anchoropt {kind} config")
     if int(config.get("format_version", 0)) > DEEP_FORMAT_VERSION:

@@ -37,6 +37,7 @@ from torch import nn
 
 from . import data as D
 from . import distributed as dist_utils
+from ._jsonfile import read_json
 from .functional import clip_logits, ensemble_logits
 from .losses import StageIILoss
 from .presets import preset as get_preset
@@ -793,14 +794,10 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
             ``pretrained`` ...), e.g. new cross-dataset targets for a trained run.
         output: results file (``<run_dir>/eval_results.json`` by default).
     """
-    from .io import load_prompt_learner
+    from .io import load_prompt_learner, read_config
 
     run_dir = Path(run_dir)
-    path = run_dir / RUN_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory written by `anchoropt train`?")
-    cfg = RunConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
-    cfg = dataclasses.replace(cfg, **(overrides or {})).resolve()
+    cfg = dataclasses.replace(load_run_config(run_dir), **(overrides or {})).resolve()
     ctx = dist_utils.init_from_env(cfg.device)
     seed_everything(cfg.seed)
     bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, "none")
@@ -808,7 +805,7 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
     train_view, novel_view = _training_view(source, cfg)
     learner = load_prompt_learner(run_dir / "prompt_learner", bundle.model, train_view.classnames,
                                   tokenizer=bundle.tokenizer)
-    trained = json.loads((run_dir / "prompt_learner" / "anchoropt_config.json").read_text())["trained_classnames"]
+    trained = read_config(run_dir / "prompt_learner", "prompt_learner")["trained_classnames"]
     results = {"protocol": cfg.protocol, "dataset": source.name, "model": cfg.model, "pretrained": cfg.pretrained,
                "seed": cfg.seed, "shots": cfg.shots, "run": str(run_dir),
                "results": _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained)}
@@ -820,6 +817,14 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
         print(results["summary"], flush=True)
     dist_utils.cleanup(ctx)
     return results
+
+
+def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
+    """The :class:`RunConfig` a run directory was trained with (``run_config.json``)."""
+    path = Path(run_dir) / RUN_CONFIG
+    return RunConfig.from_json(
+        read_json(path, f"{path} not found: is {run_dir} a run directory written by `anchoropt train`?")
+    )
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
