@@ -23,6 +23,9 @@ __all__ = [
     "tiny_openai_clip",
     "OpenAIStyleCLIP",
     "CoOpStyleTextEncoder",
+    "LayerNormFp32",
+    "QuickGELU",
+    "add_text_parameters",
     "vit_b16_text_clip",
 ]
 
@@ -70,14 +73,14 @@ def vit_b16_text_clip(seed: int = 0) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- OpenAI-clip layout
-class _LayerNorm(nn.LayerNorm):
+class LayerNormFp32(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back (as OpenAI clip's)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.float()).to(x.dtype)
 
 
-class _QuickGELU(nn.Module):
+class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
 
@@ -87,11 +90,11 @@ class _SequenceFirstBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, attn_mask: torch.Tensor | None):
         super().__init__()
-        self.ln_1 = _LayerNorm(width)
+        self.ln_1 = LayerNormFp32(width)
         self.attn = nn.MultiheadAttention(width, heads)
-        self.ln_2 = _LayerNorm(width)
+        self.ln_2 = LayerNormFp32(width)
         self.mlp = nn.Sequential(OrderedDict(
-            c_fc=nn.Linear(width, 4 * width), gelu=_QuickGELU(), c_proj=nn.Linear(4 * width, width)
+            c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)
         ))
         self.attn_mask = attn_mask
 
@@ -121,12 +124,23 @@ class _TinyVisual(nn.Module):
         super().__init__()
         self.input_resolution, self.output_dim = image_size, output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
-        self.ln_post = _LayerNorm(width)
+        self.ln_post = LayerNormFp32(width)
         self.proj = nn.Parameter(torch.randn(width, output_dim) * width**-0.5)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.conv1(image.to(self.conv1.weight.dtype)).flatten(2).mean(dim=2)  # (B, width)
         return self.ln_post(x) @ self.proj
+
+
+def add_text_parameters(model: nn.Module, width: int, embed_dim: int) -> None:
+    """Give ``model`` OpenAI clip's text-side tensors around its transformer: ``token_embedding``,
+    ``positional_embedding``, ``ln_final``, ``text_projection`` and ``logit_scale`` (random, CLIP-like scales)."""
+    model.token_embedding = nn.Embedding(VOCAB_SIZE, width)
+    nn.init.normal_(model.token_embedding.weight, std=0.02)
+    model.positional_embedding = nn.Parameter(torch.randn(CONTEXT_LENGTH, width) * 0.01)
+    model.ln_final = LayerNormFp32(width)
+    model.text_projection = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+    model.logit_scale = nn.Parameter(torch.tensor(4.6052))
 
 
 class OpenAIStyleCLIP(nn.Module):
@@ -137,12 +151,7 @@ class OpenAIStyleCLIP(nn.Module):
         mask = torch.full((CONTEXT_LENGTH, CONTEXT_LENGTH), float("-inf")).triu_(1) if causal else None
         self.visual = _TinyVisual(64, embed_dim, image_size)
         self.transformer = _SequenceFirstTransformer(width, layers, heads, mask)
-        self.token_embedding = nn.Embedding(VOCAB_SIZE, width)
-        self.positional_embedding = nn.Parameter(torch.randn(CONTEXT_LENGTH, width) * 0.01)
-        self.ln_final = _LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(4.6052))
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        add_text_parameters(self, width, embed_dim)
 
     @property
     def dtype(self) -> torch.dtype:

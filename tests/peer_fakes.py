@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anchoropt.template import default_tokenizer
-from anchoropt.testing import CoOpStyleTextEncoder, tiny_openai_clip
+from anchoropt.testing import CoOpStyleTextEncoder, LayerNormFp32, QuickGELU, add_text_parameters, tiny_openai_clip
 
 CONTEXT_LENGTH = 77
 _BPE = default_tokenizer()  # the CLIP BPE (the peers ship the same vocabulary)
@@ -246,16 +246,6 @@ class CoCoOpCustomCLIP(nn.Module):
 
 
 # ---------------------------------------------------------------------- MaPLe: CLIP with list-protocol blocks
-class _LayerNorm(nn.LayerNorm):
-    def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
-
-
-class _QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
 class MaPLeBlock(nn.Module):
     """``ResidualAttentionBlock_MaPLe``: ``forward([x, compound_prompts_deeper, counter])`` -> the same list.
 
@@ -267,11 +257,11 @@ class MaPLeBlock(nn.Module):
     def __init__(self, width, heads, attn_mask, n_ctx, text_layer, index):
         super().__init__()
         self.attn = nn.MultiheadAttention(width, heads)
-        self.ln_1 = _LayerNorm(width)
+        self.ln_1 = LayerNormFp32(width)
         self.mlp = nn.Sequential(OrderedDict(
-            c_fc=nn.Linear(width, 4 * width), gelu=_QuickGELU(), c_proj=nn.Linear(4 * width, width)
+            c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)
         ))
-        self.ln_2 = _LayerNorm(width)
+        self.ln_2 = LayerNormFp32(width)
         self.text_layer, self.attn_mask = text_layer, attn_mask
         self.compound_prompt_nctx = n_ctx
         self.first_layer = index == 0
@@ -315,9 +305,9 @@ class MaPLeVisual(nn.Module):
         scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch) ** 2 + 1, width))
-        self.ln_pre = _LayerNorm(width)
+        self.ln_pre = LayerNormFp32(width)
         self.transformer = MaPLeTransformer(width, layers, heads, None, n_ctx, text_layer=False)
-        self.ln_post = _LayerNorm(width)
+        self.ln_post = LayerNormFp32(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
         self.VPT_shallow = True
 
@@ -340,12 +330,7 @@ class MaPLeCLIP(nn.Module):
         mask = torch.full((CONTEXT_LENGTH, CONTEXT_LENGTH), float("-inf")).triu_(1)
         self.visual = MaPLeVisual(image_size, 8, vision_width, 2, 2, embed_dim, n_ctx)
         self.transformer = MaPLeTransformer(width, layers, heads, mask, n_ctx, text_layer=True)
-        self.token_embedding = nn.Embedding(49408, width)
-        self.positional_embedding = nn.Parameter(torch.randn(CONTEXT_LENGTH, width) * 0.01)
-        self.ln_final = _LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(4.6052))
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        add_text_parameters(self, width, embed_dim)
 
     @property
     def dtype(self):
