@@ -37,12 +37,13 @@ from common import classnames, machine, parser, write_results  # noqa: E402
 
 from anchoropt import AnchorOPTPromptLearner, runner  # noqa: E402
 from anchoropt import data as D  # noqa: E402
+from anchoropt.runner.models import _preprocess_cfg, _text_width  # noqa: E402
 
 SECTIONS = ("data", "image_encoding", "text_encoding", "loss_backward")
 
 
 def _learner(bundle, trained, cfg):
-    anchors = torch.randn(1, runner._text_width(bundle.model), generator=torch.Generator().manual_seed(0)) * 0.02
+    anchors = torch.randn(1, _text_width(bundle.model), generator=torch.Generator().manual_seed(0)) * 0.02
     torch.manual_seed(cfg.seed)
     return AnchorOPTPromptLearner(bundle.model, trained, anchors, n_soft=cfg.n_soft, tokenizer=bundle.tokenizer)
 
@@ -94,7 +95,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     bundle = runner.build_model(args.model, None, device)
     plain = runner.eval_transform(bundle.model)
-    size = runner._preprocess_cfg(bundle.model).size
+    size = _preprocess_cfg(bundle.model).size
     size = size if isinstance(size, int) else size[0]
     names = classnames(args.classes)
     results: dict = {"model": args.model, "image_size": size, "classes": args.classes, "shots": args.shots,

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from anchoropt import cli, runner
+from anchoropt.runner import cli as runner_cli
+from anchoropt.runner import training
 from anchoropt import data as D
 from anchoropt.presets import available_presets, canonical_name, preset
 
@@ -80,7 +82,7 @@ def test_config_resolution_explicit_beats_preset_beats_default():
 def test_parser_maps_flags_onto_the_config():
     args = cli.build_parser().parse_args(["train", "--data", "d", "--anchors", "a.safetensors", "--preset",
                                           "caltech101", "--kd-weight", "3", "--target", "t1", "--target", "t2"])
-    cfg = cli._config(args)
+    cfg = runner_cli._config(args)
     assert cfg.kd_weight == 3 and cfg.ce_weight is None and cfg.targets == ["t1", "t2"] and cfg.preset == "caltech101"
 
 
@@ -200,15 +202,15 @@ def test_cached_augmented_views(tmp_path, folder, descriptions):
     """K augmented views per image are encoded once; training then only looks them up."""
     bundle = runner.build_model("tiny-test")
     calls = []
-    original = runner.encode_images
+    original = training.encode_images  # train_stage2 and its feature cache look it up there
     cfg = runner.RunConfig(data=str(folder), model="tiny-test", pretrained=None, descriptions=str(descriptions),
                            output=str(tmp_path / "views"), shots=4, epochs=3, warmup_epochs=0, batch_size=4,
                            stage1_steps=2, cache_image_features=True, cache_views=2, progress=False, plots=False)
     try:
-        runner.encode_images = lambda model, images: calls.append(len(images)) or original(model, images)
+        training.encode_images = lambda model, images: calls.append(len(images)) or original(model, images)
         result = runner.run_training(cfg, bundle=bundle, evaluate_after=False)
     finally:
-        runner.encode_images = original
+        training.encode_images = original
     n_images = result.results["stage2"]["images"]
     assert sum(calls) == 2 * n_images  # two views per image, none encoded during the 3 epochs
     assert len(result.results["stage2"]["epoch_losses"]) == 3

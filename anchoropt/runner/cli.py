@@ -1,0 +1,273 @@
+"""The ``anchoropt`` commands: argument parsing and one function per sub-command.
+
+Commands::
+
+    anchoropt learn-anchors  Stage I: anchors from a {class: [sentences]} descriptions JSON
+    anchoropt train          (Stage I +) Stage II few-shot training + evaluation under a protocol
+    anchoropt eval           evaluate a finished run again (other targets, another protocol)
+    anchoropt plot           position-matrix heatmap and the anchors' nearest tokens of a run (PNG)
+    anchoropt presets        the per-dataset settings of the released tables
+
+Run ``anchoropt COMMAND --help`` for the options.  Multi-GPU: ``torchrun --nproc_per_node 4 -m anchoropt
+train ...``.  The console script (:mod:`anchoropt.cli`) calls :func:`main`; the logic lives in the other
+modules of :mod:`anchoropt.runner`; this module only parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+_HYPER = (
+    # flag, dest, type, help
+    ("--shots", "shots", int, "training images per class, K (16)"),
+    ("--n-soft", "n_soft", int, "M, soft tokens of the normal prompt (4)"),
+    ("--tau", "tau", float, "Gumbel-softmax temperature of the position matrix (1.0)"),
+    ("--epochs", "epochs", int, "Stage II epochs (100)"),
+    ("--batch-size", "batch_size", int, "Stage II batch size (32)"),
+    ("--lr", "lr", float, "Stage II SGD learning rate (0.002)"),
+    ("--momentum", "momentum", float, "SGD momentum (0.9)"),
+    ("--weight-decay", "weight_decay", float, "SGD weight decay (5e-4)"),
+    ("--warmup-epochs", "warmup_epochs", int, "epochs at the constant warm-up lr before the cosine (1)"),
+    ("--warmup-lr", "warmup_lr", float, "warm-up learning rate (1e-5)"),
+    ("--ce-weight", "ce_weight", float, "weight of the cross-entropy term (1.0)"),
+    ("--kd-weight", "kd_weight", float, "weight of the KL(ensemble || normal) term (10.0)"),
+    ("--kd-temperature", "kd_temperature", float, "distillation temperature (1.0)"),
+    ("--kd-normalization", "kd_normalization", str,
+     "'batchmean' (KL per sample) or 'released' (KL / (batch x classes), what the released weights assume)"),
+    ("--stage1-steps", "stage1_steps", int,
+     "Stage I steps (default: the released schedule, preset epochs x floor(shots x classes / 32))"),
+    ("--stage1-mse-weight", "stage1_mse_weight", float, "Stage I MSE weight (1000)"),
+    ("--stage1-lr", "stage1_lr", float, "Stage I SGD learning rate (0.002)"),
+    ("--max-descriptions", "max_descriptions", int, "descriptions kept per class, first in file order (10)"),
+)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="ViT-B-16",
+                   help="open_clip model name (ViT-B-16, EVA02-B-16, ViT-B-16-SigLIP, ...), a .json open_clip model "
+                        "config, or tiny-test / tiny-eva-test / tiny-siglip-test (random tiny towers for tests)")
+    g.add_argument("--pretrained", default="openai",
+                   help="open_clip pretrained tag (needs a network or a filled cache), a local checkpoint file, "
+                        "or 'none' for random weights (default: openai)")
+    g.add_argument("--precision", default="fp32", help="open_clip precision: fp32 (default), fp16, bf16, amp ...")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required,
+                   help="dataset directory: ImageFolder (root/<class>/*.jpg), root with train/ and test/ "
+                        "ImageFolders, or a CoOp dataset folder with its split_zhou_*.json")
+    g.add_argument("--split-json", help="CoOp split file (default: the split_zhou_*.json inside --data, if any)")
+    g.add_argument("--image-root", help="directory the split file's paths are relative to (default: guessed)")
+    g.add_argument("--classnames-file", help="lines '<folder> <class name>' (default: --data/classnames.txt if any)")
+    g.add_argument("--p-train", type=float, default=0.5, help="plain ImageFolder: train fraction per class (0.5)")
+    g.add_argument("--p-val", type=float, default=0.2, help="plain ImageFolder: validation fraction per class (0.2)")
+    g.add_argument("--split-seed", type=int, default=1, help="plain ImageFolder: seed of the per-class split (1)")
+
+
+def _add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="per-dataset settings of the released tables (see `anchoropt presets`); "
+                                    "explicit options override it")
+    p.add_argument("--seed", type=int, default=1, help="seed for the shots, initialisation and shuffling (1)")
+    p.add_argument("--output", "-o", default="runs/anchoropt", help="run directory (runs/anchoropt)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``anchoropt`` argument parser (for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="anchoropt", description="AnchorOPT experiment runner: anchors, few-shot prompts, evaluation.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  anchoropt train --data DATA/caltech-101 --descriptions caltech101.json --preset caltech101 "
+               "-o runs/cal\n"
+               "  anchoropt eval runs/cal\n"
+               "  torchrun --nproc_per_node 2 -m anchoropt train ...",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"anchoropt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("learn-anchors", help="Stage I: learn anchors from class descriptions",
+                       description="Stage I: learn the anchor tokens from a {class: [sentences]} JSON "
+                                   "(CuPL format) for the base (or all) classes of --data, or of the JSON.")
+    p.add_argument("--descriptions", required=True, help="descriptions JSON {class name: [sentence, ...]}")
+    p.add_argument("--subsample", choices=("base", "all"), default="base",
+                   help="learn on the base half of the classes (base-to-novel) or on all (default: base)")
+    p.add_argument("--n-anchor", type=int, default=None, help="N, anchor tokens (1)")
+    _add_model_args(p)
+    _add_data_args(p, required=False)
+    _add_common_args(p)
+    _add_hyper_args(p, stage1_only=True)
+
+    p = sub.add_parser("train", help="Stage II few-shot training (after Stage I) and evaluation",
+                       description="Train AnchorOPT's soft tokens and position matrix on K shots per class and "
+                                   "evaluate under a protocol. Writes run_config.json, anchors.safetensors, "
+                                   "prompt_learner/, results.json and plots/ to --output.")
+    p.add_argument("--protocol", choices=("base2novel", "cross-dataset", "domain-generalization"),
+                   default="base2novel", help="evaluation protocol (default: base2novel)")
+    p.add_argument("--target", dest="targets", action="append", default=[], metavar="DIR",
+                   help="a target dataset directory for cross-dataset / domain generalisation (repeatable)")
+    anchors = p.add_mutually_exclusive_group(required=True)
+    anchors.add_argument("--descriptions", help="descriptions JSON: run Stage I first on the training classes")
+    anchors.add_argument("--anchors", help="Stage I anchors: our .safetensors or the authors' model.pth.tar")
+    p.add_argument("--n-anchor", type=int, default=None, help="N, anchor tokens for Stage I (1)")
+    p.add_argument("--deep-depth", type=int, default=0,
+                   help="deep variant: per-layer soft prompts for the first N text blocks after the input, anchors "
+                        "carried through (0: shallow, the default)")
+    p.add_argument("--augment", choices=("rrc_flip", "none"), default="rrc_flip",
+                   help="training augmentation: random resized crop + flip (default) or none")
+    p.add_argument("--cache-image-features", action="store_true",
+                   help="encode the training images once, before training (with --augment none, or --cache-views)")
+    p.add_argument("--cache-views", type=int, default=None,
+                   help="with --cache-image-features and an augmentation: K augmented views per image drawn once; "
+                        "each step uses one at random")
+    p.add_argument("--eval-mode", choices=("auto", "base", "novel", "anchor"), default="auto",
+                   help="headline accuracy: auto (normal prompt for trained classes, ensemble for unseen ones), "
+                        "base (normal), novel (ensemble), anchor (anchor prompt only)")
+    p.add_argument("--eval-batch-size", type=int, default=100, help="evaluation batch size (100)")
+    p.add_argument("--save-every", type=int, default=0, help="also save the learner every N epochs")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write plots/*.png")
+    _add_model_args(p)
+    _add_data_args(p)
+    _add_common_args(p)
+    _add_hyper_args(p)
+
+    p = sub.add_parser("eval", help="evaluate a finished run (again, or on other targets)",
+                       description="Rebuild a run's model and splits from its run_config.json, reload the "
+                                   "learned prompts and evaluate; options given here override the run's.")
+    p.add_argument("run", help="run directory written by `anchoropt train`")
+    p.add_argument("--protocol", choices=("base2novel", "cross-dataset", "domain-generalization"))
+    p.add_argument("--target", dest="targets", action="append", default=None, metavar="DIR",
+                   help="target dataset directory (repeatable; replaces the run's targets)")
+    p.add_argument("--data", help="source dataset directory (default: the run's)")
+    p.add_argument("--pretrained", help="model weights (default: the run's)")
+    p.add_argument("--eval-mode", choices=("auto", "base", "novel", "anchor"))
+    p.add_argument("--device", default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--output", "-o", help="results file (default: RUN/eval_results.json)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+    p = sub.add_parser("plot", help="position-matrix heatmap and nearest tokens of a run (PNG)",
+                       description="Write position_matrix.png, anchor_tokens.png and anchor_tokens.json "
+                                   "(needs matplotlib: pip install 'anchoropt[viz]').")
+    p.add_argument("run", help="run directory written by `anchoropt train`")
+    p.add_argument("--output", "-o", help="output directory (default: RUN/plots)")
+    p.add_argument("--k", type=int, default=10, help="nearest tokens per anchor (10)")
+    p.add_argument("--pretrained", help="model weights (default: the run's)")
+
+    p = sub.add_parser("presets", help="show the per-dataset settings of the released tables")
+    p.add_argument("name", nargs="?", help="a dataset (all when omitted)")
+    p.add_argument("--method", choices=("coop", "cocoop", "maple", "dept"), default="coop")
+    return parser
+
+
+def _add_hyper_args(p: argparse.ArgumentParser, stage1_only: bool = False) -> None:
+    g = p.add_argument_group("hyperparameters (default: --preset, else the value in brackets)")
+    for flag, dest, kind, text in _HYPER:
+        if stage1_only and not (dest.startswith("stage1") or dest in ("max_descriptions", "shots")):
+            continue
+        g.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+
+
+def _config(args: argparse.Namespace):
+    from .config import RunConfig
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return RunConfig(**values)
+
+
+def _cmd_learn_anchors(args) -> int:
+    from .run import run_learn_anchors
+
+    run_learn_anchors(_config(args), subsample=args.subsample)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .run import run_training
+
+    run_training(_config(args))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .run import run_evaluation
+
+    overrides = {k: getattr(args, k) for k in ("protocol", "targets", "data", "pretrained", "eval_mode", "device",
+                                                "workers", "progress") if getattr(args, k) is not None}
+    run_evaluation(args.run, overrides, output=args.output)
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .. import viz
+    from ..io import load_prompt_learner, read_config
+    from .config import load_run_config
+    from .models import build_model
+
+    run = Path(args.run)
+    cfg = load_run_config(run)
+    bundle = build_model(cfg.model, args.pretrained or cfg.pretrained, "cpu", "fp32", "none")
+    saved = read_config(run / "prompt_learner", "prompt_learner")
+    learner = load_prompt_learner(run / "prompt_learner", bundle.model, saved["trained_classnames"],
+                                  tokenizer=bundle.tokenizer)
+    out = Path(args.output) if args.output else run / "plots"
+    heatmap = viz.save_position_matrix(learner, out / "position_matrix.png")
+    neighbours = viz.nearest_tokens(learner.anchors, bundle.model, bundle.tokenizer, k=args.k)
+    (out / "anchor_tokens.json").write_text(json.dumps(neighbours, indent=2, ensure_ascii=False) + "\n",
+                                            encoding="utf-8")
+    bars = viz.save_nearest_tokens(neighbours, out / "anchor_tokens.png")
+    for item in neighbours:
+        words = ", ".join(f"{t['token']!r} {t['cosine']:.2f}" for t in item["tokens"][:5])
+        print(f"anchor {item['anchor']} (norm {item['norm']:.2f}): {words}")
+    print(f"wrote {heatmap}, {bars}, {out / 'anchor_tokens.json'}")
+    return 0
+
+
+def _cmd_presets(args) -> int:
+    from ..presets import DATASETS, preset
+
+    names = [args.name] if args.name else ["default", "xd", *DATASETS]
+    print(f"{'preset':<15}{'n_soft':>7}{'epochs':>7}{'ce':>8}{'kd':>8}{'kd_T':>6}{'batch':>6}{'lr':>8}"
+          f"{'stage1 ep':>10}{'mse':>7}")
+    for name in names:
+        try:
+            p = preset(name, args.method)
+        except (KeyError, ValueError) as err:
+            print(f"{name:<15}{err}")
+            continue
+        print(f"{p.name:<15}{p.n_soft:>7}{p.epochs:>7}{p.ce_weight:>8g}{p.kd_weight:>8g}{p.kd_temperature:>6g}"
+              f"{p.batch_size:>6}{p.lr:>8g}{p.stage1_epochs:>10}{p.stage1_mse_weight:>7g}"
+              + (f"  {p.extra}" if p.extra else ""))
+    print("KD normalisation of the presets: 'released' (KL summed / (batch x classes)).")
+    return 0
+
+
+_COMMANDS = {"learn-anchors": _cmd_learn_anchors, "train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot,
+             "presets": _cmd_presets}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``anchoropt`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        # user errors (missing files, bad options, unknown classes): one clear line, no traceback
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"anchoropt {args.command}: error: {message}", file=sys.stderr)
+        return 2
+

@@ -1,0 +1,151 @@
+"""Frozen CLIP models for a run: building them (open_clip or tiny test towers), transforms, image features.
+
+Axes: ``B`` images, ``E`` joint-embedding width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AUGMENTATIONS
+
+
+def _tiny(factory: str, **kwargs):
+    def build():
+        from .. import testing
+
+        return getattr(testing, factory)(image_size=32, **kwargs)
+
+    return build
+
+
+TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
+    # random-weight towers for tests and offline demos (CLIP BPE vocabulary, 32 x 32 images)
+    "tiny-test": _tiny("tiny_open_clip"),
+    "tiny-eva-test": _tiny("tiny_custom_text_clip"),  # CustomTextCLIP, causal, EOT pooling (EVA-CLIP-style)
+    "tiny-siglip-test": _tiny("tiny_custom_text_clip", no_causal_mask=True, pool_type="last"),  # SigLIP-like
+}
+
+
+@dataclass
+class ModelBundle:
+    """A frozen CLIP with its tokenizer and image transforms."""
+
+    model: nn.Module
+    tokenizer: Callable | None
+    train_transform: Callable
+    test_transform: Callable
+    name: str = "custom"
+
+
+def build_model(
+    name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    augment: str = "rrc_flip",
+) -> ModelBundle:
+    """An open_clip model by name (or a ``.json`` model config file, or a ``tiny-*`` test model), frozen.
+
+    Args:
+        pretrained: an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"`` ... needs a network or a filled
+            cache), a local checkpoint file, or ``None`` / ``"none"`` for random weights.
+        augment: training transform: ``"rrc_flip"`` (random resized crop, scale 0.08-1, + horizontal flip,
+            as the CoOp family) or ``"none"`` (the test transform).
+    """
+    pretrained = None if pretrained in (None, "", "none", "None") else str(pretrained)
+    if name in TINY_MODELS:
+        model = TINY_MODELS[name]()
+        if pretrained is not None:
+            if not Path(pretrained).is_file():
+                raise ValueError(f"{name} is a random-weight test model: --pretrained must be 'none' or a weights "
+                                 f"file, got {pretrained!r}")
+            _load_state_dict_file(model, pretrained)
+        tokenizer = None
+    else:
+        import open_clip
+
+        if name.endswith(".json"):
+            config = Path(name)
+            if not config.is_file():
+                raise FileNotFoundError(f"model config file not found: {config}")
+            open_clip.add_model_config(config)
+            name = config.stem
+        if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+            raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models() (or pass a .json config)")
+        if pretrained is not None and not Path(pretrained).is_file() and \
+                pretrained not in open_clip.list_pretrained_tags_by_model(name):
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ValueError(f"{pretrained!r} is neither a file nor a pretrained tag of {name} (tags: {tags})")
+        model = open_clip.create_model(name, pretrained=pretrained, precision=precision, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
+    model = model.to(device).eval().requires_grad_(False)
+    test_tf = eval_transform(model)
+    train_tf = train_transform(model, augment)
+    return ModelBundle(model, tokenizer, train_tf, test_tf, name)
+
+
+def _load_state_dict_file(model: nn.Module, path: str) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    model.load_state_dict(state)
+
+
+def _preprocess_cfg(model: nn.Module):
+    from open_clip.transform import PreprocessCfg
+
+    visual = getattr(model, "visual", model)
+    cfg = dict(getattr(visual, "preprocess_cfg", None) or {})
+    if "size" not in cfg:
+        size = getattr(visual, "image_size", None) or getattr(visual, "input_resolution", 224)
+        cfg["size"] = size
+    known = {f.name for f in dataclasses.fields(PreprocessCfg)}
+    return PreprocessCfg(**{k: v for k, v in cfg.items() if k in known})
+
+
+def eval_transform(model: nn.Module) -> Callable:
+    """open_clip's evaluation transform for ``model`` (resize, centre crop, normalise)."""
+    from open_clip.transform import image_transform_v2
+
+    return image_transform_v2(_preprocess_cfg(model), is_train=False)
+
+
+def train_transform(model: nn.Module, augment: str = "rrc_flip") -> Callable:
+    """Training transform: the CoOp family's random resized crop (scale 0.08-1, bicubic) + horizontal flip,
+    with open_clip's normalisation for ``model``; ``augment="none"`` gives the test transform."""
+    if augment == "none":
+        return eval_transform(model)
+    if augment != "rrc_flip":
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")
+    from open_clip.transform import AugmentationCfg, image_transform_v2
+    from torchvision import transforms as T
+
+    rrc = image_transform_v2(_preprocess_cfg(model), is_train=True, aug_cfg=AugmentationCfg(scale=(0.08, 1.0)))
+    return T.Compose([T.RandomHorizontalFlip(), rrc])
+
+
+@torch.no_grad()
+def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image features ``(B, E)`` (float32) of the frozen image tower."""
+    dtype = next(model.visual.parameters()).dtype if hasattr(model, "visual") else torch.float32
+    return F.normalize(model.encode_image(images.to(dtype)).float(), dim=-1)
+
+
+def _text_width(model: nn.Module) -> int:
+    from ..towers import TextTower
+
+    return TextTower.from_model(model).width

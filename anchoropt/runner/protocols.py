@@ -1,0 +1,85 @@
+"""The evaluation protocols: which datasets and classes a run trains on and is scored on."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .. import data as D
+from .config import RunConfig
+from .evaluation import evaluate, harmonic_mean
+
+
+def _source_dataset(cfg: RunConfig) -> D.DatasetSplits:
+    if not cfg.data:
+        raise ValueError("no dataset: pass --data DIR (an ImageFolder directory or a CoOp dataset directory)")
+    return D.open_dataset(cfg.data, split_json=cfg.split_json, image_root=cfg.image_root,
+                          classnames_file=cfg.classnames_file, holdout=True, p_train=cfg.p_train,
+                          p_val=cfg.p_val, split_seed=cfg.split_seed)
+
+
+def _target_dataset(path: str, cfg: RunConfig) -> D.DatasetSplits:
+    return D.open_dataset(path, holdout=False, split_seed=cfg.split_seed)
+
+
+def _training_view(source: D.DatasetSplits, cfg: RunConfig) -> tuple[D.DatasetSplits, D.DatasetSplits | None]:
+    """The (K-shot, subsampled) training dataset and, for base-to-novel, the novel view."""
+    few = D.sample_few_shot(source, cfg.shots, cfg.seed)
+    if cfg.protocol == "base2novel":
+        if source.n_classes < 2:
+            raise ValueError("base-to-novel needs at least two classes")
+        return D.subsample_classes(few, "base"), D.subsample_classes(few, "new")
+    return few, None
+
+
+def _headline(mode: str, classnames: Sequence[str], trained: Sequence[str]) -> str:
+    if mode != "auto":
+        return mode
+    return "base" if set(classnames) <= set(trained) else "novel"
+
+
+def _open_targets(cfg: RunConfig, trained: Sequence[str]) -> list[D.DatasetSplits]:
+    """The target datasets, checked against the protocol (before any training is spent)."""
+    targets = []
+    for path in cfg.targets:
+        target = _target_dataset(path, cfg)
+        unknown = sorted(set(target.classnames) - set(trained))
+        if cfg.protocol == "domain-generalization" and unknown:
+            raise ValueError(
+                f"domain generalisation needs the target's classes among the source's: {target.name} has "
+                f"{len(unknown)} unknown class(es), e.g. {unknown[:5]} (use --protocol cross-dataset, or a "
+                "classnames.txt in the target folder mapping its folders to source class names)"
+            )
+        if not target.test:
+            raise ValueError(f"target {path} has no test images")
+        targets.append(target)
+    return targets
+
+
+def _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained) -> dict:
+    """Run the protocol's evaluations; returns the ``results`` part of results.json."""
+    out: dict[str, Any] = {}
+    if cfg.protocol == "base2novel":
+        base = evaluate(learner, bundle, train_view.test, train_view.classnames, cfg, ctx,
+                        _headline(cfg.eval_mode, train_view.classnames, trained), "eval base")
+        novel = evaluate(learner, bundle, novel_view.test, novel_view.classnames, cfg, ctx,
+                         _headline(cfg.eval_mode, novel_view.classnames, trained), "eval novel")
+        out.update(base=base, novel=novel, hm=round(harmonic_mean(base["accuracy"], novel["accuracy"]), 4))
+        return out
+    out["source"] = evaluate(learner, bundle, train_view.test, train_view.classnames, cfg, ctx,
+                             _headline(cfg.eval_mode, train_view.classnames, trained), "eval source")
+    out["targets"] = {}
+    for path, target in zip(cfg.targets, _open_targets(cfg, trained)):
+        name = _unique_key(target.name, out["targets"])
+        out["targets"][name] = evaluate(learner, bundle, target.test, target.classnames, cfg, ctx,
+                                        _headline(cfg.eval_mode, target.classnames, trained), f"eval {name}")
+        out["targets"][name]["path"] = str(path)
+    accs = [r["accuracy"] for r in out["targets"].values()]
+    out["target_mean"] = round(sum(accs) / len(accs), 4) if accs else None
+    return out
+
+
+def _unique_key(name: str, taken: dict) -> str:
+    key, n = name, 2
+    while key in taken:
+        key, n = f"{name}_{n}", n + 1
+    return key

@@ -1,0 +1,205 @@
+"""The two training stages of a run: Stage I (anchors from descriptions) and Stage II (few-shot SGD).
+
+Axes: ``N`` records (images), ``V`` cached views per image, ``E`` joint-embedding width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .. import data as D
+from .. import distributed as dist_utils
+from ..losses import StageIILoss
+from .config import RunConfig
+from .console import _bar
+from .models import ModelBundle, encode_images
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's (when installed) and torch's generators."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+
+
+class StepTimer:
+    """Wall time per named section of a training step (CUDA-synchronised); used by the benchmark."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.times: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.times.setdefault(name, []).append(time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.times.setdefault(name, []).append(seconds)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _no_timer(name: str):
+    return contextlib.nullcontext()
+
+
+def learn_anchors(
+    bundle: ModelBundle,
+    classnames: Sequence[str],
+    descriptions: str | os.PathLike | dict,
+    cfg: RunConfig,
+    ctx: dist_utils.DistContext | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Stage I on ``classnames``: anchors ``(N, D)`` and a summary (steps, first / last loss, seconds).
+
+    Under ``torchrun`` rank 0 learns them and broadcasts (the loss does not depend on the images).
+    """
+    from ..anchors import AnchorLearner
+
+    ctx = ctx or dist_utils.DistContext()
+    start = time.perf_counter()
+    steps = cfg.stage1_step_count(len(classnames))
+    learner = AnchorLearner(bundle.model, list(classnames), n_anchor=cfg.n_anchor, preposition=cfg.preposition,
+                            tokenizer=bundle.tokenizer)
+    history: list[float] = []
+    if ctx.is_main:
+        history = learner.fit(descriptions, steps=steps, lr=cfg.stage1_lr, mse_weight=cfg.stage1_mse_weight,
+                              max_per_class=cfg.max_descriptions, progress=cfg.progress)
+    anchors = dist_utils.broadcast_tensor(learner.frozen_anchors().to(ctx.device), ctx)
+    info = {"steps": steps, "mse_weight": cfg.stage1_mse_weight, "lr": cfg.stage1_lr,
+            "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
+            "classes": len(classnames), "seconds": round(time.perf_counter() - start, 3)}
+    return anchors.cpu(), info
+
+
+def epoch_lr(epoch: int, cfg: RunConfig) -> float:
+    """Dassl's schedule: ``warmup_epochs`` at a constant ``warmup_lr``, then cosine over ``epochs`` epochs."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
+
+
+def train_stage2(
+    learner: nn.Module,
+    bundle: ModelBundle,
+    records: Sequence[D.Record],
+    cfg: RunConfig,
+    ctx: dist_utils.DistContext | None = None,
+    timer: StepTimer | None = None,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Stage II: SGD on the soft tokens and position logits over ``records`` for ``cfg.epochs`` epochs.
+
+    With ``cfg.cache_image_features`` the frozen image tower runs before the first epoch instead of once per
+    step: once per training image (``augment="none"``), or ``cfg.cache_views`` times per image with the
+    training augmentation, each step then using one of an image's views at random (Tip-Adapter practice).  Returns a summary (losses per epoch, steps,
+    seconds, cache build time).
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    ctx = ctx or dist_utils.DistContext()
+    timer = timer or _no_timer
+    device = ctx.device
+    summary: dict[str, Any] = {"images": len(records)}
+    cached = None
+    if cfg.cache_image_features:
+        start = time.perf_counter()
+        if cfg.augment == "none":
+            cached = _feature_table(bundle, records, bundle.test_transform, cfg, device)[None]
+        else:
+            cached = torch.stack([_feature_table(bundle, records, bundle.train_transform, cfg, device)
+                                  for _ in range(cfg.cache_views)])
+        summary["cache_seconds"] = round(time.perf_counter() - start, 3)
+        view_generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        dataset = TensorDataset(torch.arange(len(records)), torch.tensor([r.label for r in records]),
+                                torch.arange(len(records)))
+    else:
+        dataset = D.ImageDataset(records, bundle.train_transform)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=False) if ctx.distributed else None
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=0 if cached is not None else cfg.workers, drop_last=False,
+                        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    loss_fn = StageIILoss(ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature,
+                          kd_normalization=cfg.kd_normalization)
+    module = dist_utils.wrap_ddp(learner, ctx)
+    module.train()
+    if ctx.distributed:  # replicas start equal (DDP broadcasts rank 0's); each then draws its own Gumbel noise
+        torch.manual_seed(cfg.seed * 1000 + ctx.rank)
+    bar = _bar(cfg.epochs * len(loader), "Stage II", cfg.progress and ctx.is_main)
+    losses: list[float] = []
+    start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(epoch, cfg)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        total, seen = 0.0, 0
+        fetch_start = time.perf_counter()
+        for batch, labels, _ in loader:
+            if timer is not _no_timer:
+                timer.add("data", time.perf_counter() - fetch_start)
+            labels = labels.to(device)
+            if cached is None:
+                with timer("image_encoding"):
+                    features = encode_images(bundle.model, batch.to(device))
+            else:  # batch holds image indices (V, N, E) table: one of each image's cached views
+                views = torch.randint(cached.shape[0], (len(batch),), generator=view_generator)
+                features = cached[views.to(cached.device), batch.to(cached.device)].to(device)
+            with timer("text_encoding"):
+                logits_normal, logits_anchor = module(features)
+            with timer("loss_backward"):
+                loss = loss_fn(logits_normal, logits_anchor, labels)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"Stage II loss is {loss.item()} at epoch {epoch}; lower the lr or the loss weights"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            total, seen = total + loss.item() * len(labels), seen + len(labels)
+            if bar is not None:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+                bar.update()
+            fetch_start = time.perf_counter()
+        losses.append(total / max(seen, 1))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, losses[-1])
+    if bar is not None:
+        bar.close()
+    summary.update(epochs=cfg.epochs, steps_per_epoch=len(loader), epoch_losses=[round(x, 6) for x in losses],
+                   seconds=round(time.perf_counter() - start, 3))
+    return summary
+
+
+@torch.no_grad()
+def _feature_table(bundle: ModelBundle, records: Sequence[D.Record], transform, cfg: RunConfig,
+                   device: torch.device) -> torch.Tensor:
+    """Image features ``(len(records), E)`` in record order."""
+    from torch.utils.data import DataLoader
+
+    # its own generator: creating the iterator must not draw from the global RNG (the Gumbel samples' source)
+    loader = DataLoader(D.ImageDataset(records, transform), batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
+                        generator=torch.Generator())
+    return torch.cat([encode_images(bundle.model, images.to(device)) for images, _, _ in loader])
