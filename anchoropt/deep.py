@@ -40,7 +40,8 @@ Block protocols (detected per call):
 * MaPLe: ``block([x, compound_prompts, counter])``, ``x`` ``(L, C, D)``.  The block overwrites rows
   ``[1, 1 + n_ctx)`` with ``compound_prompts[counter]`` inside its forward, after any pre-hook; the hook
   therefore hands the block an empty (suppressed) prompt list so that it keeps our arrangement, and a
-  forward hook puts MaPLe's list back and advances ``counter`` exactly as the block would have.
+  forward hook puts MaPLe's list back and advances ``counter`` exactly as the block would have.  The
+  compound prompt is rounded to fp16 first, as MaPLe's block does (``.half()``, even in fp32).
 
 Axes: ``C`` prompts (classes), ``L`` sequence, ``D`` width, ``K = M + N`` slots, ``M`` soft, ``N`` anchors.
 """
@@ -352,7 +353,9 @@ class DeepAnchorHooks:
                     f"MaPLe block {block} has no compound prompt left (counter {counter}, {len(compound)} prompts): "
                     "give active() per-layer prompts or use a depth <= len(compound_prompts)"
                 )
-            prompts = compound[counter]
+            # MaPLe's block casts its compound prompt with .half() before inserting it (also in fp32, where cat
+            # promotes it back): round the same way, so the soft slots hold exactly MaPLe's values
+            prompts = compound[counter].half()
         x = deep_slot_rows(x, record, prompts, batch_first=False)
         return [x, _Suppressed(compound) if will_overwrite else compound, counter]
 

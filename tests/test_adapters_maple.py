@@ -154,7 +154,7 @@ def test_deep_layers_carry_the_anchor_and_re_place_maples_compound_prompts() -> 
         x, prompts, counter = seen[block]
         assert len(prompts) == 0  # MaPLe's own overwrite suppressed, our rows kept
         previous = seen[f"out{block - 1}"]  # (L, C, D) the previous block's output
-        layer = pl.compound_prompts_text[block - 1].to(x.dtype)
+        layer = pl.compound_prompts_text[block - 1].half().to(x.dtype)  # rounded to fp16 as MaPLe's block does
         assert torch.equal(x[1], layer[1].expand_as(x[1]))
         assert torch.equal(x[2], previous[2])  # the anchor's own hidden state, at its own slot
         assert torch.equal(x[3], layer[0].expand_as(x[3]))
@@ -214,3 +214,37 @@ def test_remove_restores_outputs() -> None:
     with torch.no_grad():
         assert torch.equal(model(pf.images(B)), before)
     assert not hasattr(model.prompt_learner, CHILD_NAME)
+
+
+def test_deep_compound_prompts_are_rounded_like_maples_own_blocks() -> None:
+    """In fp32 MaPLe inserts compound_prompts_text[i].half(): the shim's soft slots hold the same values."""
+    model, _, _ = _build(depth=3)
+    pl, h = model.prompt_learner, find(model)
+    with torch.no_grad():
+        h.position.logits.copy_(torch.eye(M + N) * 20.0)  # identity: slots [soft1, soft2, anchor]
+        pl.compound_prompts_text[0].add_(1e-3 * torch.rand_like(pl.compound_prompts_text[0]))  # not fp16 values
+    seen = _record_block_inputs(model)
+    model.eval()
+    with torch.no_grad():
+        model(pf.images(B))
+    x = seen[1][0]  # (L, C, D) entering block 1
+    rounded = pl.compound_prompts_text[0].half().float()
+    assert torch.equal(x[1 : 1 + M], rounded[:, None].expand(-1, x.shape[1], -1))
+    assert not torch.equal(rounded, pl.compound_prompts_text[0])
+
+
+def test_bare_prompt_learner_call_leaves_the_next_unrelated_text_pass_alone() -> None:
+    model, _, clip_model = _build(depth=3)
+    h = find(model)
+    tower = maple.ListProtocolTextTower(clip_model)
+    ids = pf.tokenize(["a photo of a dog.", "a cat."]).long()
+    with torch.no_grad():
+        want = tower.encode_text(ids)
+        model.prompt_learner()  # arms the deep hooks for a text pass that never comes
+        got = tower.encode_text(ids)  # [x, [], 0] through the same blocks: no compound prompt, not ours
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        seen = _record_block_inputs(model)
+        model.eval()
+        logits = model(pf.images(B))  # the model's own pass still gets the deep variant
+    assert torch.isfinite(logits).all() and h.deep
+    assert len(seen[1][1]) == 0  # MaPLe's overwrite suppressed: our slot rows were placed

@@ -4,7 +4,8 @@ Set ``ANCHOROPT_PEERS_DIR`` to a folder holding checkouts named ``CoOp`` (Kaiyan
 ``multimodal-prompt-learning`` (MaPLe) and/or ``DePT`` (Koorye/DePT); each missing checkout skips its tests.
 Dassl is not needed: when it is not importable, the few names the trainer modules import are stubbed (the
 tests build ``CustomCLIP`` directly, as ``build_model`` does, from a tiny random CLIP made with the repo's own
-``clip.model.CLIP`` and ``build_model`` - fp16 conversion included).  Needs torchvision (the vendored
+``clip.model.CLIP`` and ``build_model`` - fp16 conversion included); ``plotnine`` (imported unused by DePT's
+trainers) is stubbed when it is not installed, with or without a real Dassl.  Needs torchvision (the vendored
 ``clip.py`` imports it).
 """
 
@@ -57,7 +58,6 @@ def _dassl_stubs() -> dict[str, types.ModuleType]:
         "dassl.optim": {"build_optimizer": _unused, "build_lr_scheduler": _unused},
         "dassl.optim.radam": {"RAdam": torch.optim.RAdam},
         "dassl.config": {"get_cfg_default": _unused, "clean_cfg": _unused},
-        "plotnine": {},
     }
     modules = {}
     for name, members in names.items():
@@ -68,6 +68,21 @@ def _dassl_stubs() -> dict[str, types.ModuleType]:
     return modules
 
 
+def _stubs(have_dassl: bool, have_plotnine: bool) -> dict[str, types.ModuleType]:
+    """Stand-ins for what is not installed: Dassl's names, and ``plotnine`` (DePT's trainers import it, unused) -
+    the latter also when a real Dassl is on the path."""
+    stubs = {} if have_dassl else _dassl_stubs()
+    if not have_plotnine:
+        stubs["plotnine"] = types.ModuleType("plotnine")
+    return stubs
+
+
+def test_plotnine_is_stubbed_also_next_to_a_real_dassl() -> None:
+    assert "plotnine" in _stubs(have_dassl=True, have_plotnine=False)
+    assert "dassl.engine" not in _stubs(have_dassl=True, have_plotnine=False)
+    assert "plotnine" not in _stubs(have_dassl=False, have_plotnine=True)
+
+
 @contextlib.contextmanager
 def peer_repo(name: str):
     """Import from the checkout ``$ANCHOROPT_PEERS_DIR/<name>`` with its own ``clip`` / ``trainers`` packages."""
@@ -75,8 +90,8 @@ def peer_repo(name: str):
     if not (root / "trainers").is_dir():
         pytest.skip(f"no {name} checkout at {root}")
     saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in _TOP_LEVEL}
-    if importlib.util.find_spec("dassl") is None:
-        sys.modules.update(_dassl_stubs())
+    sys.modules.update(_stubs(importlib.util.find_spec("dassl") is not None,
+                              importlib.util.find_spec("plotnine") is not None))
     sys.path.insert(0, str(root))
     try:
         yield
@@ -207,3 +222,36 @@ def test_real_dept_elp_coop() -> None:
         with torch.no_grad():
             similarity = novel(pf.images(2))
             torch.testing.assert_close(hn.predict(similarity), (similarity.float() + hn.anchor_logits()) / 2)
+
+
+def _real_maple(depth: int = 3, n_ctx: int = 2):
+    """A tiny real MaPLe CustomCLIP (fp32) with the AnchorOPT shim; call inside ``peer_repo``."""
+    trainers_maple = importlib.import_module("trainers.maple")
+    details = {"trainer": "MaPLe", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0,
+               "language_ctx": 0, "maple_length": n_ctx}
+    clip_model = _tiny_clip(details, prec="fp32")
+    with maple.patch(trainers_maple, anchors=_anchor(clip_model), arrangement="anchor_after"):
+        model = trainers_maple.CustomCLIP(pf.make_cfg("maple", n_ctx=n_ctx, depth=depth), pf.BASE, clip_model)
+    return model, clip_model
+
+
+def test_real_maple_bare_learner_call_and_fp16_rounded_compound_prompts() -> None:
+    with peer_repo("multimodal-prompt-learning"):
+        model, clip_model = _real_maple()
+        tower = maple.ListProtocolTextTower(clip_model)
+        ids = importlib.import_module("clip.clip").tokenize(["a photo of a dog.", "a cat."])
+        seen = {}
+        block = model.text_encoder.transformer.resblocks[1]
+        probe = block.ln_1.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach().clone()))
+        model.eval()
+        with torch.no_grad():
+            want = tower.encode_text(ids)
+            model.prompt_learner()  # a bare call: the next unrelated pass must not be touched
+            torch.testing.assert_close(tower.encode_text(ids), want, rtol=0, atol=0)
+            model(pf.images(2))
+        probe.remove()
+        compound = model.prompt_learner.compound_prompts_text[0]  # the slots after the anchor_after arrangement
+        x = seen["x"]  # (L, C, D) block 1's input after its own overwrite was suppressed: ours
+        expected = compound.half().float()[:, None].expand(-1, x.shape[1], -1)  # rows 1..n_ctx, rounded
+        torch.testing.assert_close(x[1:3], expected, rtol=0, atol=0)
+        assert not torch.equal(compound.half().float(), compound)

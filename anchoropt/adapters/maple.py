@@ -10,7 +10,10 @@ blocks ``1 .. PROMPT_DEPTH-1`` normally overwrite rows ``[1, 1 + n_ctx)`` with `
 With ``deep=True`` (default) the shim installs :mod:`anchoropt.deep`'s hooks on those blocks: at each of them
 the ``M + N`` slot rows become ``P @ [compound_prompts_text[i-1]; anchor hidden states]`` with the **same**
 position-matrix sample as the input layer, the anchors' hidden states read at the anchors' own slots, and
-MaPLe's own overwrite suppressed.  MaPLe's vision side (``proj(ctx)`` and the deep visual prompts) is
+MaPLe's own overwrite suppressed.  The compound prompts are rounded to fp16 first, exactly as MaPLe's block
+does (``.half()``, in fp32 too).  The hooks act only on the text pass right after the learner's rewrite, and
+only when it carries the learner's ``C`` prompts and compound prompts: after a bare ``prompt_learner()`` call,
+an unrelated pass through the tower is untouched.  MaPLe's vision side (``proj(ctx)`` and the deep visual prompts) is
 untouched.  ``deep=False`` keeps MaPLe's own overwrite (then only the last ``N`` slots carry their hidden
 states - not the paper's design; a warning says so).
 
@@ -101,14 +104,27 @@ class MaPLeInjection(AnchorOPTInjection):
         self._deep_armed = self._deep_hooks is not None  # the next text pass encodes these prompts
 
     def _deep_enter(self, module: nn.Module, args: tuple) -> None:
-        if self._busy or not self._deep_armed or self.last_matrix is None:
+        armed, self._deep_armed = self._deep_armed, False  # one rewrite arms at most the next text pass
+        if self._busy or not armed or self.last_matrix is None or not self._encodes_our_prompts(args):
             return
-        self._deep_armed = False
         self._close_deep()
         # prompts=None: each block's own compound prompt, compound_prompts_text[counter]
         context = self._deep_hooks.active(self.last_matrix, self.n_soft, self.n_anchor)
         context.__enter__()
         self._deep_context = context
+
+    def _encodes_our_prompts(self, args: tuple) -> bool:
+        """Whether a text pass's input ``[x (L, C, D), compound_prompts, counter]`` holds this learner's prompts
+        (C classes, enough compound prompts): after a bare ``prompt_learner()`` call, an unrelated pass through
+        the tower (another model's, a vanilla ``[x, [], 0]`` one) is left alone."""
+        inputs = args[0] if args else None
+        if not isinstance(inputs, (list, tuple)) or len(inputs) != 3 or not isinstance(inputs[0], torch.Tensor):
+            return False
+        x, compound = inputs[0], inputs[1]
+        return (
+            x.dim() == 3 and x.shape[1] == self._pool_index.shape[0]
+            and len(compound) >= self._deep_hooks.depth
+        )
 
     def _deep_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._close_deep()
