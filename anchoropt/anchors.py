@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -60,10 +61,19 @@ class DescriptionTargets:
         for class_idx, texts in enumerate(descriptions.values()):
             sentences.extend(texts)
             owners.extend([class_idx] * len(texts))
-        chunks = []
+        chunks, cut = [], []
         for start in range(0, len(sentences), batch_size):
             ids = tokenizer(sentences[start : start + batch_size])
+            cut += [start + i for i in (ids[:, -1] != 0).nonzero().flatten().tolist()]  # no padding left: cut
             chunks.append(F.normalize(tower.encode_text(ids).float(), dim=-1))
+        if cut:
+            names = list(descriptions)
+            where = ", ".join(f"{names[owners[i]]!r}: {sentences[i][:40]!r}..." for i in cut[:3])
+            warnings.warn(
+                f"{len(cut)} description(s) fill the text tower's {ids.shape[1]} tokens and are cut there "
+                f"(the rest of each sentence is not read), e.g. {where}",
+                stacklevel=3,
+            )
         device = chunks[0].device
         return cls(torch.cat(chunks), torch.tensor(owners, dtype=torch.long, device=device))
 
@@ -93,6 +103,8 @@ class AnchorLearner(nn.Module):
         init_std: float = 0.02,
     ):
         super().__init__()
+        if not _finite(init_std) or init_std < 0:
+            raise ValueError(f"init_std must be >= 0, got {init_std!r} (a finite number)")
         self.template = AnchorPromptTemplate(tower, classnames, 0, n_anchor, preposition, tokenizer)
         self.tower = self.template.tower
         self.anchors = nn.Parameter(torch.randn(n_anchor, self.tower.width, device=self.tower.device) * init_std)
@@ -145,8 +157,14 @@ class AnchorLearner(nn.Module):
         Returns:
             The loss of every step.
         """
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be >= 1 (an integer), got {steps!r}")
+        for name, value, low in (("lr", lr, 0.0), ("mse_weight", mse_weight, 0.0)):
+            if not _finite(value) or value <= low:
+                raise ValueError(f"Stage I {name} must be > 0, got {value!r} (a finite number)")
+        for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+            if not _finite(value) or value < 0:
+                raise ValueError(f"Stage I {name} must be >= 0, got {value!r} (a finite number)")
         targets = descriptions if isinstance(descriptions, DescriptionTargets) else self.targets(
             descriptions, max_per_class
         )
@@ -157,7 +175,13 @@ class AnchorLearner(nn.Module):
         for step in range(steps):
             loss = self.loss(targets, mse_weight)
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"Stage I loss is {loss.item()} at step {step}; lower lr or mse_weight")
+                fp16 = self.tower.dtype == torch.float16
+                raise FloatingPointError(
+                    f"Stage I loss is {loss.item()} at step {step} (largest anchor norm "
+                    f"{float(self.anchors.detach().norm(dim=-1).max()):.3g}); "
+                    + ("the float16 text tower overflowed: run it in float32 or bfloat16 (--precision fp32), "
+                       "or lower lr / mse_weight" if fp16 else "lower lr or mse_weight")
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -175,6 +199,10 @@ class AnchorLearner(nn.Module):
     def frozen_anchors(self) -> torch.Tensor:
         """A detached float32 copy ``(N, D)`` of the anchors, for Stage II."""
         return self.anchors.detach().float().clone()
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _progress_bar(total: int, description: str):

@@ -22,10 +22,10 @@ Nothing here imports open_clip; :class:`ImageDataset` needs Pillow (installed wi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ._jsonfile import read_json
+from .descriptions import class_key
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -45,6 +46,7 @@ __all__ = [
     "split_per_class",
     "few_shot",
     "sample_few_shot",
+    "short_classes",
     "subsample_classes",
     "base_novel_split",
     "ImageDataset",
@@ -173,7 +175,15 @@ def read_image_folder(
     if not folders:
         raise ValueError(f"{root} has no class sub-directories (expected an ImageFolder layout: root/<class>/*.jpg)")
     names = [_clean_name((classnames_map or {}).get(folder, folder)) for folder in folders]
+    _refuse_colliding(folders, names, f"{root}: class folders")
+    files_of = {folder: sorted(_image_files(root / folder)) for folder in folders}
+    empty = [folder for folder in folders if not files_of[folder]]
     if classnames is None:
+        if empty and len(empty) < len(folders):
+            raise ValueError(
+                f"{root}: class folder(s) {empty[:10]} hold no images with extensions {IMAGE_EXTENSIONS}; a class "
+                "without images would shift the labels and the base / novel split: add images or remove the folder(s)"
+            )
         classnames = names
         label_of = {n: i for i, n in enumerate(names)}
     else:
@@ -181,10 +191,12 @@ def read_image_folder(
         unknown = [n for n in names if n not in label_of]
         if unknown:
             raise ValueError(f"{root}: class folder(s) {unknown[:5]} are not among the classes {list(classnames)[:10]}")
+    if empty and len(empty) < len(folders):
+        warnings.warn(f"{root}: class folder(s) {empty[:10]} hold no images; those classes are not scored here",
+                      stacklevel=2)
     records = []
     for folder, name in zip(folders, names):
-        files = sorted(_image_files(root / folder))
-        records.extend(Record(str(path), label_of[name], name) for path in files)
+        records.extend(Record(str(path), label_of[name], name) for path in files_of[folder])
     if not records:
         raise ValueError(f"{root} holds no images with extensions {IMAGE_EXTENSIONS}")
     return records, list(classnames)
@@ -208,13 +220,18 @@ def read_split_json(path: str | os.PathLike, image_root: str | os.PathLike) -> D
         for i, row in enumerate(rows):
             if not (isinstance(row, (list, tuple)) and len(row) == 3):
                 raise ValueError(f"{path}: {split}[{i}] must be [path, label, classname], got {row!r}")
-            rel, label, classname = str(row[0]), int(row[1]), _clean_name(str(row[2]))
+            if not (isinstance(row[0], str) and isinstance(row[1], int) and not isinstance(row[1], bool)
+                    and isinstance(row[2], str)):
+                raise ValueError(f"{path}: {split}[{i}] must be [path (text), label (integer), classname (text)], "
+                                 f"got {row!r}")
+            rel, label, classname = row[0], row[1], _clean_name(row[2])
             if names.setdefault(label, classname) != classname:
                 raise ValueError(f"{path}: label {label} is both {names[label]!r} and {classname!r}")
             checked.append((rel, label, classname))
         splits[split] = checked
     if not names:
         raise ValueError(f"{path} lists no images")
+    _refuse_colliding([f"label {label}" for label in names], list(names.values()), f"{path}: classes")
     relabel = {label: i for i, label in enumerate(sorted(names))}
     classnames = [names[label] for label in sorted(names)]
     out = {
@@ -227,7 +244,13 @@ def read_split_json(path: str | os.PathLike, image_root: str | os.PathLike) -> D
 def read_classnames_file(path: str | os.PathLike) -> dict[str, str]:
     """``{folder: class name}`` from lines ``<folder> <class name with spaces>`` (CoOp's ImageNet format)."""
     mapping = {}
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"class names file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -262,7 +285,7 @@ def split_per_class(
 
 # ---------------------------------------------------------------------- protocols
 def few_shot(
-    records: Sequence[Record], shots: int, rng: random.Random | int = 0, repeat: bool = True
+    records: Sequence[Record], shots: int, rng: random.Random | int = 0, repeat: bool = True, split: str = ""
 ) -> list[Record]:
     """``shots`` records per class (all of them when ``shots < 1``), as Dassl's ``generate_fewshot_dataset``.
 
@@ -272,10 +295,18 @@ def few_shot(
 
     Args:
         rng: a ``random.Random`` (shared across calls, as Dassl's global RNG) or an int seed.
+        split: the split's name for the warning that names the classes with fewer than ``shots`` images.
     """
+    _check_shots(shots)
     if shots < 1:
         return list(records)
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+    short = short_classes(records, shots)
+    if short:
+        how = "sampled with replacement (repeats)" if repeat else "used whole (fewer than asked)"
+        warnings.warn(f"{split + ' split: ' if split else ''}{len(short)} class(es) have fewer than {shots} images and are {how}: "
+                      + ", ".join(f"{name!r} ({n})" for name, n in list(short.items())[:10])
+                      + (" ..." if len(short) > 10 else ""), stacklevel=2)
     out: list[Record] = []
     for items in _by_label(records).values():
         if len(items) >= shots:
@@ -285,14 +316,25 @@ def few_shot(
     return out
 
 
+def short_classes(records: Sequence[Record], shots: int) -> dict[str, int]:
+    """``{class name: image count}`` of the classes in ``records`` with fewer than ``shots`` images."""
+    return {items[0].classname: len(items) for items in _by_label(records).values() if len(items) < shots}
+
+
+def _check_shots(shots: int) -> None:
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise ValueError(f"shots must be an integer >= 1 (or 0 for all images), got {shots!r}")
+
+
 def sample_few_shot(dataset: DatasetSplits, shots: int, seed: int) -> DatasetSplits:
     """K-shot training set and ``min(K, 4)``-shot validation set drawn with one ``random.Random(seed)``
     (CoOp's order: train first, then val); the test set is kept whole."""
+    _check_shots(shots)
     if shots < 1:
         return dataset
     rng = random.Random(seed)
-    train = few_shot(dataset.train, shots, rng)
-    val = few_shot(dataset.val, min(shots, 4), rng)
+    train = few_shot(dataset.train, shots, rng, split="train")
+    val = few_shot(dataset.val, min(shots, 4), rng, split="val")
     return replace(dataset, train=train, val=val)
 
 
@@ -423,6 +465,18 @@ def _clean_name(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
+def _refuse_colliding(sources: Sequence[str], names: Sequence[str], what: str) -> None:
+    """Refuse two sources (folders, labels) whose class names are one class after normalisation."""
+    seen: dict[str, str] = {}
+    for source, name in zip(sources, names):
+        other = seen.setdefault(class_key(name), source)
+        if other != source:
+            raise ValueError(
+                f"{what} {other!r} and {source!r} name the same class ({class_key(name)!r}: '_' reads as a space "
+                "and case is ignored, as CLIP's tokenizer does); merge or rename them"
+            )
+
+
 def _find_split_file(root: Path) -> Path | None:
     for pattern in SPLIT_FILE_PATTERNS:
         found = sorted(root.glob(pattern))
@@ -435,7 +489,9 @@ def _find_split_file(root: Path) -> Path | None:
 
 def _guess_image_root(split_json: Path, root: Path) -> Path:
     """The directory in which the split file's first image exists (``root`` or one of its sub-directories)."""
-    raw = json.loads(split_json.read_text(encoding="utf-8"))
+    raw = read_json(split_json, f"split file not found: {split_json}")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{split_json} is not a CoOp split file: expected keys 'train', 'val', 'test'")
     first = next((rows[0][0] for rows in (raw.get("train"), raw.get("test"), raw.get("val")) if rows), None)
     if first is None:
         return root

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 from ._jsonfile import read_json
 
-__all__ = ["load_descriptions", "DescriptionsError"]
+__all__ = ["load_descriptions", "DescriptionsError", "class_key"]
 
 
 class DescriptionsError(ValueError):
@@ -92,5 +92,10 @@ def _usable_sentences(value, class_key: str, where: str) -> list[str]:
     return sentences
 
 
-def _key(name: str) -> str:
+def class_key(name: str) -> str:
+    """The form in which two class names count as the same class: ``_`` read as a space, case and repeated
+    spaces ignored (``"Sea_Lion"`` and ``"sea  lion"`` are one class)."""
     return " ".join(str(name).replace("_", " ").lower().split())
+
+
+_key = class_key

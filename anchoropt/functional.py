@@ -5,6 +5,8 @@ Axes: ``B`` images, ``C`` classes, ``E`` feature width, ``K`` position-matrix si
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,7 @@ __all__ = [
     "distillation_loss",
     "anchoropt_loss",
     "select_logits",
+    "check_features",
     "KD_NORMALIZATIONS",
     "PREDICTION_MODES",
 ]
@@ -37,6 +40,25 @@ def gumbel_softmax_st(logits: torch.Tensor, gumbel_noise: torch.Tensor, tau: flo
     """
     soft = ((logits + gumbel_noise) / tau).softmax(dim=-1)
     return hard_argmax(soft) - soft.detach() + soft
+
+
+def check_features(features: torch.Tensor, name: str, width: int | None = None) -> None:
+    """Refuse features that are not a finite ``(B, width)`` tensor, naming ``name`` (e.g. ``"image_features"``)."""
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape (B, E), got {type(features).__name__}")
+    if features.dim() != 2 or (width is not None and features.shape[1] != width):
+        expected = f"(B, {width})" if width is not None else "(B, E)"
+        raise ValueError(
+            f"{name} has shape {tuple(features.shape)}, expected {expected}"
+            + (": features of another CLIP model, or not yet projected?" if width is not None else "")
+        )
+    _check_finite(features, name)
+
+
+def _check_finite(tensor: torch.Tensor, name: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        rows = (~torch.isfinite(tensor)).reshape(tensor.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"{name} holds NaN / inf values (rows {rows[:10]}{' ...' if len(rows) > 10 else ''})")
 
 
 def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float):
@@ -67,8 +89,8 @@ def distillation_loss(
     """
     if normalization not in KD_NORMALIZATIONS:
         raise ValueError(f"unknown KD normalization {normalization!r}; choose one of {KD_NORMALIZATIONS}")
-    if temperature <= 0:
-        raise ValueError(f"the distillation temperature must be > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"the distillation temperature must be > 0, got {temperature} (a finite number)")
     log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
     kl = F.kl_div(log_student, teacher, reduction="sum")
@@ -98,13 +120,20 @@ def anchoropt_loss(
         )
     if target.shape != logits_normal.shape[:1]:
         raise ValueError(f"target must have shape ({logits_normal.shape[0]},), got {tuple(target.shape)}")
+    if logits_normal.dim() != 2 or logits_normal.shape[0] == 0:
+        raise ValueError(f"the loss needs a non-empty batch of (B, C) logits, got shape {tuple(logits_normal.shape)}")
+    _check_finite(logits_normal, "logits_normal")
+    _check_finite(logits_anchor, "logits_anchor")
+    for name, value in (("ce_weight", ce_weight), ("kd_weight", kd_weight)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be >= 0, got {value} (a finite number)")
     n_classes = logits_normal.shape[1]
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= n_classes):
         raise ValueError(f"target holds class indices outside [0, {n_classes}): {target.tolist()[:10]}")
     if kd_normalization not in KD_NORMALIZATIONS:
         raise ValueError(f"unknown KD normalization {kd_normalization!r}; choose one of {KD_NORMALIZATIONS}")
-    if temperature <= 0:
-        raise ValueError(f"the distillation temperature must be > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"the distillation temperature must be > 0, got {temperature} (a finite number)")
     loss = ce_weight * F.cross_entropy(logits_normal.float(), target)
     if kd_weight:
         teacher = ensemble_logits(logits_normal, logits_anchor)

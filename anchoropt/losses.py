@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,14 +27,20 @@ class StageIILossConfig:
     kd_normalization: str = "batchmean"
 
     def __post_init__(self) -> None:
-        if self.ce_weight < 0 or self.kd_weight < 0:
-            raise ValueError(f"loss weights must be >= 0, got ce={self.ce_weight}, kd={self.kd_weight}")
-        if self.temperature <= 0:
-            raise ValueError(f"the distillation temperature must be > 0, got {self.temperature}")
+        for name in ("ce_weight", "kd_weight"):
+            value = getattr(self, name)
+            if not _finite_number(value) or value < 0:
+                raise ValueError(f"loss weights must be >= 0, got {name}={value!r} (a finite number)")
+        if not _finite_number(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"the distillation temperature must be > 0, got {self.temperature!r} (a finite number)")
         if self.kd_normalization not in functional.KD_NORMALIZATIONS:
             raise ValueError(
                 f"unknown kd_normalization {self.kd_normalization!r}; choose one of {functional.KD_NORMALIZATIONS}"
             )
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class StageIILoss(nn.Module):

@@ -14,6 +14,8 @@ Axes: ``K`` slots, ``D`` width, ``...`` any leading batch axes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import einsum
@@ -52,8 +54,8 @@ class PositionMatrix(nn.Module):
         super().__init__()
         if n_soft < 0 or n_anchor < 0 or n_soft + n_anchor < 1:
             raise ValueError(f"need at least one token to arrange, got n_soft={n_soft}, n_anchor={n_anchor}")
-        if tau <= 0:
-            raise ValueError(f"the Gumbel temperature tau must be > 0, got {tau}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+            raise ValueError(f"the Gumbel temperature tau must be > 0, got {tau!r} (a finite number)")
         if arrangement not in ARRANGEMENTS:
             raise ValueError(f"unknown arrangement {arrangement!r}; choose one of {ARRANGEMENTS}")
         self.n_soft, self.n_anchor, self.tau = n_soft, n_anchor, float(tau)

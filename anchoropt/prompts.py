@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional
+from ._cache import TensorSnapshot
 from .deep import DeepAnchorHooks, DeepPrompts, attach_deep
 from .position import PositionMatrix
 from .template import AnchorPromptTemplate, Tokenizer
@@ -78,8 +79,9 @@ class AnchorOPTPromptLearner(nn.Module):
                 f"but this learner has {n_soft} + {anchors.shape[0]}"
             )
         self.position = position.to(self.tower.device)
-        self._anchor_cache: tuple[tuple, torch.Tensor] | None = None
-        self._normal_cache: tuple[tuple, torch.Tensor] | None = None  # eval-time features (see normal_features)
+        # (template, snapshot of the tensors used, features): valid while the class set and the values are the same
+        self._anchor_cache: tuple[AnchorPromptTemplate, TensorSnapshot, torch.Tensor] | None = None
+        self._normal_cache: tuple[AnchorPromptTemplate, TensorSnapshot, torch.Tensor] | None = None  # eval only
         # Deep variant: created last, so a deep learner's other tensors equal a shallow one's for a seed.
         self.deep_hooks: DeepAnchorHooks | None = attach_deep(self.tower, deep_depth) if deep_depth else None
         self.deep = DeepPrompts(deep_depth, n_soft, self.tower.width, device=self.tower.device) if deep_depth else None
@@ -123,9 +125,11 @@ class AnchorOPTPromptLearner(nn.Module):
         One position-matrix sample (``matrix``, else :meth:`PositionMatrix.matrix`) arranges the input
         slots and, in the deep variant, every deep layer's slots.
         """
-        key = self._frozen_normal_key() if matrix is None else None
-        if key is not None and self._normal_cache is not None and self._normal_cache[0] == key:
-            return self._normal_cache[1]
+        frozen = matrix is None and self._features_are_frozen()
+        learned = self._learned_tensors()
+        cache = self._normal_cache
+        if frozen and cache is not None and cache[0] is self.template and cache[1].matches(learned):
+            return cache[2]
         matrix = self.position.matrix() if matrix is None else matrix
         slots = self.slot_tokens(matrix)
         if self.deep is None:
@@ -136,16 +140,19 @@ class AnchorOPTPromptLearner(nn.Module):
                 self.template, self.template.normal, slots, matrix, self.deep.prompts, self.n_soft, self.n_anchor
             )
         features = F.normalize(features.float(), dim=-1)
-        self._normal_cache = None if key is None else (key, features)
+        _check_text_features(features, "normal", self)
+        self._normal_cache = (self.template, TensorSnapshot(learned), features) if frozen else None
         return features
 
-    def _frozen_normal_key(self) -> tuple | None:
-        """Cache key of the normal features when they cannot change between calls (evaluation without
-        gradients and without test-time sampling): every learned tensor's version, the class set, the device."""
-        if self.training or self.position.sample_in_eval or torch.is_grad_enabled():
-            return None
-        versions = tuple((id(t), t._version) for t in (*self.parameters(), self.anchors))
-        return (versions, self.template.normal.embeddings.data_ptr(), self.soft.device)
+    def _features_are_frozen(self) -> bool:
+        """Whether the normal features cannot change between calls with the same tensors (evaluation without
+        gradients and without test-time sampling), so they may be cached."""
+        return not (self.training or self.position.sample_in_eval or torch.is_grad_enabled())
+
+    def _learned_tensors(self) -> tuple[torch.Tensor, ...]:
+        """What the text features depend on besides the frozen tower and the class set (``self.template``):
+        every parameter and the anchors, compared by value (see :mod:`anchoropt._cache`)."""
+        return (*self.parameters(), self.anchors)
 
     def deep_context(self, matrix: torch.Tensor):
         """Context in which the tower's deep hooks apply this learner's per-layer prompts with ``matrix``.
@@ -169,19 +176,21 @@ class AnchorOPTPromptLearner(nn.Module):
 
     def anchor_features(self) -> torch.Tensor:
         """Frozen anchor-prompt text features ``(C, E)``, float32, L2-normalised; computed once per class set."""
-        key = (self.anchors.device, self.anchors._version, id(self.template))
-        if self._anchor_cache is None or self._anchor_cache[0] != key:
+        cache = self._anchor_cache
+        if cache is None or cache[0] is not self.template or not cache[1].matches((self.anchors,)):
             with torch.no_grad():
                 features = self.template.encode_slots(self.template.anchor, self.anchors)
                 features = F.normalize(features.float(), dim=-1)
-            self._anchor_cache = (key, features)
-        return self._anchor_cache[1]
+            _check_text_features(features, "anchor", self)
+            self._anchor_cache = (self.template, TensorSnapshot((self.anchors,)), features)
+        return self._anchor_cache[2]
 
     # ------------------------------------------------------------------ logits
     def forward(
         self, image_features: torch.Tensor, logit_scale: torch.Tensor | float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits_normal, logits_anchor)``, each ``(B, C)``, for image features ``(B, E)``."""
+        functional.check_features(image_features, "image_features", self.tower.output_dim)
         scale = self.logit_scale() if logit_scale is None else logit_scale
         normal = functional.clip_logits(image_features, self.normal_features(), scale)
         anchor = functional.clip_logits(image_features, self.anchor_features(), scale)
@@ -226,6 +235,22 @@ class AnchorOPTPromptLearner(nn.Module):
         if words.numel() != n_soft:
             raise ValueError(f"soft_init {soft_init!r} gives {words.numel()} tokens but n_soft is {n_soft}")
         return self.tower.embed(words[None])[0].float().clone()
+
+
+def _check_text_features(features: torch.Tensor, prompt: str, learner: AnchorOPTPromptLearner) -> None:
+    """Refuse non-finite text features, naming the likely cause (fp16 overflow) and what to do."""
+    if bool(torch.isfinite(features).all()):
+        return
+    norms = {name: float(t.detach().float().norm(dim=-1).max()) for name, t in
+             (("anchors", learner.anchors), ("soft", learner.soft)) if t.numel()}
+    sizes = ", ".join(f"largest {name} norm {value:.3g}" for name, value in norms.items())
+    if learner.tower.dtype == torch.float16:
+        advice = ("the float16 text tower overflowed (float16 holds at most 65504): run the tower in float32 or "
+                  "bfloat16 (--precision fp32 / bf16, or model.float()), or use anchors / soft tokens of smaller "
+                  "norm (e.g. a lower learning rate)")
+    else:
+        advice = "the learned tensors or the text tower's weights hold NaN / inf (check the anchors and the lr)"
+    raise FloatingPointError(f"the {prompt}-prompt text features are NaN / inf ({sizes}): {advice}")
 
 
 def _checked_anchors(anchors: torch.Tensor, width: int, n_anchor: int | None = None) -> torch.Tensor:

@@ -165,6 +165,7 @@ class AnchorPromptTemplate(nn.Module):
             self._tokenize([_sentence(p, n_slots, word, name) for name in self.classnames]) for p in _PLACEHOLDERS
         )
         self._check_fit(first, n_slots, word)
+        self._check_distinct(first)
         differ = (first != second).any(dim=0).nonzero().flatten().tolist()
         if len(differ) != n_slots or differ != list(range(differ[0], differ[0] + n_slots)):
             raise ValueError(
@@ -183,6 +184,19 @@ class AnchorPromptTemplate(nn.Module):
                 f"{self.tower.context_length}"
             )
         return ids.long()
+
+    def _check_distinct(self, ids: torch.Tensor) -> None:
+        """Refuse class names whose prompts are the same tokens (e.g. ``Cat`` / ``cat``: CLIP's tokenizer ignores
+        case), which would give classes with identical logits."""
+        seen: dict[tuple, int] = {}
+        for i, row in enumerate(ids.tolist()):
+            j = seen.setdefault(tuple(row), i)
+            if j != i:
+                raise ValueError(
+                    f"class names {self.classnames[j]!r} and {self.classnames[i]!r} give the same tokens (the "
+                    "tokenizer ignores case and punctuation differences), so they would get identical logits: "
+                    "merge them or rename one"
+                )
 
     def _check_fit(self, ids: torch.Tensor, n_slots: int, word: str) -> None:
         """Refuse class names whose prompt is cut off by the context length."""

@@ -16,7 +16,8 @@ from anchoropt import (
     save_anchors,
     save_prompt_learner,
 )
-from anchoropt.io import CONFIG_NAME, WEIGHTS_NAME
+from anchoropt._files import MANIFEST_NAME
+from anchoropt.io import CONFIG_NAME, WEIGHTS_NAME, IncompleteSaveError
 from anchoropt.testing import tiny_open_clip
 
 BASE = ["cat", "dog", "golden retriever"]
@@ -84,16 +85,20 @@ def test_load_reports_missing_or_tampered_files(model, trained, tmp_path):
     tensors = load_file(str(tmp_path / WEIGHTS_NAME))
     tensors["soft"] = tensors["soft"][:2]
     save_file(tensors, str(tmp_path / WEIGHTS_NAME))
-    with pytest.raises(ValueError, match="'soft' has shape \\(2, 64\\), but the config says \\(4, 64\\)"):
+    with pytest.raises(IncompleteSaveError, match="does not match .*anchoropt_manifest.json"):
+        load_prompt_learner(tmp_path, model, BASE)
+    (tmp_path / MANIFEST_NAME).unlink()  # a directory saved before manifests: the shapes are still checked
+    with pytest.warns(UserWarning, match="no anchoropt_manifest.json"), \
+            pytest.raises(ValueError, match="'soft' has shape \\(2, 64\\), but the config says \\(4, 64\\)"):
         load_prompt_learner(tmp_path, model, BASE)
     (tmp_path / WEIGHTS_NAME).write_bytes(b"not safetensors")
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="not a readable safetensors file"):
         load_prompt_learner(tmp_path, model, BASE)
     (tmp_path / CONFIG_NAME).write_text(json.dumps({"format": "anchoropt", "kind": "anchors"}))
-    with pytest.raises(ValueError, match="not an anchoropt prompt_learner config"):
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="not an anchoropt prompt_learner config"):
         load_prompt_learner(tmp_path, model, BASE)
     (tmp_path / CONFIG_NAME).write_text(json.dumps({"format": "anchoropt", "kind": "prompt_learner", "format_version": 99}))
-    with pytest.raises(ValueError, match="newer anchoropt"):
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="newer anchoropt"):
         load_prompt_learner(tmp_path, model, BASE)
 
 

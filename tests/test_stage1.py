@@ -109,5 +109,7 @@ def test_bad_steps_and_diverging_loss(model):
     learner = AnchorLearner(model, ["cat"])
     with pytest.raises(ValueError, match="steps must be >= 1"):
         learner.fit({"cat": ["A cat."]}, steps=0, progress=False)
-    with pytest.raises(FloatingPointError, match="Stage I loss is"):
+    with pytest.raises(ValueError, match="mse_weight must be > 0"):
         learner.fit({"cat": ["A cat."]}, steps=5, mse_weight=float("inf"), progress=False)
+    with pytest.raises(FloatingPointError, match="Stage I loss is"):
+        learner.fit({"cat": ["A cat."]}, steps=5, mse_weight=1e38, lr=1e38, momentum=0.0, progress=False)

@@ -1,0 +1,216 @@
+"""Writing files so that an interruption loses nothing: atomic single files and complete-or-absent file sets.
+
+* :func:`write_bytes` / :func:`write_text` / :func:`write_json` / :func:`save_figure`: the data goes to a
+  temporary file in the same directory, is flushed and fsynced, then ``os.replace``-d over the target.  A
+  reader sees the old file or the new one, never a part.
+* :func:`commit_files` / :func:`read_committed`: several files that belong together (weights + config) in
+  one directory, with a manifest (file names, sizes, sha256, format version) written **last**.  The files
+  are first written into ``DIR/.anchoropt-staging/`` (manifest last), then moved into ``DIR`` one by one,
+  the manifest last of all.  The reader takes the staged manifest when one is there (the previous commit
+  was interrupted after the new set was complete: each file is found in the staging folder or already moved)
+  and ``DIR``'s manifest otherwise (a staging folder without a manifest is an unfinished write: ignored, the
+  previous set is untouched).  Every file is checked against the manifest's sha256, so an interrupted or
+  mixed set never reads as complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "MANIFEST_NAME",
+    "STAGING_NAME",
+    "IncompleteSaveError",
+    "write_bytes",
+    "write_text",
+    "write_json",
+    "save_figure",
+    "commit_files",
+    "read_committed",
+    "sha256",
+]
+
+MANIFEST_NAME = "anchoropt_manifest.json"
+STAGING_NAME = ".anchoropt-staging"
+MANIFEST_VERSION = 1
+
+
+class IncompleteSaveError(ValueError):
+    """A saved file set whose files do not match its manifest (an interrupted, mixed or edited save)."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync, ``os.replace``)."""
+    path = Path(path)
+    _parent_dir(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`write_bytes` of UTF-8 ``text``."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, value: Any) -> Path:
+    """``value`` as indented JSON (non-ASCII kept), written atomically."""
+    return write_text(path, json_text(value))
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def save_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """``figure.savefig`` to ``path`` atomically (the format comes from ``path``'s suffix)."""
+    import io
+
+    path = Path(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+    return write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------- file sets with a manifest
+def commit_files(directory: str | os.PathLike, files: Mapping[str, bytes], info: Mapping[str, Any] | None = None) -> Path:
+    """Write ``files`` (name -> bytes) into ``directory`` as one complete-or-absent set.
+
+    ``info`` (JSON-able, e.g. tensor shapes or a run id) goes into the manifest.  Files of ``directory``
+    not named in ``files`` are left alone (a directory may hold other things); a file of the previous set
+    that the new set lacks is removed.
+    """
+    directory = Path(directory)
+    _parent_dir(directory / "x")
+    staging = directory / STAGING_NAME
+    if (staging / MANIFEST_NAME).is_file():  # a previous commit was interrupted after its set was complete
+        _finish_commit(directory)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    manifest = {
+        "format": "anchoropt-manifest",
+        "manifest_version": MANIFEST_VERSION,
+        "files": {name: {"size": len(data), "sha256": sha256(data)} for name, data in files.items()},
+        **dict(info or {}),
+    }
+    for name, data in files.items():
+        _check_name(name)
+        write_bytes(staging / name, data)
+    write_text(staging / MANIFEST_NAME, json_text(manifest))
+    _finish_commit(directory)
+    return directory
+
+
+def _finish_commit(directory: Path) -> None:
+    """Move a complete staged set into ``directory``, the manifest last, then drop the staging folder."""
+    staging = directory / STAGING_NAME
+    manifest = _read_manifest(staging / MANIFEST_NAME)
+    old = directory / MANIFEST_NAME
+    old_files = set(_read_manifest(old)["files"]) if old.is_file() else set()
+    for name in manifest["files"]:
+        if (staging / name).is_file():
+            os.replace(staging / name, directory / name)
+    _fsync_dir(directory)
+    os.replace(staging / MANIFEST_NAME, old)
+    _fsync_dir(directory)
+    for name in old_files - set(manifest["files"]):
+        with contextlib.suppress(OSError):
+            (directory / name).unlink()
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_committed(directory: str | os.PathLike, names: tuple[str, ...] | None = None) -> tuple[dict, dict[str, bytes]] | None:
+    """``(manifest, {name: bytes})`` of the complete set in ``directory``; ``None`` when it has no manifest.
+
+    Raises :class:`IncompleteSaveError` when a file is missing or differs from the manifest.
+    ``names`` restricts which files are read (all of the manifest's by default).
+    """
+    directory = Path(directory)
+    staged = directory / STAGING_NAME / MANIFEST_NAME
+    manifest_path = staged if staged.is_file() else directory / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None
+    manifest = _read_manifest(manifest_path)
+    out = {}
+    for name, entry in manifest["files"].items():
+        if names is not None and name not in names:
+            continue
+        data = _matching_copy(directory, name, entry)
+        if data is None:
+            raise IncompleteSaveError(
+                f"{directory / name} is missing or does not match {manifest_path} (size / sha256): the save "
+                "was interrupted, mixed with another save, or edited afterwards; save it again"
+            )
+        out[name] = data
+    return manifest, out
+
+
+def _matching_copy(directory: Path, name: str, entry: Mapping) -> bytes | None:
+    for candidate in (directory / STAGING_NAME / name, directory / name):
+        if candidate.is_file():
+            data = candidate.read_bytes()
+            if len(data) == entry.get("size") and sha256(data) == entry.get("sha256"):
+                return data
+    return None
+
+
+def _read_manifest(path: Path) -> dict:
+    from ._jsonfile import read_json
+
+    manifest = read_json(path, f"manifest not found: {path}", IncompleteSaveError)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or manifest.get("format") != "anchoropt-manifest"
+            or not all(isinstance(v, dict) for v in files.values())):
+        raise IncompleteSaveError(f"{path} is not an anchoropt manifest")
+    if not isinstance(manifest.get("manifest_version"), int) or manifest["manifest_version"] > MANIFEST_VERSION:
+        raise IncompleteSaveError(
+            f"{path} has manifest_version {manifest.get('manifest_version')!r}; this anchoropt reads "
+            f"versions up to {MANIFEST_VERSION} (upgrade anchoropt)"
+        )
+    return manifest
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST_NAME:
+        raise ValueError(f"invalid file name in a committed set: {name!r}")
+
+
+def _parent_dir(path: Path) -> None:
+    parent = path.parent
+    for up in (parent, *parent.parents):
+        if up.exists():
+            if not up.is_dir():
+                raise NotADirectoryError(f"cannot write {path}: {up} is a file, not a directory")
+            break
+    parent.mkdir(parents=True, exist_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name == "nt":  # pragma: no cover - directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
