@@ -13,7 +13,6 @@ figures are drawn without pyplot (no display needed).  :func:`nearest_tokens` ne
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _files
 from .position import PositionMatrix
 
 __all__ = [
@@ -117,10 +117,7 @@ def position_matrix_figure(source, title: str | None = None, probabilities: bool
 
 def save_position_matrix(source, path: str | os.PathLike, title: str | None = None, dpi: int = 150) -> Path:
     """Write :func:`position_matrix_figure` to a PNG file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    position_matrix_figure(source, title).savefig(path, dpi=dpi)
-    return path
+    return _files.save_figure(position_matrix_figure(source, title), path, dpi=dpi)
 
 
 def decode_token(tokenizer, token_id: int) -> str:
@@ -216,10 +213,7 @@ def _printable(text: str) -> str:
 def save_nearest_tokens(neighbours: Sequence[dict], path: str | os.PathLike, title: str | None = None,
                         dpi: int = 150) -> Path:
     """Write :func:`nearest_tokens_figure` to a PNG file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nearest_tokens_figure(neighbours, title).savefig(path, dpi=dpi)
-    return path
+    return _files.save_figure(nearest_tokens_figure(neighbours, title), path, dpi=dpi)
 
 
 def save_run_plots(learner: nn.Module, model: nn.Module, directory: str | os.PathLike, tokenizer=None,
@@ -229,8 +223,7 @@ def save_run_plots(learner: nn.Module, model: nn.Module, directory: str | os.Pat
     directory.mkdir(parents=True, exist_ok=True)
     paths = {"position_matrix": str(save_position_matrix(learner, directory / "position_matrix.png"))}
     neighbours = nearest_tokens(learner.anchors, model, tokenizer, k=k)
-    (directory / "anchor_tokens.json").write_text(json.dumps(neighbours, indent=2, ensure_ascii=False) + "\n",
-                                                  encoding="utf-8")
+    _files.write_json(directory / "anchor_tokens.json", neighbours)
     paths["anchor_tokens"] = str(save_nearest_tokens(neighbours, directory / "anchor_tokens.png"))
     paths["anchor_tokens_json"] = str(directory / "anchor_tokens.json")
     return paths

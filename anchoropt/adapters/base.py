@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional
+from .._cache import TensorSnapshot
 from ..io import load_anchors
 from ..losses import StageIILossConfig
 from ..position import PositionMatrix
@@ -210,7 +211,7 @@ class AnchorOPTInjection(nn.Module):
         self._pool_index = shifted.argmax(dim=-1)
         self._seq_len = int(shifted.shape[1])
         self._busy = False
-        self._anchor_cache: tuple[tuple, torch.Tensor] | None = None
+        self._anchor_cache: tuple[tuple, TensorSnapshot, torch.Tensor] | None = None
         self.clear()
         learner.add_module(CHILD_NAME, self)
         self._hooks = [
@@ -320,13 +321,14 @@ class AnchorOPTInjection(nn.Module):
     def anchor_text_features(self) -> torch.Tensor:
         """Frozen anchor-prompt features ``(C, E)``, float32, L2-normalised; computed once per device / anchors."""
         device = self.anchors.device
-        key = (device, self.anchors._version, self.tower.dtype)
-        if self._anchor_cache is None or self._anchor_cache[0] != key:
+        key = (self.template, self.tower.dtype)  # and the anchors' values (a TensorSnapshot: no stale features)
+        cache = self._anchor_cache
+        if cache is None or cache[0] != key or not cache[1].matches((self.anchors,)):
             with torch.no_grad(), _no_autocast(device), self._busy_scope():
                 prompts = self.template.anchor_prompts(self.anchors)
                 features = self.template.encode(self.template.anchor, prompts).float()
-            self._anchor_cache = (key, F.normalize(features, dim=-1))
-        return self._anchor_cache[1]
+            self._anchor_cache = (key, TensorSnapshot((self.anchors,)), F.normalize(features, dim=-1))
+        return self._anchor_cache[2]
 
     def anchor_logits(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Anchor-prompt logits ``(B, C)`` (float32, no gradient).
