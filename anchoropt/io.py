@@ -20,9 +20,10 @@ every file against the manifest, so an interrupted, mixed or edited save is refu
 loadable.  Directories written before manifests existed still load, with a warning.  Loaded tensors must
 be finite; a config with a missing key or a wrong type is refused with the key's name.
 
-Format versions: 1 = shallow learner; 2 = adds ``deep_depth`` / ``deep_length`` and ``deep.prompts``.  A
-shallow learner is still written as version 1 (readable by older anchoropt); files without ``deep_depth``
-load as shallow.
+Format versions: 1 = shallow learner; 2 = adds ``deep_depth`` / ``deep_length`` and ``deep.prompts``, and
+the template options of AnchorOPT on an ATPrompt template / the released pooling (``attributes``,
+``n_attr_soft``, ``pooling``, ``legacy_single_token``, tensor ``attribute_soft``).  A plain shallow learner is
+still written as version 1 (readable by older anchoropt); files without these keys load as before.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
 }
 _OPTIONAL_KEYS: dict[str, tuple[type, ...]] = {
     "sample_in_eval": (bool,), "deep_depth": (int,), "deep_length": (int,), "format_version": (int,),
+    "attributes": (list,), "n_attr_soft": (int,), "pooling": (str,), "legacy_single_token": (bool,),
 }
 
 
@@ -170,6 +172,11 @@ def save_prompt_learner(
     }
     if deep is not None:
         config["deep_depth"], config["deep_length"] = deep.depth, deep.length
+    layout = getattr(learner, "layout_options", {})
+    if layout.get("attributes") or layout.get("pooling", "eot") != "eot":
+        config["format_version"] = DEEP_FORMAT_VERSION
+        config.update(attributes=list(layout["attributes"]), n_attr_soft=learner.template.n_attr_soft,
+                      pooling=layout["pooling"], legacy_single_token=layout["legacy_single_token"])
     tensors = {name: t.detach().cpu().contiguous() for name, t in learner.state_dict().items()}
     for name, tensor in tensors.items():
         _check_finite(name, tensor, "the prompt learner to save")
@@ -213,6 +220,10 @@ def load_prompt_learner(
                 f"{directory / CONFIG_NAME}: deep_length {config['deep_length']} must equal n_soft {config['n_soft']}"
             )
         expected["deep.prompts"] = (deep_depth, config["n_soft"], config["width"])
+    attributes = list(config.get("attributes", []))
+    n_attr_soft = int(config.get("n_attr_soft", config["n_soft"]))
+    if attributes and n_attr_soft:
+        expected["attribute_soft"] = (len(attributes) * n_attr_soft, config["width"])
     for name, shape in expected.items():
         if name not in tensors:
             raise ValueError(f"{weights_path} is missing the tensor {name!r}")
@@ -232,6 +243,10 @@ def load_prompt_learner(
         tau=config["tau"],
         arrangement=config["arrangement"],
         deep_depth=deep_depth,
+        attributes=attributes,
+        n_attr_soft=n_attr_soft,
+        pooling=config.get("pooling", "eot"),
+        legacy_single_token=bool(config.get("legacy_single_token", False)),
     )
     learner.position.sample_in_eval = bool(config.get("sample_in_eval", False))
     learner.load_state_dict({k: v.to(tower.device) for k, v in tensors.items()}, strict=True)

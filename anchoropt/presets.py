@@ -18,7 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-__all__ = ["Preset", "preset", "available_presets", "canonical_name", "METHODS", "DATASETS"]
+__all__ = [
+    "Preset", "preset", "available_presets", "canonical_name", "METHODS", "DATASETS",
+    "atprompt_attributes", "atprompt_attribute_bases", "zeroshot_template",
+]
 
 METHODS = ("coop", "cocoop", "maple", "dept")
 
@@ -84,6 +87,52 @@ _STAGE1 = {
     "oxford_flowers": (100, 1000), "food101": (20, 1000), "fgvc_aircraft": (20, 1000), "sun397": (20, 1000),
     "dtd": (100, 1000), "eurosat": (100, 1000), "ucf101": (100, 1000),
 }
+
+# ATPrompt (pae_atprompt.md §2.3; docs/ATPrompt.md and train.py of the released code): the five LLM attribute
+# bases per dataset and the searched attributes its results use.  "playfulness" is two CLIP tokens (play +
+# fulness): anchoropt keeps it whole; the released one-token slice (legacy_single_token) does not.
+_ATPROMPT = {
+    "imagenet": (("color", "size", "shape", "habitat", "behavior"), ("color", "shape")),
+    "caltech101": (("shape", "color", "material", "function", "size"), ("shape", "size")),
+    "oxford_pets": (("loyalty", "affection", "playfulness", "energy", "intelligence"), ("playfulness", "energy")),
+    "stanford_cars": (("design", "engine", "performance", "luxury", "color"), ("luxury",)),
+    "oxford_flowers": (("color", "flower", "habitat", "growth", "season"), ("color", "habitat", "growth")),
+    "food101": (("flavor", "texture", "origin", "ingredients", "preparation"), ("flavor", "preparation")),
+    "fgvc_aircraft": (("design", "capacity", "range", "engines", "liveries"), ("design", "range")),
+    "sun397": (("architecture", "environment", "structure", "design", "function"), ("function",)),
+    "dtd": (("pattern", "texture", "color", "design", "structure"), ("pattern", "color", "design")),
+    "eurosat": (("habitat", "foliage", "infrastructure", "terrain", "watercourse"), ("habitat",)),
+    "ucf101": (("precision", "coordination", "technique", "strength", "control"), ("precision",)),
+}
+# Zero-shot CLIP's hand-written per-dataset templates, as the CoOp family's zero-shot baseline uses them.
+_ZEROSHOT = {
+    "oxford_pets": "a photo of a {}, a type of pet.", "oxford_flowers": "a photo of a {}, a type of flower.",
+    "fgvc_aircraft": "a photo of a {}, a type of aircraft.", "dtd": "{} texture.",
+    "eurosat": "a centered satellite photo of {}.", "food101": "a photo of {}, a type of food.",
+    "ucf101": "a photo of a person doing {}.",
+}
+
+
+def atprompt_attributes(name: str) -> tuple[str, ...]:
+    """ATPrompt's searched attribute words for dataset ``name`` (e.g. ``("playfulness", "energy")`` for Pets)."""
+    return _ATPROMPT[_dataset_key(name, "ATPrompt attributes")][1]
+
+
+def atprompt_attribute_bases(name: str) -> tuple[str, ...]:
+    """The five LLM attribute bases ATPrompt's search started from for dataset ``name``."""
+    return _ATPROMPT[_dataset_key(name, "ATPrompt attributes")][0]
+
+
+def zeroshot_template(name: str) -> str:
+    """The hand-written zero-shot template for dataset ``name`` (``"a photo of a {}."`` unless listed)."""
+    return _ZEROSHOT.get(_dataset_key(name, "a zero-shot template"), "a photo of a {}.")
+
+
+def _dataset_key(name: str, what: str) -> str:
+    key = canonical_name(name)
+    if key not in DATASETS:
+        raise KeyError(f"no {what} for {name!r}; datasets with one: {', '.join(DATASETS)}")
+    return key
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@
 The normal prompt is trained (soft tokens + position logits); the anchor prompt is frozen, so its text
 features are computed once per class set and reused until the anchors or the classes change.
 ``deep_depth > 0`` gives the deep variant (per-layer soft prompts, anchors carried: :mod:`anchoropt.deep`).
+``attributes=[...]`` puts ATPrompt's fixed attribute words, each after its own soft block, before the
+arranged slots (AnchorOPT on an ATPrompt template); ``pooling="released"`` reads the normal prompt at
+EOT - N as the released code does.
 
 Axes: ``B`` images, ``C`` classes, ``M`` soft tokens, ``N`` anchors, ``D`` width, ``E`` feature width.
 """
@@ -26,7 +29,7 @@ from .position import PositionMatrix
 from .template import AnchorPromptTemplate, Tokenizer
 from .towers import TextTower
 
-__all__ = ["AnchorOPTPromptLearner"]
+__all__ = ["AnchorOPTPromptLearner", "model_logit_scale", "word_embeddings"]
 
 
 class AnchorOPTPromptLearner(nn.Module):
@@ -47,6 +50,12 @@ class AnchorOPTPromptLearner(nn.Module):
             (:class:`~anchoropt.deep.DeepPrompts`, ``M`` per layer, as ``self.deep``) with the anchors'
             own hidden states carried through; installs context-gated hooks on the tower
             (``self.deep_hooks``, removable).  ``0`` (default) is the shallow variant.
+        attributes: ATPrompt attribute words (e.g. ``["color", "shape"]``) before the arranged slots,
+            each after ``n_attr_soft`` soft tokens of its own (``self.attribute_soft``, init
+            ``N(0, attr_init_std^2)``, 0.01 as ATPrompt's release); multi-token words are kept whole.
+        n_attr_soft: soft tokens before each attribute (``M`` when ``None``, as ATPrompt's scripts).
+        pooling: ``"eot"`` (default) or ``"released"`` (normal prompt read at EOT - N, released behaviour).
+        legacy_single_token: ATPrompt's released one-token slice of the attribute words (never the default).
     """
 
     def __init__(
@@ -63,12 +72,22 @@ class AnchorOPTPromptLearner(nn.Module):
         arrangement: str = "learned",
         position_init: str = "randn",
         deep_depth: int = 0,
+        attributes: Sequence[str] = (),
+        n_attr_soft: int | None = None,
+        attr_init_std: float = 0.01,
+        pooling: str = "eot",
+        legacy_single_token: bool = False,
     ):
         super().__init__()
         self.tower = TextTower.from_model(tower)
         anchors = _checked_anchors(anchors, self.tower.width)
         self.preposition, self._tokenizer = preposition, tokenizer
-        self.template = AnchorPromptTemplate(self.tower, classnames, n_soft, anchors.shape[0], preposition, tokenizer)
+        if deep_depth and attributes:
+            raise ValueError("the deep variant on an ATPrompt template (attributes) is not supported")
+        self._layout_options = dict(attributes=tuple(attributes), n_attr_soft=n_attr_soft, pooling=pooling,
+                                    legacy_single_token=bool(legacy_single_token))
+        self.template = AnchorPromptTemplate(self.tower, classnames, n_soft, anchors.shape[0], preposition, tokenizer,
+                                             **self._layout_options)
         self.soft = nn.Parameter(self._initial_soft(n_soft, soft_init))
         self.register_buffer("anchors", anchors.to(self.tower.device))
         if position is None:
@@ -79,6 +98,10 @@ class AnchorOPTPromptLearner(nn.Module):
                 f"but this learner has {n_soft} + {anchors.shape[0]}"
             )
         self.position = position.to(self.tower.device)
+        n_attr = self.template.n_attribute_slots
+        self.attribute_soft = nn.Parameter(
+            torch.randn(n_attr, self.tower.width, device=self.tower.device) * attr_init_std
+        ) if n_attr else None
         # (template, snapshot of the tensors used, features): valid while the class set and the values are the same
         self._anchor_cache: tuple[AnchorPromptTemplate, TensorSnapshot, torch.Tensor] | None = None
         self._normal_cache: tuple[AnchorPromptTemplate, TensorSnapshot, torch.Tensor] | None = None  # eval only
@@ -99,12 +122,26 @@ class AnchorOPTPromptLearner(nn.Module):
     def n_anchor(self) -> int:
         return self.anchors.shape[0]
 
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        return self._layout_options["attributes"]
+
+    @property
+    def pooling(self) -> str:
+        return self._layout_options["pooling"]
+
+    @property
+    def layout_options(self) -> dict:
+        """The template options (``attributes``, ``n_attr_soft``, ``pooling``, ``legacy_single_token``)."""
+        return dict(self._layout_options)
+
     # ------------------------------------------------------------------ class set and anchors
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Rebuild the class-dependent prompts for another class list (e.g. base -> novel)."""
         device = self.anchors.device
         self.template = AnchorPromptTemplate(
-            self.tower, classnames, self.n_soft, self.n_anchor, self.preposition, self._tokenizer
+            self.tower, classnames, self.n_soft, self.n_anchor, self.preposition, self._tokenizer,
+            **self._layout_options,
         ).to(device)
         self._anchor_cache = self._normal_cache = None
 
@@ -132,6 +169,8 @@ class AnchorOPTPromptLearner(nn.Module):
             return cache[2]
         matrix = self.position.matrix() if matrix is None else matrix
         slots = self.slot_tokens(matrix)
+        if self.attribute_soft is not None:
+            slots = torch.cat([self.attribute_soft.to(slots.dtype), slots], dim=0)
         if self.deep is None:
             features = self.template.encode_slots(self.template.normal, slots)
         else:
@@ -197,6 +236,12 @@ class AnchorOPTPromptLearner(nn.Module):
         return normal, anchor
 
     @torch.no_grad()
+    def heads(self, image_features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every way this learner scores ``(B, E)`` images: ``{"normal", "anchor", "ensemble"}`` -> ``(B, C)``."""
+        normal, anchor = self(image_features)
+        return {"normal": normal, "anchor": anchor, "ensemble": functional.ensemble_logits(normal, anchor)}
+
+    @torch.no_grad()
     def predict(
         self,
         image_features: torch.Tensor,
@@ -208,8 +253,7 @@ class AnchorOPTPromptLearner(nn.Module):
 
     def logit_scale(self) -> torch.Tensor:
         """The CLIP model's ``logit_scale.exp()`` (100 when the model has none)."""
-        scale = getattr(self.tower.model, "logit_scale", None)
-        return scale.detach().float().exp() if isinstance(scale, torch.Tensor) else torch.tensor(100.0)
+        return model_logit_scale(self.tower)
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory) -> None:
@@ -229,12 +273,25 @@ class AnchorOPTPromptLearner(nn.Module):
     def _initial_soft(self, n_soft: int, soft_init: str | None) -> torch.Tensor:
         if soft_init is None:
             return torch.randn(n_soft, self.tower.width, device=self.tower.device) * 0.02
-        ids = self.template.tokenizer([soft_init])
-        pool = int(self.tower.pool_index(ids)[0])
-        words = ids[0, 1:pool]  # between SOS and EOT
-        if words.numel() != n_soft:
-            raise ValueError(f"soft_init {soft_init!r} gives {words.numel()} tokens but n_soft is {n_soft}")
-        return self.tower.embed(words[None])[0].float().clone()
+        return word_embeddings(self.tower, self.template.tokenizer, soft_init, n_soft, "soft_init", "n_soft")
+
+
+def model_logit_scale(tower: TextTower) -> torch.Tensor:
+    """The CLIP model's ``logit_scale.exp()`` (100 when the model has none)."""
+    scale = getattr(tower.model, "logit_scale", None)
+    return scale.detach().float().exp() if isinstance(scale, torch.Tensor) else torch.tensor(100.0)
+
+
+def word_embeddings(
+    tower: TextTower, tokenizer: Tokenizer, words: str, n: int, what: str = "words", count: str = "n"
+) -> torch.Tensor:
+    """Token embeddings ``(n, D)`` (float32 copy) of ``words``, which must be exactly ``n`` tokens."""
+    ids = tokenizer([words])
+    pool = int(tower.pool_index(ids)[0])
+    tokens = ids[0, 1:pool]  # between SOS and EOT
+    if tokens.numel() != n:
+        raise ValueError(f"{what} {words!r} gives {tokens.numel()} tokens but {count} is {n}")
+    return tower.embed(tokens[None])[0].float().clone()
 
 
 def _check_text_features(features: torch.Tensor, prompt: str, learner: AnchorOPTPromptLearner) -> None:

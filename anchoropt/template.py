@@ -1,29 +1,50 @@
-"""AnchorPromptTemplate: tokenisation and layout of AnchorOPT's two prompts for a list of class names.
+"""Prompt templates: tokenisation and layout of slot prompts for a list of class names.
 
-* anchor prompt  ``[SOS] [Anc] x N {preposition} {class} . [EOT]``   (Stage I, and the frozen Stage II branch)
-* normal prompt  ``[SOS] [slot] x (M + N) {class} . [EOT]``          (Stage II; slots = position-matrix output)
+A layout is a sequence of *segments* followed by the class name and a period: an ``int`` is that many
+learnable slots, a ``str`` fixed words (tokenised whole, however many BPE tokens they take).  Examples:
+
+* AnchorOPT anchor prompt  ``[N, "of"]``              -> ``[SOS] [Anc] x N of {class} . [EOT]``
+* AnchorOPT normal prompt  ``[M + N]``                -> ``[SOS] [slot] x (M + N) {class} . [EOT]``
+* CoOp                     ``[M]``                    -> ``[SOS] [soft] x M {class} . [EOT]``
+* ATPrompt                 ``[n, "color", n, "shape", M]`` -> ``[SOS] [soft] x n color [soft] x n shape [soft] x M {class} .``
 
 Each prompt is tokenised once with placeholder words in its slots; the template keeps the frozen token
 embeddings around the slots and the **true** pooled (EOT) position of every prompt, so features are read
-where the tower reads them for real text (the released code reads the "." token instead).
+where the tower reads them for real text.  Two switches reproduce the released code instead (documented,
+never the default): ``pool_offset=N`` reads EOT - N (the released AnchorOPT normal prompt), and
+``legacy_single_token=True`` places the slots as if every fixed segment were one token (ATPrompt's
+one-token slice: a multi-token attribute keeps only its first token and the next slot block overwrites
+the rest).
 
 Axes: ``C`` classes, ``K`` slots of a prompt, ``L`` stored sequence length, ``D`` width, ``B`` batch.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import nn
 
 from .towers import TextTower
 
-__all__ = ["AnchorPromptTemplate", "PromptLayout", "Tokenizer", "default_tokenizer"]
+__all__ = [
+    "AnchorPromptTemplate",
+    "PromptTemplate",
+    "PromptLayout",
+    "Segment",
+    "Tokenizer",
+    "attribute_segments",
+    "default_tokenizer",
+]
 
 Tokenizer = Callable[..., torch.Tensor]
 """A callable mapping a list of strings to token ids ``(len, context_length)`` (open_clip / OpenAI clip)."""
 
+Segment = Union[int, str]
+"""A layout segment: ``int`` learnable slots or ``str`` fixed words."""
+
+POOLINGS = ("eot", "released")
 _PLACEHOLDERS = ("X", "Y")  # two single-token words; where their tokenisations differ are the slots
 
 
@@ -34,86 +55,102 @@ def default_tokenizer(context_length: int = 77) -> Tokenizer:
     return SimpleTokenizer(context_length=context_length)
 
 
+def attribute_segments(attributes: Sequence[str], n_attr_soft: int, n_class_slots: int) -> list[Segment]:
+    """ATPrompt's layout ``[n, attr1, n, attr2, ..., M]`` (every attribute after its own soft block)."""
+    if isinstance(attributes, str):
+        raise TypeError("attributes must be a list of words, not a single string")
+    segments: list[Segment] = []
+    for word in attributes:
+        if not isinstance(word, str) or not word.strip():
+            raise ValueError(f"attribute words must be non-empty strings, got {word!r}")
+        segments += [n_attr_soft, word.strip()] if n_attr_soft else [word.strip()]
+    return segments + [n_class_slots]
+
+
 class PromptLayout:
     """One tokenised prompt kind for ``C`` classes; its tensors are buffers of the owning template.
 
     Attributes:
         token_ids: ``(C, L)`` ids of the sentence with placeholder words in the slots.
         embeddings: ``(C, L, D)`` frozen token embeddings (slot rows hold the placeholders' embeddings).
-        pool_index: ``(C,)`` position the tower pools (the true EOT).
-        slot_start: first slot position (1 for CLIP: right after SOS).
+        pool_index: ``(C,)`` position the tower pools (the true EOT unless ``pool_offset``).
+        segments: the layout's segments.
+        slot_positions: sequence position of every slot, in slot order.
+        slot_start / slot_stop: first slot position / one past the last (everything before ``slot_stop``
+            is shared by all classes).
         n_slots: ``K``, number of learnable slots.
     """
 
-    def __init__(self, owner: nn.Module, name: str, slot_start: int, n_slots: int):
+    def __init__(self, owner: nn.Module, name: str, segments: Sequence[Segment], slot_positions: Sequence[int]):
         self._owner, self._name = owner, name
-        self.slot_start, self.n_slots = slot_start, n_slots
+        self.segments = tuple(segments)
+        self.slot_positions = tuple(int(p) for p in slot_positions)
+        self.n_slots = len(self.slot_positions)
+        self.slot_start = self.slot_positions[0]
+        self.slot_stop = self.slot_positions[-1] + 1
+        self.runs = _runs(self.slot_positions)  # (first slot, last slot + 1, first position) of each block
 
     token_ids = property(lambda self: getattr(self._owner, f"{self._name}_token_ids"))
     embeddings = property(lambda self: getattr(self._owner, f"{self._name}_embeddings"))
     pool_index = property(lambda self: getattr(self._owner, f"{self._name}_pool_index"))
 
+    @property
+    def contiguous(self) -> bool:
+        """Whether the slots form one block (AnchorOPT's and CoOp's layouts)."""
+        return len(self.runs) == 1
 
-class AnchorPromptTemplate(nn.Module):
-    """Anchor and normal prompts of AnchorOPT for one class set.
+
+class PromptTemplate(nn.Module):
+    """Slot prompts for one class set: any number of layouts, each built from :data:`Segment` s.
 
     Holds class-dependent tensors as non-persistent buffers (rebuilt for a new class list, never saved).
 
     Args:
         tower: the frozen text tower (or a model :class:`TextTower` accepts).
         classnames: class names; ``_`` is read as a space, as the CoOp family does.
-        n_soft: ``M``, soft tokens of the normal prompt (0 allowed).
-        n_anchor: ``N``, anchor tokens (>= 1).
-        preposition: word(s) between anchors and class name in the anchor prompt; ``""`` or ``None``
-            for none ("of" in the paper).
+        segments: the ``"prompt"`` layout (e.g. ``[4]`` for CoOp); ``None`` for a subclass that
+            registers its own layouts.
         tokenizer: callable ``list[str] -> (n, context_length)`` ids; CLIP BPE by default.
+        legacy_single_token: place slots as if every fixed segment were one token (ATPrompt's released
+            slice; see the module docstring).  Never the default.
     """
 
     def __init__(
         self,
         tower: TextTower | nn.Module,
         classnames: Sequence[str],
-        n_soft: int = 4,
-        n_anchor: int = 1,
-        preposition: str | None = "of",
+        segments: Sequence[Segment] | None = None,
         tokenizer: Tokenizer | None = None,
+        legacy_single_token: bool = False,
     ):
         super().__init__()
         self.tower = TextTower.from_model(tower)
         self.classnames = _clean_classnames(classnames)
-        if not isinstance(n_soft, int) or n_soft < 0:
-            raise ValueError(f"n_soft must be an int >= 0, got {n_soft!r}")
-        if not isinstance(n_anchor, int) or n_anchor < 1:
-            raise ValueError(f"n_anchor must be an int >= 1, got {n_anchor!r}")
-        self.n_soft, self.n_anchor = n_soft, n_anchor
-        self.preposition = (preposition or "").strip()
         self.tokenizer = tokenizer or default_tokenizer(self.tower.context_length)
-        self.anchor = self._register_layout("anchor", n_anchor, self.preposition)
-        self.normal = self._register_layout("normal", n_soft + n_anchor, "")
+        self.legacy_single_token = bool(legacy_single_token)
+        if segments is not None:
+            self.prompt = self._register_layout("prompt", segments, legacy=self.legacy_single_token)
 
     @property
     def n_classes(self) -> int:
         return len(self.classnames)
 
     # ------------------------------------------------------------------ prompt assembly
-    def anchor_prompts(self, anchors: torch.Tensor) -> torch.Tensor:
-        """Anchor-prompt embeddings ``(C, L, D)`` with ``anchors`` ``(N, D)`` in the anchor slots."""
-        return self.fill(self.anchor, anchors)
-
-    def normal_prompts(self, slots: torch.Tensor) -> torch.Tensor:
-        """Normal-prompt embeddings: ``slots`` ``(M+N, D)`` -> ``(C, L, D)``, or ``(B, M+N, D)`` -> ``(B, C, L, D)``."""
-        return self.fill(self.normal, slots)
-
     def fill(self, layout: PromptLayout, slots: torch.Tensor) -> torch.Tensor:
-        """Put ``slots`` ``(..., K, D)`` (shared by all classes) into ``layout``'s slot rows."""
+        """Put ``slots`` ``(..., K, D)`` (shared by all classes) into ``layout``'s slot rows -> ``(..., C, L, D)``."""
         self._check_slots(layout, slots)
         emb = layout.embeddings
         lead = slots.shape[:-2]
-        start, stop = layout.slot_start, layout.slot_start + layout.n_slots
-        prefix = emb[:, :start].expand(*lead, *emb[:, :start].shape)
-        suffix = emb[:, stop:].expand(*lead, *emb[:, stop:].shape)
-        middle = slots.to(emb.dtype).unsqueeze(-3).expand(*lead, emb.shape[0], *slots.shape[-2:])
-        return torch.cat([prefix, middle, suffix], dim=-2)
+        pieces = self._pieces(layout, emb, slots.to(emb.dtype).unsqueeze(-3), lead, 0, emb.shape[1])
+        return torch.cat(pieces, dim=-2)
+
+    def fill_per_class(self, layout: PromptLayout, slots: torch.Tensor) -> torch.Tensor:
+        """Class-specific slots ``(C, K, D)`` (CoOp's CSC) -> prompts ``(C, L, D)``."""
+        self._check_slots(layout, slots)
+        if slots.dim() != 3 or slots.shape[0] != self.n_classes:
+            raise ValueError(f"class-specific slots must have shape ({self.n_classes}, K, D), got {tuple(slots.shape)}")
+        emb = layout.embeddings
+        return torch.cat(self._pieces(layout, emb, slots.to(emb.dtype), (), 0, emb.shape[1]), dim=-2)
 
     def encode(self, layout: PromptLayout, embeddings: torch.Tensor) -> torch.Tensor:
         """Features ``(C, E)`` (not normalised) of filled prompts ``(C, L, D)`` of ``layout``."""
@@ -128,51 +165,82 @@ class AnchorPromptTemplate(nn.Module):
         self._check_slots(layout, slots)
         grouped = slots if slots.dim() == 3 else slots[None]
         emb = layout.embeddings
-        start, stop = layout.slot_start, layout.slot_start + layout.n_slots
-        prefix = torch.cat([emb[:1, :start].expand(grouped.shape[0], -1, -1), grouped.to(emb.dtype)], dim=1)
+        stop = layout.slot_stop
+        shared = emb[:1].expand(grouped.shape[0], -1, -1)  # (G, L, D): the prefix is the same for every class
+        prefix = torch.cat(self._pieces(layout, shared, grouped.to(emb.dtype), (), 0, stop), dim=1)
         features = self.tower.encode_shared(prefix, emb[:, stop:], layout.pool_index, layout.token_ids)
         return features if slots.dim() == 3 else features[0]
+
+    def _pieces(self, layout, emb, slots, lead, begin, end) -> list[torch.Tensor]:
+        """Frozen rows ``emb[..., begin:end]`` with the slot rows taken from ``slots`` (``(..., C|1, K, D)``)."""
+        pieces, at = [], begin
+        rows = emb.shape[-3]
+
+        def frozen(a, b):
+            part = emb[..., a:b, :]
+            return part.expand(*lead, *part.shape) if lead else part
+
+        for first, last, position in layout.runs:
+            if position > at:
+                pieces.append(frozen(at, position))
+            block = slots[..., first:last, :]
+            pieces.append(block.expand(*block.shape[:-3], rows, *block.shape[-2:]))
+            at = position + last - first
+        if end > at:
+            pieces.append(frozen(at, end))
+        return pieces
 
     def _check_slots(self, layout: PromptLayout, slots: torch.Tensor) -> None:
         expected = (layout.n_slots, self.tower.width)
         if slots.dim() < 2 or tuple(slots.shape[-2:]) != expected:
             raise ValueError(f"slots must have shape (..., {expected[0]}, {expected[1]}), got {tuple(slots.shape)}")
 
-    def texts(self, kind: str = "normal") -> list[str]:
+    def layout_texts(self, layout: PromptLayout) -> list[str]:
         """The placeholder sentences that were tokenised (for inspection and error messages)."""
-        layout_slots = self.n_anchor if kind == "anchor" else self.n_soft + self.n_anchor
-        word = self.preposition if kind == "anchor" else ""
-        return [_sentence(_PLACEHOLDERS[0], layout_slots, word, name) for name in self.classnames]
+        return [_sentence(_PLACEHOLDERS[0], layout.segments, name) for name in self.classnames]
 
     # ------------------------------------------------------------------ construction
-    def _register_layout(self, name: str, n_slots: int, word: str) -> PromptLayout:
-        ids, start = self._tokenize_with_slots(n_slots, word)
+    def _register_layout(
+        self, name: str, segments: Sequence[Segment], pool_offset: int = 0, legacy: bool = False
+    ) -> PromptLayout:
+        segments = _checked_segments(segments)
+        ids, positions = self._tokenize_with_slots(segments)
+        if legacy:
+            positions = _single_token_positions(segments, positions[0])
         pool_index = self.tower.pool_index(ids)
+        if pool_offset:
+            if self.tower.pool_type not in ("argmax", "eos"):
+                raise ValueError(f"released pooling (EOT - {pool_offset}) needs a tower that pools at the EOT token, "
+                                 f"this one pools {self.tower.pool_type!r}")
+            pool_index = pool_index - pool_offset
         length = self.tower.run_length(pool_index)
-        if start + n_slots > length:
+        if positions[-1] >= int(pool_index.min()) or positions[-1] >= length:
             raise ValueError(f"the {name} prompt's slots do not fit before its pooled position")
-        if not bool((ids[:, :start] == ids[:1, :start]).all()):
-            raise ValueError(f"the tokens before the {name} prompt's slots differ between classes")
+        stop = positions[-1] + 1
+        if not bool((ids[:, :stop] == ids[:1, :stop]).all()):
+            raise ValueError(f"the tokens before the {name} prompt's last slot differ between classes")
         ids = ids[:, :length].to(self.tower.device)
         self.register_buffer(f"{name}_token_ids", ids, persistent=False)
         self.register_buffer(f"{name}_embeddings", self.tower.embed(ids), persistent=False)
         self.register_buffer(f"{name}_pool_index", pool_index.to(self.tower.device), persistent=False)
-        return PromptLayout(self, name, start, n_slots)
+        return PromptLayout(self, name, segments, positions)
 
-    def _tokenize_with_slots(self, n_slots: int, word: str) -> tuple[torch.Tensor, int]:
-        """Token ids ``(C, L)`` and the first slot position, checked for every class."""
+    def _tokenize_with_slots(self, segments: Sequence[Segment]) -> tuple[torch.Tensor, list[int]]:
+        """Token ids ``(C, L)`` and the slot positions, checked for every class."""
         first, second = (
-            self._tokenize([_sentence(p, n_slots, word, name) for name in self.classnames]) for p in _PLACEHOLDERS
+            self._tokenize([_sentence(p, segments, name) for name in self.classnames]) for p in _PLACEHOLDERS
         )
-        self._check_fit(first, n_slots, word)
+        n_slots = sum(s for s in segments if isinstance(s, int))
+        self._check_fit(first, segments, n_slots)
         self._check_distinct(first)
         differ = (first != second).any(dim=0).nonzero().flatten().tolist()
-        if len(differ) != n_slots or differ != list(range(differ[0], differ[0] + n_slots)):
+        blocks = [s for s in segments if isinstance(s, int) and s > 0]
+        if len(differ) != n_slots or [last - first for first, last, _ in _runs(differ)] != _merged(segments):
             raise ValueError(
                 "the tokenizer does not map each placeholder word to exactly one token at the same positions "
-                f"for all classes (slot positions found: {differ}); use a CLIP BPE tokenizer"
+                f"for all classes (slot positions found: {differ}, slot blocks {blocks}); use a CLIP BPE tokenizer"
             )
-        return first, differ[0]
+        return first, differ
 
     def _tokenize(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(texts)
@@ -198,9 +266,9 @@ class AnchorPromptTemplate(nn.Module):
                     "merge them or rename one"
                 )
 
-    def _check_fit(self, ids: torch.Tensor, n_slots: int, word: str) -> None:
+    def _check_fit(self, ids: torch.Tensor, segments: Sequence[Segment], n_slots: int) -> None:
         """Refuse class names whose prompt is cut off by the context length."""
-        long_ids = _tokenize_long(self.tokenizer, [_sentence("X", n_slots, word, n) for n in self.classnames])
+        long_ids = _tokenize_long(self.tokenizer, [_sentence("X", segments, n) for n in self.classnames])
         if long_ids is not None:
             n_tokens = (long_ids != 0).sum(dim=1)  # CLIP tokenizers pad with id 0
             too_long = (n_tokens > ids.shape[1]).nonzero().flatten().tolist()
@@ -214,9 +282,133 @@ class AnchorPromptTemplate(nn.Module):
             )
 
 
-def _sentence(placeholder: str, n_slots: int, word: str, classname: str) -> str:
-    parts = [placeholder] * n_slots + ([word] if word else []) + [classname]
-    return " ".join(parts) + "."
+class AnchorPromptTemplate(PromptTemplate):
+    """Anchor and normal prompts of AnchorOPT for one class set.
+
+    Args:
+        tower: the frozen text tower (or a model :class:`TextTower` accepts).
+        classnames: class names; ``_`` is read as a space, as the CoOp family does.
+        n_soft: ``M``, soft tokens of the normal prompt (0 allowed).
+        n_anchor: ``N``, anchor tokens (>= 1).
+        preposition: word(s) between anchors and class name in the anchor prompt; ``""`` or ``None``
+            for none ("of" in the paper).
+        tokenizer: callable ``list[str] -> (n, context_length)`` ids; CLIP BPE by default.
+        attributes: ATPrompt attribute words placed before the arranged slots of the normal prompt, each
+            after its own block of ``n_attr_soft`` soft slots (AnchorOPT on an ATPrompt template).
+        n_attr_soft: soft slots before each attribute (``M`` when ``None``).
+        pooling: ``"eot"`` (the true EOT, default) or ``"released"``: the normal prompt is read at EOT - N,
+            the token the released code pools (its "." for N = 1).
+        legacy_single_token: ATPrompt's one-token slice for the attribute words (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        tower: TextTower | nn.Module,
+        classnames: Sequence[str],
+        n_soft: int = 4,
+        n_anchor: int = 1,
+        preposition: str | None = "of",
+        tokenizer: Tokenizer | None = None,
+        attributes: Sequence[str] = (),
+        n_attr_soft: int | None = None,
+        pooling: str = "eot",
+        legacy_single_token: bool = False,
+    ):
+        super().__init__(tower, classnames, None, tokenizer, legacy_single_token)
+        if not isinstance(n_soft, int) or n_soft < 0:
+            raise ValueError(f"n_soft must be an int >= 0, got {n_soft!r}")
+        if not isinstance(n_anchor, int) or n_anchor < 1:
+            raise ValueError(f"n_anchor must be an int >= 1, got {n_anchor!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        self.n_soft, self.n_anchor, self.pooling = n_soft, n_anchor, pooling
+        self.preposition = (preposition or "").strip()
+        self.attributes = tuple(attributes)
+        self.n_attr_soft = n_soft if n_attr_soft is None else int(n_attr_soft)
+        anchor_segments: list[Segment] = [n_anchor] + ([self.preposition] if self.preposition else [])
+        self.anchor = self._register_layout("anchor", anchor_segments)
+        normal_segments = attribute_segments(self.attributes, self.n_attr_soft, n_soft + n_anchor)
+        self.normal = self._register_layout("normal", normal_segments, n_anchor if pooling == "released" else 0,
+                                            legacy=self.legacy_single_token)
+
+    @property
+    def n_attribute_slots(self) -> int:
+        """Soft slots before the attributes (0 without attributes); they precede the arranged ``M + N``."""
+        return self.normal.n_slots - self.n_soft - self.n_anchor
+
+    def anchor_prompts(self, anchors: torch.Tensor) -> torch.Tensor:
+        """Anchor-prompt embeddings ``(C, L, D)`` with ``anchors`` ``(N, D)`` in the anchor slots."""
+        return self.fill(self.anchor, anchors)
+
+    def normal_prompts(self, slots: torch.Tensor) -> torch.Tensor:
+        """Normal-prompt embeddings: ``slots`` ``(K, D)`` -> ``(C, L, D)``, or ``(B, K, D)`` -> ``(B, C, L, D)``."""
+        return self.fill(self.normal, slots)
+
+    def texts(self, kind: str = "normal") -> list[str]:
+        """The placeholder sentences that were tokenised (for inspection and error messages)."""
+        return self.layout_texts(self.anchor if kind == "anchor" else self.normal)
+
+
+def _checked_segments(segments: Sequence[Segment]) -> list[Segment]:
+    if isinstance(segments, (str, int)):
+        raise TypeError("segments must be a list of slot counts (int) and fixed words (str)")
+    checked: list[Segment] = []
+    for segment in segments:
+        if isinstance(segment, bool) or not isinstance(segment, (int, str)):
+            raise TypeError(f"a layout segment must be an int (slots) or a str (words), got {segment!r}")
+        if isinstance(segment, int) and segment < 0:
+            raise ValueError(f"a slot count must be >= 0, got {segment}")
+        if isinstance(segment, str) and not segment.strip():
+            raise ValueError("a fixed-word segment is empty")
+        if segment != 0:
+            checked.append(segment.strip() if isinstance(segment, str) else segment)
+    if not any(isinstance(s, int) for s in checked):
+        raise ValueError(f"the layout {list(segments)} has no learnable slot")
+    return checked
+
+
+def _merged(segments: Sequence[Segment]) -> list[int]:
+    """Sizes of the slot blocks as they appear in the sequence (adjacent int segments merge)."""
+    sizes: list[int] = []
+    previous_int = False
+    for segment in segments:
+        if isinstance(segment, int):
+            if previous_int:
+                sizes[-1] += segment
+            else:
+                sizes.append(segment)
+        previous_int = isinstance(segment, int)
+    return sizes
+
+
+def _single_token_positions(segments: Sequence[Segment], start: int) -> list[int]:
+    """Slot positions if every fixed segment were one token (the released ATPrompt slice)."""
+    positions, at = [], start
+    for segment in segments:
+        if isinstance(segment, int):
+            positions.extend(range(at, at + segment))
+            at += segment
+        else:
+            at += 1
+    return positions
+
+
+def _runs(positions: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Blocks of consecutive positions as ``(first slot, last slot + 1, first position)``."""
+    runs: list[tuple[int, int, int]] = []
+    for i, position in enumerate(positions):
+        if runs and position == runs[-1][2] + (i - runs[-1][0]):
+            runs[-1] = (runs[-1][0], i + 1, runs[-1][2])
+        else:
+            runs.append((i, i + 1, position))
+    return runs
+
+
+def _sentence(placeholder: str, segments: Sequence[Segment], classname: str) -> str:
+    parts: list[str] = []
+    for segment in segments:
+        parts += [placeholder] * segment if isinstance(segment, int) else [segment]
+    return " ".join(parts + [classname]) + "."
 
 
 def _clean_classnames(classnames: Sequence[str]) -> list[str]:

@@ -1,0 +1,343 @@
+"""Method registry: a method's name -> how to build its learner, its training loss and how it is scored.
+
+=========================== ====================================================== ======================
+name                        learner                                                loss
+=========================== ====================================================== ======================
+``zeroshot``                :class:`~anchoropt.baselines.ZeroShotClassifier`       (nothing trained)
+``coop``                    :class:`~anchoropt.baselines.SoftPromptLearner`        CE
+``coop+atprompt``           ``SoftPromptLearner(attributes=...)``                  CE
+``coop+anchoropt``          :class:`~anchoropt.prompts.AnchorOPTPromptLearner`     CE + KD (Stage II)
+``coop+atprompt+anchoropt`` ``AnchorOPTPromptLearner(attributes=...)``             CE + KD (Stage II)
+=========================== ====================================================== ======================
+
+A *method spec* is a name with options after a colon, e.g. ``coop+anchoropt:pooling=released``,
+``coop:csc=true``, ``zeroshot:ensemble=true``, ``coop+atprompt:attributes=color|shape,legacy=true``
+(list values separated by ``|``).  The options a method accepts are fields of :class:`MethodSettings`.
+
+Every learner answers ``set_classnames(names)``, ``forward(inputs)`` (what its loss takes) and
+``heads(inputs) -> {head: (B, C) logits}``; a method names the head that scores classes seen in
+training and the one for unseen classes (AnchorOPT: the normal prompt / the normal + anchor ensemble).
+A new method (CoCoOp, MaPLe, DePT, ...) is one :func:`register_method` call::
+
+    register_method(Method("cocoop", "CoCoOp: image-conditioned context", build=build_cocoop, loss=cross_entropy_loss,
+                           options=("n_soft",)))
+
+``image_input="images"`` marks a method whose learner runs the image tower itself (visual prompts), so the
+runner passes images and never caches image features for it.
+
+Axes: ``B`` images, ``C`` classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .baselines import DEFAULT_TEMPLATE, ENSEMBLE_TEMPLATES, SoftPromptLearner, ZeroShotClassifier
+from .losses import StageIILoss
+from .prompts import AnchorOPTPromptLearner
+
+__all__ = [
+    "Method",
+    "MethodChoice",
+    "MethodSettings",
+    "register_method",
+    "get_method",
+    "available_methods",
+    "parse_method",
+    "cross_entropy_loss",
+    "anchoropt_loss",
+    "save_learner",
+    "load_learner",
+]
+
+IMAGE_INPUTS = ("features", "images")
+
+
+@dataclass
+class MethodSettings:
+    """Everything a method's builder and loss may read (the runner fills it from its run config).
+
+    Prompt: ``n_soft`` (M), ``soft_init`` (words), ``csc`` (CoOp class-specific context), ``attributes``
+    (ATPrompt words), ``n_attr_soft`` (soft tokens per attribute, M when ``None``), ``legacy`` (ATPrompt's
+    released one-token slice).  AnchorOPT: ``anchors`` ``(N, D)``, ``tau``, ``preposition``, ``deep_depth``,
+    ``pooling`` (``"eot"`` or ``"released"``: EOT - N).  Zero-shot: ``templates``, ``ensemble`` (CLIP's seven
+    ImageNet templates).  Loss: ``ce_weight``, ``kd_weight``, ``kd_temperature``, ``kd_normalization``.
+    """
+
+    n_soft: int = 4
+    soft_init: str | None = None
+    csc: bool = False
+    attributes: tuple[str, ...] = ()
+    n_attr_soft: int | None = None
+    legacy: bool = False
+    anchors: torch.Tensor | None = None
+    tau: float = 1.0
+    preposition: str = "of"
+    deep_depth: int = 0
+    pooling: str = "eot"
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
+    ensemble: bool = False
+    ce_weight: float = 1.0
+    kd_weight: float = 10.0
+    kd_temperature: float = 1.0
+    kd_normalization: str = "batchmean"
+    tokenizer: Callable | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        """The JSON-able fields (not the anchors tensor nor the tokenizer)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("anchors", "tokenizer"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_json(cls, values: dict, **extra) -> "MethodSettings":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
+        return cls(**{**kwargs, **extra})
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registry entry.
+
+    Args:
+        name: the spec name (``"coop+anchoropt"``).
+        summary: one line for ``anchoropt grid --list-methods`` and the docs.
+        build: ``build(model, classnames, settings) -> learner``.
+        loss: ``loss(settings) -> fn(outputs, labels)``; ``None`` when nothing is trained (zero-shot).
+        seen_head / unseen_head: the ``heads()`` entry scoring classes seen / not seen in training.
+        needs_anchors: the runner runs Stage I (or loads anchors) first and passes ``settings.anchors``.
+        image_input: ``"features"`` (frozen image tower, features cacheable) or ``"images"``.
+        options: :class:`MethodSettings` fields a spec may set (``coop:csc=true``).
+        mode_heads: head for an explicit evaluation mode (AnchorOPT: base / novel / anchor).
+    """
+
+    name: str
+    summary: str
+    build: Callable[[nn.Module, Sequence[str], MethodSettings], nn.Module]
+    loss: Callable[[MethodSettings], Callable[[Any, torch.Tensor], torch.Tensor]] | None = None
+    seen_head: str = "prompt"
+    unseen_head: str = "prompt"
+    needs_anchors: bool = False
+    image_input: str = "features"
+    options: tuple[str, ...] = ()
+    mode_heads: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9+_-]*", self.name):
+            raise ValueError(f"method names use lowercase letters, digits, '+', '_' and '-': {self.name!r}")
+        if self.image_input not in IMAGE_INPUTS:
+            raise ValueError(f"image_input must be one of {IMAGE_INPUTS}, got {self.image_input!r}")
+        unknown = set(self.options) - {f.name for f in dataclasses.fields(MethodSettings)}
+        if unknown:
+            raise ValueError(f"method {self.name!r} lists unknown options {sorted(unknown)}")
+
+    @property
+    def trains(self) -> bool:
+        return self.loss is not None
+
+    def head(self, seen: bool, mode: str = "auto") -> str:
+        """The head that scores a class set: ``mode="auto"`` picks by ``seen``; other modes via ``mode_heads``."""
+        if mode == "auto":
+            return self.seen_head if seen else self.unseen_head
+        if mode not in self.mode_heads:
+            raise ValueError(f"evaluation mode {mode!r} does not apply to method {self.name!r} "
+                             f"(modes: auto{''.join(', ' + m for m in self.mode_heads)})")
+        return self.mode_heads[mode]
+
+
+@dataclass(frozen=True)
+class MethodChoice:
+    """A parsed method spec: the registry entry, its options and the label used in tables and paths."""
+
+    method: Method
+    options: dict
+    label: str
+
+    def settings(self, base: MethodSettings) -> MethodSettings:
+        """``base`` with this spec's options applied."""
+        return dataclasses.replace(base, **self.options)
+
+    @property
+    def slug(self) -> str:
+        """The label made safe as a directory name."""
+        return re.sub(r"[^A-Za-z0-9+._-]+", "-", self.label).strip("-")
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(method: Method, replace: bool = False) -> Method:
+    """Add ``method`` to the registry (``replace=True`` to override an entry of the same name)."""
+    if method.name in _REGISTRY and not replace:
+        raise ValueError(f"method {method.name!r} is already registered (pass replace=True to override it)")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    return _REGISTRY[name]
+
+
+def available_methods() -> list[str]:
+    return list(_REGISTRY)
+
+
+def parse_method(spec: str) -> MethodChoice:
+    """``"coop+anchoropt:pooling=released,tau=0.5"`` -> :class:`MethodChoice` (options validated and typed)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a method spec is a non-empty string such as 'coop' or 'coop+anchoropt:pooling=released', "
+                         f"got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    method = get_method(name.strip())
+    options: dict = {}
+    types = {f.name: f for f in dataclasses.fields(MethodSettings)}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"method option {item!r} in {spec!r} must be key=value")
+        if key not in method.options:
+            raise ValueError(f"method {method.name!r} has no option {key!r}; its options: "
+                             f"{', '.join(method.options) or 'none'}")
+        options[key] = _typed(key, value.strip(), types[key].default)
+    return MethodChoice(method, options, spec.strip())
+
+
+def _typed(key: str, text: str, default):
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"method option {key} takes true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in text.split("|") if part.strip())
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, int) or key == "n_attr_soft":
+        return int(text)
+    return None if text.lower() == "none" else text
+
+
+# ---------------------------------------------------------------------- losses
+def cross_entropy_loss(settings: MethodSettings) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Plain cross-entropy on the learner's logits (CoOp, ATPrompt)."""
+    return lambda logits, labels: F.cross_entropy(logits.float(), labels)
+
+
+def anchoropt_loss(settings: MethodSettings) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
+    """AnchorOPT's Stage II loss on ``(logits_normal, logits_anchor)``."""
+    loss = StageIILoss(ce_weight=settings.ce_weight, kd_weight=settings.kd_weight,
+                       temperature=settings.kd_temperature, kd_normalization=settings.kd_normalization)
+    return lambda outputs, labels: loss(outputs[0], outputs[1], labels)
+
+
+# ---------------------------------------------------------------------- builders
+def _zeroshot(model, classnames, s: MethodSettings) -> nn.Module:
+    templates = ENSEMBLE_TEMPLATES if s.ensemble else s.templates
+    return ZeroShotClassifier(model, classnames, templates, tokenizer=s.tokenizer)
+
+
+def _soft(model, classnames, s: MethodSettings) -> nn.Module:
+    return SoftPromptLearner(model, classnames, n_soft=s.n_soft, soft_init=s.soft_init, class_specific=s.csc,
+                             attributes=s.attributes, n_attr_soft=s.n_attr_soft, legacy_single_token=s.legacy,
+                             tokenizer=s.tokenizer)
+
+
+def _atprompt(model, classnames, s: MethodSettings) -> nn.Module:
+    return _soft(model, classnames, _with_attributes(s, "coop+atprompt"))
+
+
+def _anchoropt(model, classnames, s: MethodSettings, attributes: bool = False) -> nn.Module:
+    if s.anchors is None:
+        raise ValueError("AnchorOPT needs Stage I anchors (settings.anchors)")
+    extra = {}
+    if attributes:
+        s = _with_attributes(s, "coop+atprompt+anchoropt")
+        extra = dict(attributes=s.attributes, n_attr_soft=s.n_attr_soft, legacy_single_token=s.legacy)
+    deep = {"deep_depth": s.deep_depth} if s.deep_depth else {}
+    return AnchorOPTPromptLearner(model, classnames, s.anchors, n_soft=s.n_soft, soft_init=s.soft_init,
+                                  preposition=s.preposition, tokenizer=s.tokenizer, tau=s.tau, pooling=s.pooling,
+                                  **deep, **extra)
+
+
+def _with_attributes(s: MethodSettings, name: str) -> MethodSettings:
+    if not s.attributes:
+        raise ValueError(f"{name} needs attribute words: a dataset preset with ATPrompt attributes "
+                         f"(--preset oxford_pets ...), --attributes WORD [WORD ...], or '{name}:attributes=a|b'")
+    return s
+
+
+_ANCHOROPT_MODES = {"base": "normal", "novel": "ensemble", "anchor": "anchor"}
+_PROMPT = ("n_soft", "soft_init")
+_ANCHOR = ("tau", "pooling", "deep_depth", "preposition", "ce_weight", "kd_weight", "kd_temperature",
+           "kd_normalization")
+_ATTR = ("attributes", "n_attr_soft", "legacy")
+
+register_method(Method("zeroshot", "zero-shot CLIP with hand-written template(s)", _zeroshot,
+                       seen_head="zeroshot", unseen_head="zeroshot", options=("templates", "ensemble")))
+register_method(Method("coop", "CoOp: M soft tokens before the class name, CE", _soft, cross_entropy_loss,
+                       options=(*_PROMPT, "csc")))
+register_method(Method("coop+atprompt", "ATPrompt: soft blocks + fixed attribute words before CoOp's tokens, CE",
+                       _atprompt, cross_entropy_loss, options=(*_PROMPT, *_ATTR)))
+register_method(Method("coop+anchoropt", "AnchorOPT: learned anchors + position matrix, CE + KD", _anchoropt,
+                       anchoropt_loss, "normal", "ensemble", needs_anchors=True, options=(*_PROMPT, *_ANCHOR),
+                       mode_heads=_ANCHOROPT_MODES))
+register_method(Method("coop+atprompt+anchoropt", "AnchorOPT's anchors + position matrix on an ATPrompt template",
+                       lambda m, c, s: _anchoropt(m, c, s, attributes=True), anchoropt_loss, "normal", "ensemble",
+                       needs_anchors=True, options=(*_PROMPT, *_ANCHOR, *_ATTR), mode_heads=_ANCHOROPT_MODES))
+
+
+# ---------------------------------------------------------------------- save / load any method's learner
+LEARNER_CONFIG = "learner.json"
+LEARNER_WEIGHTS = "learner.safetensors"
+
+
+def save_learner(learner: nn.Module, choice: MethodChoice, settings: MethodSettings,
+                 directory: str | os.PathLike) -> Path:
+    """Write any registered method's learner: its state (safetensors) and method spec + settings (JSON)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in learner.state_dict().items()}
+    save_file(tensors, str(directory / LEARNER_WEIGHTS), metadata={"format": "anchoropt"})
+    config = {"format": "anchoropt", "kind": "method_learner", "method": choice.label,
+              "settings": settings.to_json(), "trained_classnames": list(getattr(learner, "classnames", []))}
+    (directory / LEARNER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+def load_learner(directory: str | os.PathLike, model: nn.Module, classnames: Sequence[str],
+                 tokenizer: Callable | None = None) -> tuple[nn.Module, MethodChoice]:
+    """Rebuild a learner written by :func:`save_learner` for ``classnames``; returns it and its method."""
+    from safetensors.torch import load_file
+
+    from ._jsonfile import read_json
+
+    directory = Path(directory)
+    config = read_json(directory / LEARNER_CONFIG, f"no {LEARNER_CONFIG} in {directory}: not a saved learner")
+    if not isinstance(config, dict) or config.get("kind") != "method_learner":
+        raise ValueError(f"{directory / LEARNER_CONFIG} is not an anchoropt method learner config")
+    choice = parse_method(config["method"])
+    tensors = load_file(str(directory / LEARNER_WEIGHTS)) if (directory / LEARNER_WEIGHTS).is_file() else {}
+    settings = MethodSettings.from_json(config["settings"], anchors=tensors.get("anchors"), tokenizer=tokenizer)
+    learner = choice.method.build(model, list(classnames), settings)
+    device = next((b.device for b in learner.buffers()), torch.device("cpu"))
+    learner.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
+    return learner, choice
