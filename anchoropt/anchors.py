@@ -23,10 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .descriptions import load_descriptions
+from .schedules import cosine_lr, dassl_lr
 from .template import AnchorPromptTemplate, Tokenizer
 from .towers import TextTower
 
-__all__ = ["AnchorLearner", "DescriptionTargets", "description_mse"]
+__all__ = ["AnchorLearner", "DescriptionTargets", "description_mse", "STAGE1_SCHEDULES"]
+
+STAGE1_SCHEDULES = ("cosine", "released")
 
 
 def description_mse(anchor_features: torch.Tensor, targets: "DescriptionTargets") -> torch.Tensor:
@@ -123,9 +126,14 @@ class AnchorLearner(nn.Module):
         descriptions: str | os.PathLike | Mapping[str, Sequence[str]],
         max_per_class: int | None = 10,
         batch_size: int = 256,
+        selection: str = "usable",
     ) -> DescriptionTargets:
-        """Validated, encoded description features for this learner's classes (computed once per call)."""
-        checked = load_descriptions(descriptions, self.classnames, max_per_class)
+        """Validated, encoded description features for this learner's classes (computed once per call).
+
+        ``selection``: ``"usable"`` (default) drops entries without a letter before taking ``max_per_class``;
+        ``"released"`` takes the first ``max_per_class`` raw entries, junk included, as the released code.
+        """
+        checked = load_descriptions(descriptions, self.classnames, max_per_class, selection=selection)
         return DescriptionTargets.encode(self.tower, checked, self.template.tokenizer, batch_size)
 
     def loss(self, targets: DescriptionTargets, mse_weight: float = 1000.0) -> torch.Tensor:
@@ -143,8 +151,12 @@ class AnchorLearner(nn.Module):
         max_per_class: int | None = 10,
         progress: bool = True,
         callback: Callable[[int, float], None] | None = None,
+        schedule: str = "cosine",
+        steps_per_epoch: int | None = None,
+        warmup_lr: float = 1e-5,
+        selection: str = "usable",
     ) -> list[float]:
-        """Train the anchors with SGD + cosine decay (the released code's defaults).
+        """Train the anchors with SGD (the released code's lr, momentum and weight decay).
 
         Args:
             descriptions: JSON path, mapping, or precomputed :class:`DescriptionTargets`.
@@ -153,6 +165,12 @@ class AnchorLearner(nn.Module):
             max_per_class: sentences kept per class, first in file order (10 in the released code).
             progress: show a tqdm bar with the loss.
             callback: called as ``callback(step, loss)`` after every step.
+            schedule: ``"cosine"`` (default: cosine decay over the steps, stepped every step) or
+                ``"released"`` (Dassl's Stage I schedule, released behaviour: the first epoch at a constant
+                ``warmup_lr``, then a cosine over the epochs stepped once per epoch; an epoch is
+                ``steps_per_epoch`` identical full-batch steps, so ``steps`` should be a multiple of it).
+            steps_per_epoch: steps in one epoch for ``schedule="released"`` (``floor(shots * C / 32)``).
+            selection: which descriptions are kept (:meth:`targets`), when ``descriptions`` is not encoded yet.
 
         Returns:
             The loss of every step.
@@ -165,14 +183,22 @@ class AnchorLearner(nn.Module):
         for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
             if not _finite(value) or value < 0:
                 raise ValueError(f"Stage I {name} must be >= 0, got {value!r} (a finite number)")
+        if schedule not in STAGE1_SCHEDULES:
+            raise ValueError(f"unknown Stage I schedule {schedule!r}; choose one of {STAGE1_SCHEDULES}")
+        if schedule == "released" and (not steps_per_epoch or steps_per_epoch < 1):
+            raise ValueError("the released Stage I schedule needs steps_per_epoch >= 1 (floor(shots * classes / 32))")
         targets = descriptions if isinstance(descriptions, DescriptionTargets) else self.targets(
-            descriptions, max_per_class
+            descriptions, max_per_class, selection=selection
         )
         optimizer = torch.optim.SGD([self.anchors], lr=lr, momentum=momentum, weight_decay=weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        epochs = math.ceil(steps / steps_per_epoch) if schedule == "released" else steps
         history: list[float] = []
         bar = _progress_bar(steps, "Stage I anchors") if progress else None
         for step in range(steps):
+            index = step // steps_per_epoch if schedule == "released" else step
+            rate = dassl_lr(index, lr, epochs, 1, warmup_lr) if schedule == "released" else cosine_lr(step, lr, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
             loss = self.loss(targets, mse_weight)
             if not math.isfinite(loss.item()):
                 fp16 = self.tower.dtype == torch.float16
@@ -185,7 +211,6 @@ class AnchorLearner(nn.Module):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
             history.append(loss.item())
             if bar is not None:
                 bar.set_postfix(loss=f"{history[-1]:.4f}")

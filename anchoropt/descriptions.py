@@ -1,7 +1,10 @@
 """Class descriptions for Stage I: the ``{class name: [sentence, ...]}`` JSON format (CuPL / ATPrompt).
 
-Keys are matched to class names with ``_`` read as a space and case ignored.  Sentences without a single
-letter (real files contain lone ``"."`` entries) are dropped; a class left with none is an error.
+Keys are matched to class names with ``_`` read as a space and case ignored.  By default sentences without a
+single letter (real files contain lone ``"."`` entries) are dropped *before* the first ``max_per_class`` are
+taken; a class left with none is an error.  ``selection="released"`` takes the first ``max_per_class`` raw
+entries instead, junk included, as the released Stage I does (in the CuPL files this changes the chosen
+sentences of some classes: see the docs' "Released behaviour" notes).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from typing import Mapping, Sequence
 
 from ._jsonfile import read_json
 
-__all__ = ["load_descriptions", "DescriptionsError", "class_key"]
+__all__ = ["load_descriptions", "DescriptionsError", "class_key", "SELECTIONS"]
+
+SELECTIONS = ("usable", "released")
 
 
 class DescriptionsError(ValueError):
@@ -24,6 +29,7 @@ def load_descriptions(
     source: str | os.PathLike | Mapping[str, Sequence[str] | str],
     classnames: Sequence[str] | None = None,
     max_per_class: int | None = None,
+    selection: str = "usable",
 ) -> dict[str, list[str]]:
     """Read and validate descriptions, ordered as ``classnames``.
 
@@ -33,6 +39,8 @@ def load_descriptions(
             must be present.
         max_per_class: keep the first ``n`` usable sentences per class in file order (the released code
             keeps 10; ``None`` keeps all).
+        selection: ``"usable"`` (default): drop entries without a letter, then keep ``max_per_class``;
+            ``"released"``: keep the first ``max_per_class`` raw entries (junk included), released behaviour.
 
     Returns:
         ``{classname: [sentence, ...]}`` with the caller's class names as keys.
@@ -45,6 +53,8 @@ def load_descriptions(
     )
     if not isinstance(raw, Mapping):
         raise DescriptionsError(f"{where} must be a JSON object {{class name: [sentences]}}, got {type(raw).__name__}")
+    if selection not in SELECTIONS:
+        raise DescriptionsError(f"unknown description selection {selection!r}; choose one of {SELECTIONS}")
     if max_per_class is not None and max_per_class < 1:
         raise DescriptionsError(f"max_per_class must be >= 1, got {max_per_class}")
     if isinstance(classnames, str):
@@ -65,12 +75,21 @@ def load_descriptions(
     result = {}
     for name in wanted:
         file_key = by_key[_key(name)]
-        sentences = _usable_sentences(raw[file_key], file_key, where)
+        entries = _entries(raw[file_key], file_key, where)
+        if selection == "released":  # the first raw entries, junk included
+            sentences = [entry.strip() for entry in entries]
+        else:
+            sentences = [entry.strip() for entry in entries if any(ch.isalpha() for ch in entry)]
+            if not sentences:
+                raise DescriptionsError(
+                    f"{where}: class {file_key!r} has no usable description (none contains a letter)"
+                )
         result[name] = sentences[:max_per_class] if max_per_class else sentences
     return result
 
 
-def _usable_sentences(value, class_key: str, where: str) -> list[str]:
+def _entries(value, class_key: str, where: str) -> list[str]:
+    """A class's raw entries, checked to be a non-empty list of strings."""
     if isinstance(value, str):  # some files hold one string per class
         value = [value]
     if not isinstance(value, (list, tuple)):
@@ -79,17 +98,12 @@ def _usable_sentences(value, class_key: str, where: str) -> list[str]:
         )
     if not value:
         raise DescriptionsError(f"{where}: class {class_key!r} has an empty list of descriptions")
-    sentences = []
     for i, sentence in enumerate(value):
         if not isinstance(sentence, str):
             raise DescriptionsError(
                 f"{where}: description #{i} of class {class_key!r} is a {type(sentence).__name__}, not a string"
             )
-        if any(ch.isalpha() for ch in sentence):
-            sentences.append(sentence.strip())
-    if not sentences:
-        raise DescriptionsError(f"{where}: class {class_key!r} has no usable description (none contains a letter)")
-    return sentences
+    return list(value)
 
 
 def class_key(name: str) -> str:

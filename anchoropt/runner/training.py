@@ -6,7 +6,6 @@ Axes: ``N`` records (images), ``V`` cached views per image, ``E`` joint-embeddin
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import time
@@ -18,6 +17,7 @@ from torch import nn
 from .. import data as D
 from .. import distributed as dist_utils
 from ..losses import StageIILoss
+from ..schedules import dassl_lr
 from .config import RunConfig
 from .console import _bar
 from .models import ModelBundle, encode_images
@@ -93,9 +93,7 @@ def learn_anchors(
 
 def epoch_lr(epoch: int, cfg: RunConfig) -> float:
     """Dassl's schedule: ``warmup_epochs`` at a constant ``warmup_lr``, then cosine over ``epochs`` epochs."""
-    if epoch < cfg.warmup_epochs:
-        return cfg.warmup_lr
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
+    return dassl_lr(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr)
 
 
 def train_stage2(
