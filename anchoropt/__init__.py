@@ -5,6 +5,7 @@ Public names only; ``import anchoropt`` does not import open_clip.
 
 from ._version import __version__
 from .anchors import AnchorLearner, DescriptionTargets
+from .baselines import SoftPromptLearner, ZeroShotClassifier
 from .deep import DeepAnchorHooks, DeepPrompts, attach_deep
 from .descriptions import DescriptionsError, load_descriptions
 from .io import load_anchors, load_prompt_learner, save_anchors, save_prompt_learner
@@ -13,7 +14,7 @@ from .official import load_official_anchors
 from .one_stage import OneStageTrainer
 from .position import ARRANGEMENTS, PositionMatrix
 from .prompts import AnchorOPTPromptLearner
-from .template import AnchorPromptTemplate, default_tokenizer
+from .template import AnchorPromptTemplate, PromptTemplate, default_tokenizer
 from .towers import TextTower, UnsupportedTowerError
 
 __all__ = [
@@ -28,10 +29,13 @@ __all__ = [
     "DescriptionsError",
     "OneStageTrainer",
     "PositionMatrix",
+    "PromptTemplate",
+    "SoftPromptLearner",
     "StageIILoss",
     "StageIILossConfig",
     "TextTower",
     "UnsupportedTowerError",
+    "ZeroShotClassifier",
     "attach_deep",
     "default_tokenizer",
     "load_anchors",

@@ -27,7 +27,7 @@ from .schedules import cosine_lr, dassl_lr
 from .template import AnchorPromptTemplate, Tokenizer
 from .towers import TextTower
 
-__all__ = ["AnchorLearner", "DescriptionTargets", "description_mse", "STAGE1_SCHEDULES"]
+__all__ = ["AnchorLearner", "DescriptionTargets", "description_mse", "stage1_learning_rates", "STAGE1_SCHEDULES"]
 
 STAGE1_SCHEDULES = ("cosine", "released")
 
@@ -183,22 +183,16 @@ class AnchorLearner(nn.Module):
         for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
             if not _finite(value) or value < 0:
                 raise ValueError(f"Stage I {name} must be >= 0, got {value!r} (a finite number)")
-        if schedule not in STAGE1_SCHEDULES:
-            raise ValueError(f"unknown Stage I schedule {schedule!r}; choose one of {STAGE1_SCHEDULES}")
-        if schedule == "released" and (not steps_per_epoch or steps_per_epoch < 1):
-            raise ValueError("the released Stage I schedule needs steps_per_epoch >= 1 (floor(shots * classes / 32))")
+        rates = stage1_learning_rates(steps, lr, schedule, steps_per_epoch, warmup_lr)
         targets = descriptions if isinstance(descriptions, DescriptionTargets) else self.targets(
             descriptions, max_per_class, selection=selection
         )
         optimizer = torch.optim.SGD([self.anchors], lr=lr, momentum=momentum, weight_decay=weight_decay)
-        epochs = math.ceil(steps / steps_per_epoch) if schedule == "released" else steps
         history: list[float] = []
         bar = _progress_bar(steps, "Stage I anchors") if progress else None
         for step in range(steps):
-            index = step // steps_per_epoch if schedule == "released" else step
-            rate = dassl_lr(index, lr, epochs, 1, warmup_lr) if schedule == "released" else cosine_lr(step, lr, steps)
             for group in optimizer.param_groups:
-                group["lr"] = rate
+                group["lr"] = rates[step]
             loss = self.loss(targets, mse_weight)
             if not math.isfinite(loss.item()):
                 fp16 = self.tower.dtype == torch.float16
@@ -228,6 +222,25 @@ class AnchorLearner(nn.Module):
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def stage1_learning_rates(
+    steps: int, lr: float, schedule: str = "cosine", steps_per_epoch: int | None = None, warmup_lr: float = 1e-5
+) -> list[float]:
+    """The learning rate of every Stage I step.
+
+    ``"cosine"``: cosine decay over the steps, stepped every step.  ``"released"`` (Dassl's, released
+    behaviour): ``epochs = ceil(steps / steps_per_epoch)``; the first epoch at ``warmup_lr``, then a cosine
+    over the epochs stepped once per epoch (:func:`~anchoropt.schedules.dassl_lr`).
+    """
+    if schedule not in STAGE1_SCHEDULES:
+        raise ValueError(f"unknown Stage I schedule {schedule!r}; choose one of {STAGE1_SCHEDULES}")
+    if schedule == "cosine":
+        return [cosine_lr(step, lr, steps) for step in range(steps)]
+    if not steps_per_epoch or steps_per_epoch < 1:
+        raise ValueError("the released Stage I schedule needs steps_per_epoch >= 1 (floor(shots * classes / 32))")
+    epochs = math.ceil(steps / steps_per_epoch)
+    return [dassl_lr(step // steps_per_epoch, lr, epochs, 1, warmup_lr) for step in range(steps)]
 
 
 def _progress_bar(total: int, description: str):

@@ -1,14 +1,12 @@
 """Method registry: a method's name -> how to build its learner, its training loss and how it is scored.
 
-=========================== ====================================================== ======================
-name                        learner                                                loss
-=========================== ====================================================== ======================
-``zeroshot``                :class:`~anchoropt.baselines.ZeroShotClassifier`       (nothing trained)
-``coop``                    :class:`~anchoropt.baselines.SoftPromptLearner`        CE
-``coop+atprompt``           ``SoftPromptLearner(attributes=...)``                  CE
-``coop+anchoropt``          :class:`~anchoropt.prompts.AnchorOPTPromptLearner`     CE + KD (Stage II)
-``coop+atprompt+anchoropt`` ``AnchorOPTPromptLearner(attributes=...)``             CE + KD (Stage II)
-=========================== ====================================================== ======================
+| name | learner | loss |
+|---|---|---|
+| ``zeroshot`` | :class:`~anchoropt.baselines.ZeroShotClassifier` | (nothing trained) |
+| ``coop`` | :class:`~anchoropt.baselines.SoftPromptLearner` | CE |
+| ``coop+atprompt`` | ``SoftPromptLearner(attributes=...)`` | CE |
+| ``coop+anchoropt`` | :class:`~anchoropt.prompts.AnchorOPTPromptLearner` | CE + KD (Stage II) |
+| ``coop+atprompt+anchoropt`` | ``AnchorOPTPromptLearner(attributes=...)`` | CE + KD (Stage II) |
 
 A *method spec* is a name with options after a colon, e.g. ``coop+anchoropt:pooling=released``,
 ``coop:csc=true``, ``zeroshot:ensemble=true``, ``coop+atprompt:attributes=color|shape,legacy=true``
