@@ -255,3 +255,75 @@ def test_real_maple_bare_learner_call_and_fp16_rounded_compound_prompts() -> Non
         expected = compound.half().float()[:, None].expand(-1, x.shape[1], -1)  # rows 1..n_ctx, rounded
         torch.testing.assert_close(x[1:3], expected, rtol=0, atol=0)
         assert not torch.equal(compound.half().float(), compound)
+
+
+def _train_with_and_without_accelerate(model, clip_model, run):
+    """``run()`` -> (loss, {name: grad}) on the real model, then again after ``accelerate``; both results."""
+    from anchoropt.adapters import accelerate
+
+    def once():
+        torch.manual_seed(0)  # the same Gumbel sample both times
+        model.zero_grad(set_to_none=True)
+        loss = run()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    want = once()
+    handle = accelerate(model.text_encoder, clip_model)
+    handle._original = None  # the fast path must take every call
+    got = once()
+    handle.remove()
+    return want, got
+
+
+def _assert_same(want, got, tol=1e-5, loose=()):
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=0)
+    assert got[1].keys() == want[1].keys()
+    for name, grad in want[1].items():
+        bound = 2e-3 if any(part in name for part in loose) else tol
+        error = float((got[1][name] - grad).norm() / grad.norm())
+        assert error <= bound, (name, error)
+
+
+def test_real_cocoop_and_dept_kd_with_the_shims_on_accelerate() -> None:
+    labels = torch.tensor([0, 3])
+    with peer_repo("CoOp"):
+        trainers_cocoop = importlib.import_module("trainers.cocoop")
+        clip_model = _tiny_clip()
+        with cocoop.patch(trainers_cocoop, anchors=_anchor(clip_model)):
+            model = trainers_cocoop.CustomCLIP(pf.make_cfg("cocoop"), pf.BASE, clip_model)
+        h = find(model)
+        want, got = _train_with_and_without_accelerate(
+            model, clip_model, lambda: h.loss(labels, base_loss=model(pf.images(2), labels)))
+        _assert_same(want, got)
+        assert want[1]["prompt_learner.meta_net.linear1.weight"].abs().sum() > 0
+    with peer_repo("DePT"):
+        coop_module = importlib.import_module("trainers.coop")
+        elp = importlib.import_module("trainers.elp_coop")
+        clip_model = _tiny_clip()
+        with dept.patch(coop_module, anchors=_anchor(clip_model), kd_weight=1.0):
+            model = elp.CustomCLIP(pf.make_cfg("dept"), pf.BASE, clip_model)
+        h = find(model)
+        want, got = _train_with_and_without_accelerate(
+            model, clip_model, lambda: h.loss(labels, base_loss=model(pf.images(2), labels)))
+        _assert_same(want, got)
+
+
+def test_real_coop_and_maple_on_accelerate() -> None:
+    labels = torch.tensor([1, 2])
+    with peer_repo("CoOp"):
+        trainers_coop = importlib.import_module("trainers.coop")
+        clip_model = _tiny_clip()
+        model = trainers_coop.CustomCLIP(pf.make_cfg("coop"), pf.BASE, clip_model)
+        want, got = _train_with_and_without_accelerate(
+            model, clip_model, lambda: torch.nn.functional.cross_entropy(model(pf.images(2)), labels))
+        _assert_same(want, got)
+    with peer_repo("multimodal-prompt-learning"):
+        model, clip_model = _real_maple()
+        h = find(model)
+        want, got = _train_with_and_without_accelerate(
+            model, clip_model, lambda: h.loss(labels, base_loss=model(pf.images(2), labels)))
+        # MaPLe's own .half() casts round these gradients to fp16 (see test_adapters_fast_text.py)
+        _assert_same(want, got, loose=("compound_prompts_text", "prompt_learner.proj.",
+                                       "compound_prompt_projections", "prompt_learner.ctx"))

@@ -11,8 +11,9 @@ The injection lives at ``prompt_learner.anchoropt`` (find it with :func:`find`),
 freezing by name and checkpoints include it.  It is also the handle: ``loss(labels, ...)`` inside
 ``forward_backward``, ``predict(logits)`` / ``set_mode("base" | "novel")`` at test time, ``remove()``.
 
-:func:`accelerate` (independent of the shims) makes a CoOp-family ``TextEncoder`` use anchoropt's exact fast
-text path (stop at the last EOT, shared prefix computed once) - with or without AnchorOPT.
+:func:`accelerate` (independent of the shims) makes a CoOp / CoCoOp / MaPLe / DePT ``TextEncoder`` use anchoropt's
+exact fast text path (stop at the last EOT; shared prefix computed once; CoCoOp's images in one pass) - with or
+without AnchorOPT (the shims' loss then reads the text features from it).
 
 >>> import anchoropt.adapters as adapters
 >>> sorted(adapters.METHODS)

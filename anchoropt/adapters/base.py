@@ -18,7 +18,9 @@ What an injection does to the user's prompt learner (``L`` = 77 positions, ``M``
   text transformer (via :class:`~anchoropt.TextTower`), once per class set and device.
 * Image features (for the anchor logits) and, where the peer's model returns a loss instead of logits
   (CoCoOp, MaPLe, DePT in training), the normal-prompt text features are captured by hooks on the
-  user's CLIP (``visual`` and ``ln_final``) during the model's own forward.
+  user's CLIP (``visual`` and ``ln_final``) during the model's own forward - or, when the text encoder
+  runs on :func:`anchoropt.adapters.accelerate`'s fast path (which never produces the full-length
+  ``ln_final`` output), handed over by it (:func:`text_pass`).
 
 Axes: ``B`` images, ``C`` classes, ``L`` positions, ``D`` width, ``E`` feature width, ``K = M + N``.
 """
@@ -494,8 +496,8 @@ class AnchorOPTInjection(nn.Module):
     def _ln_final_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._busy or not isinstance(output, torch.Tensor) or output.dim() != 3:
             return
-        if _LAST_LEARNER_RUN.get(id(self._clip)) is not self:
-            return  # another model built on the same CLIP is encoding its prompts
+        if _LAST_LEARNER_RUN.get(id(self._clip)) is not self or id(self._clip) in _EXTERNAL_PASSES:
+            return  # another model built on the same CLIP is encoding its prompts, or a fast pass reports them
         if output.shape[0] != self._pool_index.shape[0] or output.shape[1] != self._seq_len:
             return  # not the prompt learner's prompts (another text pass through the same tower)
         dtype = getattr(self._clip, "dtype", output.dtype)
@@ -506,6 +508,37 @@ class AnchorOPTInjection(nn.Module):
         if proj is not None:
             pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
         self._text_features.append(pooled)
+
+    def _take_text_features(self, features: torch.Tensor) -> None:
+        """Features ``(C, E)`` of one text pass over this learner's prompts, from a fast text path."""
+        if not self._busy and _LAST_LEARNER_RUN.get(id(self._clip)) is self and features.dim() == 2 \
+                and features.shape[0] == self._pool_index.shape[0]:
+            self._text_features.append(features)
+
+
+_EXTERNAL_PASSES: dict[int, int] = {}
+"""id(clip_model) -> number of text passes in progress that report their features themselves (accelerate)."""
+
+
+@contextlib.contextmanager
+def text_pass(clip_model: nn.Module) -> Iterator[Callable[[torch.Tensor], None]]:
+    """A text pass over ``clip_model``'s tower that computes pooled features without the full-length
+    ``ln_final`` output (:func:`anchoropt.adapters.accelerate`): inside it the shims' ``ln_final`` capture is
+    off, and ``report(features (C, E))`` hands the pass's features to the injection whose learner ran last."""
+    key = id(clip_model)
+    _EXTERNAL_PASSES[key] = _EXTERNAL_PASSES.get(key, 0) + 1
+
+    def report(features: torch.Tensor) -> None:
+        injection = _LAST_LEARNER_RUN.get(key)
+        if injection is not None and not injection.removed:
+            injection._take_text_features(features)
+
+    try:
+        yield report
+    finally:
+        _EXTERNAL_PASSES[key] -= 1
+        if not _EXTERNAL_PASSES[key]:
+            del _EXTERNAL_PASSES[key]
 
 
 # ---------------------------------------------------------------------- hooks on the prompt learner
