@@ -1,6 +1,7 @@
 """Pure functions behind AnchorOPT's modules (torchmetrics-style functional twins).
 
-Axes: ``B`` images, ``C`` classes, ``E`` feature width, ``K`` position-matrix size.
+Axes: ``B`` images, ``C`` classes, ``E`` feature width, ``K`` position-matrix size; PAE section:
+``J`` layers in a prompt chain, ``T`` prompts per layer, ``Z`` Koopman (lifted) width.
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ __all__ = [
     "check_features",
     "KD_NORMALIZATIONS",
     "PREDICTION_MODES",
+    "PAE_READINGS",
+    "koopman_loss",
+    "lyapunov_energy",
+    "lyapunov_loss",
+    "soft_cap",
+    "stable_q",
 ]
 
 KD_NORMALIZATIONS = ("batchmean", "released")
 PREDICTION_MODES = ("base", "novel", "both")
+PAE_READINGS = ("released", "paper")
 
 
 def hard_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -150,3 +158,96 @@ def select_logits(logits_normal: torch.Tensor, logits_anchor: torch.Tensor, mode
     if mode == "both":
         return logits_normal, ensemble_logits(logits_normal, logits_anchor)
     raise ValueError(f"unknown prediction mode {mode!r}; choose one of {PREDICTION_MODES}")
+
+
+# ---------------------------------------------------------------------- PAE (Koopman-Lyapunov)
+def _check_reading(reading: str) -> None:
+    if reading not in PAE_READINGS:
+        raise ValueError(f"unknown PAE reading {reading!r}; choose one of {PAE_READINGS}")
+
+
+def _pair_operators(operators: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """``(Z, Z)`` (shared) or ``(J-1, Z, Z)`` (one per pair) -> ``(J-1, Z, Z)``."""
+    if operators.dim() == 2:
+        return operators.expand(n_pairs, *operators.shape)
+    if operators.dim() != 3 or operators.shape[0] != n_pairs:
+        raise ValueError(
+            f"Koopman operators must be (Z, Z) or ({n_pairs}, Z, Z) for {n_pairs} layer pairs, got {tuple(operators.shape)}"
+        )
+    return operators
+
+
+def _check_lifted(lifted: torch.Tensor) -> None:
+    if lifted.dim() != 3 or lifted.shape[0] < 2:
+        got = tuple(lifted.shape)
+        raise ValueError(f"lifted prompts must be (J, T, Z) with J >= 2 layers (at least one pair), got {got}")
+
+
+def koopman_loss(lifted: torch.Tensor, operators: torch.Tensor, reading: str = "released") -> torch.Tensor:
+    """Koopman consistency over consecutive layers: ``sum_i d(z_i K_i, z_{i+1})`` (unweighted).
+
+    Args:
+        lifted: ``(J, T, Z)`` lifted prompts ``z_i = P_i U``.
+        operators: ``(Z, Z)`` shared operator or ``(J-1, Z, Z)`` one per pair.
+        reading: ``"released"``: ``d`` is the mean squared error over the ``T x Z`` entries (PAE's code);
+            ``"paper"``: the squared Frobenius norm (the paper's formula).
+
+    Example:
+        >>> z = torch.ones(3, 2, 4)
+        >>> float(koopman_loss(z, torch.eye(4)))
+        0.0
+    """
+    _check_reading(reading)
+    _check_lifted(lifted)
+    ops = _pair_operators(operators, lifted.shape[0] - 1)
+    error = (lifted[:-1] @ ops - lifted[1:]).pow(2)  # (J-1, T, Z)
+    per_pair = error.mean(dim=(1, 2)) if reading == "released" else error.sum(dim=(1, 2))
+    return per_pair.sum()
+
+
+def stable_q(l_matrix: torch.Tensor) -> torch.Tensor:
+    """``Q = L^T L / ||L^T L||_2``: symmetric positive semi-definite with spectral norm 1 (``(Z, Z)``)."""
+    q = l_matrix.t() @ l_matrix
+    return q / torch.linalg.matrix_norm(q, ord=2).clamp_min(torch.finfo(q.dtype).tiny)
+
+
+def lyapunov_energy(states: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``V(z) = z Q z^T`` per row: ``(..., T, Z) -> (..., T)``."""
+    return ((states @ q) * states).sum(dim=-1)
+
+
+def soft_cap(x: torch.Tensor, cap: float = 10.0) -> torch.Tensor:
+    """``cap * tanh(x / cap)``: close to ``x`` for small values, never above ``cap`` (PAE's saturation)."""
+    return cap * torch.tanh(x / cap)
+
+
+def _row_normalised(z: torch.Tensor) -> torch.Tensor:
+    return z / z.norm(dim=-1, keepdim=True).clamp_min(1.0)
+
+
+def lyapunov_loss(
+    lifted: torch.Tensor, operators: torch.Tensor, q: torch.Tensor, reading: str = "released", cap: float = 10.0
+) -> torch.Tensor:
+    """Lyapunov-inspired stability penalty over consecutive layers (unweighted, summed over pairs).
+
+    ``"released"`` (PAE's code): rows of ``z_i`` and of the **predicted** ``z_i K_i`` are divided by
+    ``max(||row||, 1)``; per pair ``soft_cap(mean_t softplus(V(z_i K_i) - V(z_i)))`` - it constrains the
+    operator, is smooth, and is never exactly zero (``softplus > 0``).  ``"paper"``: the hinge on the actual
+    consecutive states, ``sum_t max(0, V(z_{i+1}) - V(z_i))`` per pair (``V(z) = tr(z Q z^T)``), no cap.
+
+    Args:
+        lifted: ``(J, T, Z)`` lifted prompts.
+        operators: ``(Z, Z)`` or ``(J-1, Z, Z)``.
+        q: ``(Z, Z)`` energy matrix (:func:`stable_q`).
+        cap: the released reading's soft saturation (``cap * tanh(x / cap)``).
+    """
+    _check_reading(reading)
+    _check_lifted(lifted)
+    if reading == "paper":
+        increase = lyapunov_energy(lifted[1:], q) - lyapunov_energy(lifted[:-1], q)  # (J-1, T)
+        return increase.clamp_min(0).sum()
+    ops = _pair_operators(operators, lifted.shape[0] - 1)
+    current = _row_normalised(lifted[:-1])
+    predicted = _row_normalised(lifted[:-1] @ ops)
+    increase = lyapunov_energy(predicted, q) - lyapunov_energy(current, q)  # (J-1, T)
+    return soft_cap(F.softplus(increase).mean(dim=-1), cap).sum()

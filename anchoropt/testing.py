@@ -33,10 +33,10 @@ VOCAB_SIZE = 49408
 CONTEXT_LENGTH = 77
 
 
-def _configs(width: int, layers: int, heads: int, image_size: int, text_overrides: dict):
+def _configs(width: int, layers: int, heads: int, image_size: int, text_overrides: dict, vision_layers: int = 1):
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    vision = CLIPVisionCfg(layers=1, width=64, head_width=32, patch_size=8, image_size=image_size)
+    vision = CLIPVisionCfg(layers=vision_layers, width=64, head_width=32, patch_size=8, image_size=image_size)
     text = CLIPTextCfg(
         context_length=CONTEXT_LENGTH, vocab_size=VOCAB_SIZE, width=width, heads=heads, layers=layers, **text_overrides
     )
@@ -45,13 +45,14 @@ def _configs(width: int, layers: int, heads: int, image_size: int, text_override
 
 def tiny_open_clip(
     width: int = 64, layers: int = 2, heads: int = 2, embed_dim: int = 32, image_size: int = 32, seed: int = 0,
-    **text_overrides,
+    vision_layers: int = 1, **text_overrides,
 ) -> nn.Module:
-    """A random open_clip ``CLIP`` small enough for unit tests (``eval()`` mode, fp32)."""
+    """A random open_clip ``CLIP`` small enough for unit tests (``eval()`` mode, fp32; ``vision_layers``
+    ViT blocks of width 64, patch 8)."""
     import open_clip
 
     torch.manual_seed(seed)
-    vision, text = _configs(width, layers, heads, image_size, text_overrides)
+    vision, text = _configs(width, layers, heads, image_size, text_overrides, vision_layers)
     return open_clip.CLIP(embed_dim, vision, text, quick_gelu=True).eval()
 
 
