@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep-depth", type=int, default=0,
                    help="deep variant: per-layer soft prompts for the first N text blocks after the input, anchors "
                         "carried through (0: shallow, the default)")
+    _add_pae_args(p)
     p.add_argument("--augment", choices=("rrc_flip", "none"), default="rrc_flip",
                    help="training augmentation: random resized crop + flip (default) or none")
     p.add_argument("--cache-image-features", action="store_true",
@@ -171,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="a dataset (all when omitted)")
     p.add_argument("--method", choices=("coop", "cocoop", "maple", "dept"), default="coop")
     return parser
+
+
+def _add_pae_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("PAE (Koopman-Lyapunov regulariser of the deep prompts; docs: pae.md)")
+    g.add_argument("--pae", action="store_true", help="add PAE's Koopman + Lyapunov terms (needs --deep-depth >= 2)")
+    g.add_argument("--pae-alpha", type=float, default=None, help="weight of the Koopman term (0.5)")
+    g.add_argument("--pae-beta", type=float, default=None, help="weight of the Lyapunov term (0.2)")
+    g.add_argument("--pae-dim", type=int, default=None, help="lifted (Koopman) width (256)")
+    g.add_argument("--pae-mode", choices=("global", "layerwise"), default=None,
+                   help="one shared Koopman operator (global, default) or one per layer pair")
+    g.add_argument("--pae-reading", choices=("released", "paper"), default=None,
+                   help="the released code's terms (default) or the paper's formulas")
+    g.add_argument("--pae-decay", action="store_true", default=None,
+                   help="weight-decay PAE's U, K, L like the prompts (the released SGD path; default: no decay)")
 
 
 def _add_hyper_args(p: argparse.ArgumentParser, stage1_only: bool = False) -> None:

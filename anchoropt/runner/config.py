@@ -44,6 +44,13 @@ class RunConfig:
     n_anchor: int | None = None
     preposition: str = "of"
     deep_depth: int = 0
+    pae: bool = False
+    pae_alpha: float = 0.5
+    pae_beta: float = 0.2
+    pae_dim: int = 256
+    pae_mode: str = "global"
+    pae_reading: str = "released"
+    pae_decay: bool = False
     tau: float | None = None
     epochs: int | None = None
     batch_size: int | None = None
@@ -111,9 +118,28 @@ class RunConfig:
                              "base-to-novel evaluates the novel half of --data")
         if self.protocol != "base2novel" and not self.targets:
             raise ValueError(f"the {self.protocol} protocol needs at least one target dataset (--target DIR)")
+        self._validate_pae()
         for name in ("epochs", "batch_size", "n_anchor"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def _validate_pae(self) -> None:
+        if not self.pae:
+            return
+        from ..functional import PAE_READINGS
+        from ..pae import MODES
+
+        if self.deep_depth < 2:
+            raise ValueError(f"--pae regularises the deep variant's per-layer prompts: it needs --deep-depth >= 2 "
+                             f"(at least one pair of layers), got --deep-depth {self.deep_depth}")
+        if self.pae_alpha < 0 or self.pae_beta < 0:
+            raise ValueError(f"--pae-alpha and --pae-beta must be >= 0, got {self.pae_alpha} and {self.pae_beta}")
+        if self.pae_dim < 1:
+            raise ValueError(f"--pae-dim must be >= 1, got {self.pae_dim}")
+        if self.pae_mode not in MODES:
+            raise ValueError(f"unknown --pae-mode {self.pae_mode!r}; choose one of {MODES}")
+        if self.pae_reading not in PAE_READINGS:
+            raise ValueError(f"unknown --pae-reading {self.pae_reading!r}; choose one of {PAE_READINGS}")
 
     def stage1_step_count(self, n_classes: int) -> int:
         """Explicit ``stage1_steps``, else the released schedule for ``n_classes`` (preset epochs x batches)."""

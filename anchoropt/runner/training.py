@@ -17,10 +17,14 @@ from torch import nn
 from .. import data as D
 from .. import distributed as dist_utils
 from ..losses import StageIILoss
+from ..pae import KoopmanLyapunov, optimizer_groups, prompt_chain
 from ..schedules import dassl_lr
 from .config import RunConfig
 from .console import _bar
 from .models import ModelBundle, encode_images
+
+
+PAE_MAX_GRAD_NORM = 10.0  # PAE's trainer clips the Koopman parameters' gradients at this norm
 
 
 def seed_everything(seed: int) -> None:
@@ -107,6 +111,10 @@ def train_stage2(
 ) -> dict:
     """Stage II: SGD on the soft tokens and position logits over ``records`` for ``cfg.epochs`` epochs.
 
+    With ``cfg.pae`` (deep variant) PAE's Koopman-Lyapunov terms on the per-layer soft prompts join the loss;
+    ``U, K, L`` train in their own optimiser group (no weight decay unless ``cfg.pae_decay``) with their own
+    gradient clipping (norm 10), and the summary gets a ``pae`` entry (terms per epoch, spectral radius of ``K``).
+
     With ``cfg.cache_image_features`` the frozen image tower runs before the first epoch instead of once per
     step: once per training image (``augment="none"``), or ``cfg.cache_views`` times per image with the
     training augmentation, each step then using one of an image's views at random (Tip-Adapter practice).  Returns a summary (losses per epoch, steps,
@@ -138,7 +146,10 @@ def train_stage2(
                         num_workers=0 if cached is not None else cfg.workers, drop_last=False,
                         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
     params = [p for p in learner.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    regularizer = _pae_regularizer(learner, cfg, device) if cfg.pae else None
+    groups = params if regularizer is None else optimizer_groups(params, regularizer, cfg.weight_decay, cfg.pae_decay)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    pae_history: dict[str, list[float]] = {"koopman": [], "lyapunov": []}
     loss_fn = StageIILoss(ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature,
                           kd_normalization=cfg.kd_normalization)
     module = dist_utils.wrap_ddp(learner, ctx)
@@ -153,7 +164,7 @@ def train_stage2(
             group["lr"] = epoch_lr(epoch, cfg)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        total, seen = 0.0, 0
+        total, seen, pae_sums = 0.0, 0, [0.0, 0.0]
         fetch_start = time.perf_counter()
         for batch, labels, _ in loader:
             if timer is not _no_timer:
@@ -169,12 +180,19 @@ def train_stage2(
                 logits_normal, logits_anchor = module(features)
             with timer("loss_backward"):
                 loss = loss_fn(logits_normal, logits_anchor, labels)
+                if regularizer is not None:  # parameters only: identical on every process, no all-reduce needed
+                    terms = regularizer(prompt_chain(learner))
+                    loss = loss + terms.total
+                    pae_sums[0] += terms.koopman.item() * len(labels)
+                    pae_sums[1] += terms.lyapunov.item() * len(labels)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"Stage II loss is {loss.item()} at epoch {epoch}; lower the lr or the loss weights"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if regularizer is not None:
+                    regularizer.clip_grad_(PAE_MAX_GRAD_NORM)  # its own clipping, as PAE's trainer
                 optimizer.step()
             total, seen = total + loss.item() * len(labels), seen + len(labels)
             if bar is not None:
@@ -182,13 +200,30 @@ def train_stage2(
                 bar.update()
             fetch_start = time.perf_counter()
         losses.append(total / max(seen, 1))
+        if regularizer is not None:
+            pae_history["koopman"].append(round(pae_sums[0] / max(seen, 1), 6))
+            pae_history["lyapunov"].append(round(pae_sums[1] / max(seen, 1), 6))
         if on_epoch_end is not None:
             on_epoch_end(epoch, losses[-1])
     if bar is not None:
         bar.close()
     summary.update(epochs=cfg.epochs, steps_per_epoch=len(loader), epoch_losses=[round(x, 6) for x in losses],
                    seconds=round(time.perf_counter() - start, 3))
+    if regularizer is not None:
+        summary["pae"] = {**regularizer.config(), "decay": cfg.pae_decay, "epoch_koopman": pae_history["koopman"],
+                          "epoch_lyapunov": pae_history["lyapunov"],
+                          "spectral_radius": round(regularizer.spectral_radius(), 6)}
     return summary
+
+
+def _pae_regularizer(learner: nn.Module, cfg: RunConfig, device) -> KoopmanLyapunov:
+    """PAE's ``U, K, L`` for the deep learner's chain of per-layer soft prompts (``deep_depth`` layers)."""
+    chain = prompt_chain(learner)
+    with torch.random.fork_rng(devices=[]):  # its own stream: a run with --pae draws the same Gumbel noise as without
+        torch.manual_seed(cfg.seed)
+        regularizer = KoopmanLyapunov(chain[0].shape[-1], dim=cfg.pae_dim, mode=cfg.pae_mode, alpha=cfg.pae_alpha,
+                                      beta=cfg.pae_beta, n_layers=len(chain), reading=cfg.pae_reading)
+    return regularizer.to(device)
 
 
 @torch.no_grad()
