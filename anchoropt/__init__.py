@@ -12,6 +12,7 @@ from .io import load_anchors, load_prompt_learner, save_anchors, save_prompt_lea
 from .losses import StageIILoss, StageIILossConfig
 from .official import load_official_anchors
 from .one_stage import OneStageTrainer
+from .pae import KoopmanLyapunov
 from .position import ARRANGEMENTS, PositionMatrix
 from .prompts import AnchorOPTPromptLearner
 from .template import AnchorPromptTemplate, PromptTemplate, default_tokenizer
@@ -27,6 +28,7 @@ __all__ = [
     "DeepPrompts",
     "DescriptionTargets",
     "DescriptionsError",
+    "KoopmanLyapunov",
     "OneStageTrainer",
     "PositionMatrix",
     "PromptTemplate",

@@ -36,7 +36,9 @@ from torch import nn
 
 from . import functional as Fn
 
-__all__ = ["KoopmanLyapunov", "PAETerms", "MODES", "prompt_chain", "optimizer_groups", "pae_loss"]
+__all__ = [
+    "KoopmanLyapunov", "PAETerms", "MODES", "prompt_chain", "optimizer_groups", "pae_loss", "attach", "regularization",
+]
 
 MODES = ("global", "layerwise")
 SIDES = ("text", "visual")
@@ -193,6 +195,39 @@ def _maple_learner(source: Any) -> nn.Module | None:
         if candidate is not None and hasattr(candidate, "compound_prompts_text") and hasattr(candidate, "ctx"):
             return candidate
     return None
+
+
+def attach(module: nn.Module, side: str = "text", include_input: bool = False, **options: Any) -> KoopmanLyapunov:
+    """Build a regulariser for ``module``'s chain and register it as the child ``module.pae`` (``pae_visual``).
+
+    For peers whose trainers freeze, optimise and checkpoint by module name (MaPLe: everything under
+    ``prompt_learner``): call it on the prompt learner before the trainer builds its optimiser, then add
+    :func:`regularization` ``(prompt_learner)`` to the loss.  Width and chain length are read from the chain;
+    ``options`` go to :class:`KoopmanLyapunov` (``dim``, ``mode``, ``alpha``, ``beta``, ``reading``).
+    Not for :class:`~anchoropt.AnchorOPTPromptLearner` (its saved files hold the prompts only): keep the
+    regulariser next to it, as the runner does.
+    """
+    if hasattr(module, "soft") and hasattr(module, "deep_hooks"):
+        raise TypeError("keep PAE next to an AnchorOPTPromptLearner (reg = KoopmanLyapunov(...); "
+                        "reg(prompt_chain(learner))), not inside it: its save files hold the prompts only")
+    name = "pae" if side == "text" else "pae_visual"
+    if hasattr(module, name):
+        raise RuntimeError(f"{type(module).__name__} already has a child {name!r}")
+    chain = prompt_chain(module, side=side, include_input=include_input)
+    if len(chain) < 2:
+        raise ValueError(f"PAE needs at least 2 per-layer prompts on the {side} side, this learner has {len(chain)}")
+    regularizer = KoopmanLyapunov(chain[0].shape[-1], n_layers=len(chain), device=chain[0].device, **options)
+    regularizer._chain_options = {"side": side, "include_input": include_input}
+    module.add_module(name, regularizer)
+    return regularizer
+
+
+def regularization(module: nn.Module) -> torch.Tensor:
+    """Sum of the ``total`` of every regulariser :func:`attach` put on ``module`` (text and visual)."""
+    regs = [r for r in (getattr(module, "pae", None), getattr(module, "pae_visual", None)) if r is not None]
+    if not regs:
+        raise RuntimeError(f"no PAE regulariser attached to this {type(module).__name__}: call anchoropt.pae.attach first")
+    return sum(r(prompt_chain(module, **getattr(r, "_chain_options", {}))).total for r in regs)
 
 
 def pae_loss(prompts: Sequence[torch.Tensor] | torch.Tensor | Any, regularizer: KoopmanLyapunov) -> torch.Tensor:

@@ -308,3 +308,36 @@ def test_maple_text_and_visual_chains():
     model = pf.maple.CustomCLIP(pf.make_cfg("maple", n_ctx=2, depth=4), pf.BASE, clip_model)
     assert len(prompt_chain(model)) == 3  # a CustomCLIP holding the learner
     assert math.isfinite(float(pae_loss(model, KoopmanLyapunov(64, dim=8)).detach()))
+
+
+def test_attach_to_maple_through_the_anchoropt_shim_trains_and_leaves_inference_unchanged():
+    import peer_fakes as pf
+    from anchoropt.adapters import find, maple
+    from anchoropt.pae import attach, regularization
+
+    clip_model = pf.tiny_maple_clip("fp32", n_ctx=2)
+    cfg = pf.make_cfg("maple", n_ctx=2, prec="fp32", depth=3)  # the fake's 3 text blocks
+    with maple.patch(pf.maple, anchors=pf.word_embedding(clip_model, "a")[:1]):
+        model = pf.maple.CustomCLIP(cfg, pf.BASE, clip_model)
+    pl = model.prompt_learner
+    model.eval()
+    images = pf.images(2)
+    with torch.no_grad():
+        before = model(images)
+    text_reg = attach(pl, dim=8)
+    visual_reg = attach(pl, side="visual", dim=8)
+    assert text_reg.width == 64 and visual_reg.width == pl.proj.out_features and text_reg.n_layers == 2
+    assert any(name.startswith("prompt_learner.pae.") for name, _ in model.named_parameters())  # MaPLe trains it
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), before, rtol=0, atol=0)
+    model.train()
+    labels = torch.tensor([0, 1])
+    loss = find(model).loss(labels, base_loss=model(images, labels)) + regularization(pl)
+    loss.backward()
+    for p in (pl.compound_prompts_text[0], pl.compound_prompt_projections[0].weight, text_reg.operator,
+              visual_reg.lift.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="already"):
+        attach(pl)
+    with pytest.raises(TypeError, match="next to"):
+        attach(_learner(tiny_open_clip(layers=4), 3))
