@@ -15,7 +15,7 @@ from anchoropt.testing import tiny_open_clip
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return D.make_synthetic_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class=8, size=32)
+    return D.make_synthetic_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class=12, size=32)
 
 
 @pytest.fixture(scope="module")
