@@ -1,0 +1,103 @@
+"""``anchoropt toyworld make | pretrain | info``: the toy world's command line (also ``python -m anchoropt.toyworld``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+__all__ = ["add_parser", "build_parser", "main"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``toyworld`` command (with ``make`` / ``pretrain`` / ``info``) to an argparse sub-parser set."""
+    p = subparsers.add_parser("toyworld", help="the toy world: write a dataset, pretrain the toy CLIP",
+                              description=__doc__.splitlines()[0])
+    _fill(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anchoropt toyworld", description=__doc__.splitlines()[0])
+    _fill(p)
+    return p
+
+
+def _fill(p: argparse.ArgumentParser) -> None:
+    from .concepts import GROUP_SIZE, N_GROUPS
+    from .render import DOMAINS
+
+    sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="{make,pretrain,info}")
+    m = sub.add_parser("make", help="write a toy-world dataset (PNG folders, split.json, classes.txt, descriptions.json)")
+    m.add_argument("dir", help="output directory (must be new or empty; --overwrite replaces an old toy world)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the images (the classes never change) (0)")
+    m.add_argument("--classes", type=int, default=100, help=f"number of classes, the first of the group (1..{GROUP_SIZE}) (100)")
+    m.add_argument("--per-class", type=int, default=60,
+                   help="images per class, split 50%% train / 20%% val / 30%% test (60)")
+    m.add_argument("--domain", default="photo", choices=DOMAINS, help="image domain (photo)")
+    m.add_argument("--group", type=int, default=0, help=f"class group 0..{N_GROUPS - 1}, disjoint classes (0)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing toy world in DIR")
+    m.set_defaults(toyworld_func=_make)
+
+    t = sub.add_parser("pretrain", help="pretrain the toy CLIP from scratch (contrastive; CPU, minutes)")
+    t.add_argument("--output", "-o", required=True, help="checkpoint to write (.safetensors; a .json record beside it)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the pool images, captions, init and batches (0)")
+    t.add_argument("--steps", type=int, default=None, help="optimisation steps (the shipped recipe's by default)")
+    t.add_argument("--batch-size", type=int, default=None, help="batch size (recipe default)")
+    t.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (recipe default)")
+    t.add_argument("--name-noise", type=float, default=None,
+                   help="probability that a caption names a neighbouring class instead (recipe default)")
+    t.add_argument("--threads", type=int, default=1, help="torch threads; results are deterministic per count (1)")
+    t.set_defaults(toyworld_func=_pretrain)
+
+    i = sub.add_parser("info", help="print the shipped checkpoint's record (sha256, command, calibration)")
+    i.set_defaults(toyworld_func=_info)
+
+
+def _make(args) -> int:
+    from .make import make
+
+    record = make(args.dir, seed=args.seed, classes=args.classes, per_class=args.per_class, domain=args.domain,
+                  group=args.group, overwrite=args.overwrite)
+    sizes = record["split_sizes"]
+    print(f"wrote {args.dir}: {record['classes']} classes of group {record['group']}, domain {record['domain']}, "
+          f"{sizes['train']}/{sizes['val']}/{sizes['test']} train/val/test images per class "
+          "(split.json, classes.txt, descriptions.json, world.json)")
+    return 0
+
+
+def _pretrain(args) -> int:
+    from dataclasses import replace
+
+    from .pretrain import RECIPE, pretrain, save_checkpoint
+
+    cfg = RECIPE
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr") if getattr(args, k) is not None}
+    cfg = replace(cfg, seed=args.seed, threads=args.threads, **overrides)
+    if args.name_noise is not None:
+        cfg = replace(cfg, mix=replace(cfg.mix, name_noise=args.name_noise))
+    model, record = pretrain(cfg, log=lambda line: print(line, flush=True))
+    record["command"] = "anchoropt toyworld pretrain " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["toyworld", "pretrain"]
+                                                                 else sys.argv[1:])
+    path = save_checkpoint(model, args.output, record)
+    from .model import sha256_file
+
+    print(f"wrote {path} (sha256 {sha256_file(path)}) and {path.with_suffix('.json')}")
+    return 0
+
+
+def _info(args) -> int:
+    from .model import model_card
+
+    print(json.dumps(model_card(), indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.toyworld_func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"anchoropt toyworld: error: {err}", file=sys.stderr)
+        return 2

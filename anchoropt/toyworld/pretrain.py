@@ -1,0 +1,162 @@
+"""Contrastive pretraining of the toy CLIP on the toy world's image-caption pairs.
+
+A pool of photo-domain images of every concept is rendered once (``pool_per_class`` each, a stream of
+its own, so never the images ``make`` writes); each step draws a batch of pool images (random flip and
+shift) with a freshly drawn caption each (:mod:`captions`) and takes an AdamW step on the symmetric
+InfoNCE loss with a learned temperature (as CLIP).  Deterministic for a seed and a thread count.
+
+The result is saved as fp16 safetensors plus a JSON record (configuration, wall time, threads,
+zero-shot accuracy on a held-out probe of group 0 during training).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .captions import CaptionMix, Captioner
+from .concepts import group, world
+from .render import render_many
+from .zeroshot import accuracy, class_text_features, image_features, to_model_input
+
+__all__ = ["PretrainConfig", "pretrain", "save_checkpoint"]
+
+POOL_STREAM = 10
+PROBE_STREAM = 11
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of one pretraining run (all of them are recorded next to the checkpoint)."""
+
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    pool_per_class: int = 48
+    mix: CaptionMix = field(default_factory=CaptionMix)
+    threads: int = 1
+    probe_every: int = 100
+    probe_classes: int = 100
+    probe_per_class: int = 4
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "pool_per_class", "threads", "probe_every", "probe_per_class"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self.mix.probabilities()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and a shift of up to 2 pixels (edge padding) of ``(B, 3, H, W)``."""
+    flip = torch.rand(x.shape[0], generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
+    dy, dx = (int(v) for v in torch.randint(0, 5, (2,), generator=g))
+    return padded[..., dy:dy + h, dx:dx + w]
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> tuple[torch.nn.Module, dict]:
+    """Train a toy CLIP from scratch; returns the model (fp32, eval mode) and the run's record."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from .model import build_model, encode_text
+
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    concepts = world()
+    images, labels, backgrounds = render_many(concepts, cfg.pool_per_class, cfg.seed, POOL_STREAM)
+    probe_concepts = group(0)[: cfg.probe_classes]
+    probe_images, probe_labels, _ = render_many(probe_concepts, cfg.probe_per_class, cfg.seed, PROBE_STREAM)
+    probe_x = to_model_input(probe_images)
+    log(f"rendered {len(images)} pool images and {len(probe_images)} probe images "
+        f"in {time.perf_counter() - start:.0f} s")
+
+    model = build_model(seed=cfg.seed).train()
+    tokenizer = SimpleTokenizer()
+    captioner = Captioner(concepts, cfg.mix)
+    rng = np.random.default_rng([cfg.seed, 1])
+    g = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    probes, losses = [], []
+    for step in range(cfg.steps):
+        for group_ in optimizer.param_groups:
+            group_["lr"] = _lr_at(step, cfg)
+        idx = rng.choice(len(images), cfg.batch_size, replace=False)
+        x = _augment(to_model_input(images[idx]), g)
+        ids = tokenizer([captioner.caption(int(labels[i]), backgrounds[i], rng) for i in idx])
+        img = F.normalize(model.encode_image(x), dim=-1)
+        txt = F.normalize(encode_text(model, ids), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        target = torch.arange(len(idx))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        if (step + 1) % cfg.probe_every == 0 or step + 1 == cfg.steps:
+            acc = _probe(model, tokenizer, probe_x, probe_labels, [c.name for c in probe_concepts])
+            probes.append({"step": step + 1, "zero_shot": acc})
+            log(f"step {step + 1}/{cfg.steps}: loss {np.mean(losses[-cfg.probe_every:]):.3f}, "
+                f"probe zero-shot {100 * acc:.1f}% ({time.perf_counter() - start:.0f} s)")
+    model.eval()
+    record = {"config": cfg.to_json(), "wall_seconds": round(time.perf_counter() - start, 1),
+              "threads": cfg.threads, "torch": torch.__version__, "probe": probes,
+              "final_loss": float(np.mean(losses[-50:]))}
+    return model, record
+
+
+def _probe(model, tokenizer, x, labels, classnames) -> float:
+    was_training = model.training
+    model.eval()
+    acc = accuracy(image_features(model, x), class_text_features(model, tokenizer, classnames), labels)
+    model.train(was_training)
+    return acc
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, record: dict | None = None) -> Path:
+    """Write ``model``'s state dict as fp16 safetensors (and ``record`` as ``<path>.json``); returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+             if k != "attn_mask"}
+    save_file(state, str(path))
+    if record is not None:
+        path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path
