@@ -28,7 +28,7 @@ from .concepts import group, world
 from .render import render_many
 from .zeroshot import accuracy, class_text_features, image_features, to_model_input
 
-__all__ = ["PretrainConfig", "pretrain", "save_checkpoint"]
+__all__ = ["PretrainConfig", "RECIPE", "pretrain", "save_checkpoint"]
 
 POOL_STREAM = 10
 PROBE_STREAM = 11
@@ -160,3 +160,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, record: dic
     if record is not None:
         path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+RECIPE = PretrainConfig()
+"""The settings of the shipped checkpoint (``anchoropt toyworld pretrain`` starts from these)."""
