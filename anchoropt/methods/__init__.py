@@ -1,6 +1,9 @@
 """The base methods of the paper's Table 1 as small modules over the core, each with AnchorOPT as an option.
 
+* :class:`PromptMethod` on its own is CoOp (the learned prompt, the same for every image);
 * :class:`CoCoOp` (:mod:`~anchoropt.methods.cocoop`) - meta-net bias on the context, one prompt per image;
+* :class:`DePT` (:mod:`~anchoropt.methods.dept`) - channel-wise transformation + linear-probe head fused with a
+  base method (CoOp, CoCoOp or MaPLe);
 
 Each takes ``template="coop"`` (the method alone) or ``"anchoropt"`` (the method + AnchorOPT: anchors, position
 matrix, KD toward the anchor ensemble, the ensemble for novel classes) and runs on open_clip ``CLIP`` /
@@ -10,6 +13,7 @@ matrix, KD toward the anchor ensemble, the ensemble for novel classes) and runs 
 
 from .base import MODES, PromptMethod
 from .cocoop import CoCoOp
+from .dept import DePT, FiLM
 from .text import TEMPLATES, ContextPrompt
 
-__all__ = ["CoCoOp", "ContextPrompt", "MODES", "PromptMethod", "TEMPLATES"]
+__all__ = ["CoCoOp", "ContextPrompt", "DePT", "FiLM", "MODES", "PromptMethod", "TEMPLATES"]

@@ -4,13 +4,18 @@ Every method module is an ``nn.Module`` with the same surface (so a runner or a 
 
 * ``takes_images``: ``False`` when ``forward`` takes frozen image features ``(B, E)`` (CoCoOp, DePT over
   CoOp / CoCoOp), ``True`` when it takes images ``(B, 3, H, W)`` because it prompts the image tower (MaPLe);
+* ``features(x) -> (image (B, E), text (C, E) or (B, C, E))``: the raw (not normalised) features the method's
+  logits are cosine similarities of (CoCoOp's text features are per image);
 * ``forward(x) -> (logits, logits_anchor)``, each ``(B, C)``; ``logits_anchor`` is ``None`` without anchors
   (the pair is what :class:`~anchoropt.StageIILoss` and the runner's Stage II loop take);
 * ``loss(x, labels)``: the method's training objective (CE; with anchors AnchorOPT's CE + KD);
 * ``heads(x)``: every way the module scores ``x`` - ``{"normal", "anchor", "ensemble"}`` -> ``(B, C)``;
 * ``predict(x, mode)``: ``"base"`` (the learned prompt) or ``"novel"`` (the anchor ensemble when there are
   anchors, else the learned prompt) - the paper's inference switch;
-* ``set_classnames(names)``: rebuild the class-dependent prompts (base -> novel, another dataset).
+* ``set_classnames(names)``: rebuild the class-dependent prompts (base -> novel, another dataset);
+* ``optimizer_groups(lr)``: SGD parameter groups (DePT trains its head at a larger rate).
+
+``PromptMethod(ContextPrompt(...))`` itself is CoOp (the learned prompt's features, the same for every image).
 
 Axes: ``B`` images, ``C`` classes, ``E`` joint-embedding width.
 """
@@ -20,6 +25,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
+from einops import einsum
 from torch import nn
 
 from .. import functional
@@ -32,21 +39,46 @@ MODES = ("base", "novel")
 
 
 class PromptMethod(nn.Module):
-    """Base class of the method modules (see the module docstring for the shared surface).
+    """Base class of the method modules (see the module docstring for the shared surface); on its own, CoOp.
 
-    Subclasses set :attr:`name`, build ``self.text`` (a :class:`ContextPrompt`) and implement :meth:`forward`.
+    Subclasses set :attr:`name`, build ``self.text`` (a :class:`ContextPrompt`) and override :meth:`features`.
 
     Args:
-        loss: AnchorOPT's Stage II loss settings (used only with anchors; CE weight also without).
+        text: the learned prompt (subclasses build their own and pass ``None``).
+        loss: AnchorOPT's Stage II loss settings (KD only with anchors; the CE weight always).
     """
 
-    name = "method"
+    name = "coop"
     takes_images = False
     text: ContextPrompt
 
-    def __init__(self, loss: StageIILossConfig | None = None):
+    def __init__(self, text: ContextPrompt | None = None, loss: StageIILossConfig | None = None):
         super().__init__()
+        if text is not None:
+            self.text = text
         self.loss_config = loss or StageIILossConfig()
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image (B, E), text (C, E))``: CoOp's text features do not depend on the image."""
+        return x, self.text.features()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logits, logits_anchor)``, each ``(B, C)`` float32 (``logits_anchor`` ``None`` without anchors)."""
+        image, text = self.features(x)
+        return self.similarity(image, text), self.anchor_logits(image)
+
+    def similarity(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """CLIP logits ``(B, C)`` of image ``(B, E)`` and text ``(C, E)`` or per-image ``(B, C, E)`` features."""
+        image = F.normalize(image.float(), dim=-1).to(text.device)
+        text = F.normalize(text.float(), dim=-1)
+        scale = self.logit_scale().to(text.device)
+        if text.dim() == 3:
+            return scale * einsum(image, text, "b e, b c e -> b c")
+        return scale * image @ text.t()
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """Parameter groups for ``torch.optim.SGD`` (one group at ``lr`` by default)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
     @property
     def classnames(self) -> list[str]:
@@ -71,7 +103,7 @@ class PromptMethod(nn.Module):
         """The loss from this batch's ``(logits, logits_anchor)``."""
         cfg = self.loss_config
         if anchor is None:
-            return cfg.ce_weight * torch.nn.functional.cross_entropy(logits.float(), labels)
+            return cfg.ce_weight * F.cross_entropy(logits.float(), labels)
         return functional.anchoropt_loss(logits, anchor, labels, cfg.ce_weight, cfg.kd_weight, cfg.temperature,
                                          cfg.kd_normalization)
 

@@ -22,7 +22,6 @@ from collections import OrderedDict
 from typing import Sequence
 
 import torch
-from einops import einsum
 from torch import nn
 
 from ..losses import StageIILossConfig
@@ -72,13 +71,18 @@ class CoCoOp(PromptMethod):
         loss: StageIILossConfig | None = None,
         **text_options,
     ):
-        super().__init__(loss)
-        self.text = ContextPrompt(model, classnames, template, n_ctx, **text_options)
+        super().__init__(ContextPrompt(model, classnames, template, n_ctx, **text_options), loss)
         tower = self.text.tower
         self.meta_net = meta_net(tower.output_dim, tower.width, device=tower.device)
 
-    def text_features(self, image_features: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
-        """Image-conditioned text features ``(B, C, E)``, float32, L2-normalised."""
+    def features(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image_features (B, E), text (B, C, E))``: every image's own text features (not normalised)."""
+        return image_features, self.text_features(image_features, normalize=False)
+
+    def text_features(
+        self, image_features: torch.Tensor, matrix: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        """Image-conditioned text features ``(B, C, E)`` (float32, L2-normalised unless ``normalize=False``)."""
         if image_features.dim() != 2:
             raise ValueError(f"expected image features of shape (B, E), got {tuple(image_features.shape)}")
         first = self.meta_net.linear1
@@ -89,11 +93,5 @@ class CoCoOp(PromptMethod):
         image = normalized(image_features).to(first.weight.device)
         bias = self.meta_net(image.to(first.weight.dtype))  # (B, D)
         ctx = self.text.ctx[None] + bias[:, None].to(self.text.ctx.dtype)  # (B, M, D)
-        return normalized(self.text.features(ctx, matrix))
-
-    def forward(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(logits, logits_anchor)``, each ``(B, C)`` float32 (``logits_anchor`` ``None`` without anchors)."""
-        text = self.text_features(image_features)
-        image = normalized(image_features).to(text.device)
-        logits = self.logit_scale().to(text.device) * einsum(image, text, "b e, b c e -> b c")
-        return logits, self.anchor_logits(image)
+        features = self.text.features(ctx, matrix)
+        return normalized(features) if normalize else features
