@@ -58,13 +58,13 @@ def tiny_open_clip(
 
 def tiny_custom_text_clip(
     width: int = 64, layers: int = 2, heads: int = 2, embed_dim: int = 32, image_size: int = 32, seed: int = 0,
-    **text_overrides,
+    vision_layers: int = 1, **text_overrides,
 ) -> nn.Module:
     """A random open_clip ``CustomTextCLIP``; e.g. ``no_causal_mask=True, pool_type="last"`` for a SigLIP-like tower."""
     import open_clip
 
     torch.manual_seed(seed)
-    vision, text = _configs(width, layers, heads, image_size, {"proj_bias": True, **text_overrides})
+    vision, text = _configs(width, layers, heads, image_size, {"proj_bias": True, **text_overrides}, vision_layers)
     return open_clip.CustomTextCLIP(embed_dim, vision, text).eval()
 
 

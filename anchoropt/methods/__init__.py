@@ -2,6 +2,8 @@
 
 * :class:`PromptMethod` on its own is CoOp (the learned prompt, the same for every image);
 * :class:`CoCoOp` (:mod:`~anchoropt.methods.cocoop`) - meta-net bias on the context, one prompt per image;
+* :class:`MaPLe` (:mod:`~anchoropt.methods.maple`) - deep text prompts coupled to deep vision prompts on open_clip's
+  text and vision transformers (images in);
 * :class:`DePT` (:mod:`~anchoropt.methods.dept`) - channel-wise transformation + linear-probe head fused with a
   base method (CoOp, CoCoOp or MaPLe);
 
@@ -14,6 +16,7 @@ matrix, KD toward the anchor ensemble, the ensemble for novel classes) and runs 
 from .base import MODES, PromptMethod
 from .cocoop import CoCoOp
 from .dept import DePT, FiLM
+from .maple import MaPLe
 from .text import TEMPLATES, ContextPrompt
 
-__all__ = ["CoCoOp", "ContextPrompt", "DePT", "FiLM", "MODES", "PromptMethod", "TEMPLATES"]
+__all__ = ["CoCoOp", "ContextPrompt", "DePT", "FiLM", "MaPLe", "MODES", "PromptMethod", "TEMPLATES"]
