@@ -46,6 +46,15 @@ class IncompleteSaveError(ValueError):
     """A saved file set whose files do not match its manifest (an interrupted, mixed or edited save)."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -56,6 +65,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     _parent_dir(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a saved file gets the mode open() would give it
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

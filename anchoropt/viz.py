@@ -7,7 +7,8 @@
   embedding rows (``token_embedding``) are closest in cosine, decoded with the CLIP BPE decoder.  As the
   paper notes, learned anchors rarely sit near a real word: expect fragments.
 
-matplotlib is an optional dependency (``pip install "anchoropt[viz]"``), imported only when a figure is made;
+matplotlib is an optional dependency (``pip install matplotlib``, or the ``viz`` extra when installing anchoropt),
+imported only when a figure is made;
 figures are drawn without pyplot (no display needed).  :func:`nearest_tokens` needs no matplotlib.
 """
 
@@ -35,13 +36,14 @@ __all__ = [
 ]
 
 _SPECIAL = ("<start_of_text>", "<end_of_text>")
+MATPLOTLIB_HINT = "the pictures need matplotlib: pip install matplotlib"
 
 
 def _figure(**kwargs):
     try:
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise ImportError("anchoropt.viz needs matplotlib: pip install 'anchoropt[viz]'") from err
+        raise ImportError(MATPLOTLIB_HINT) from None
     return Figure(**kwargs)
 
 
@@ -185,11 +187,11 @@ def nearest_tokens_figure(neighbours: Sequence[dict], title: str | None = None):
     """Horizontal bars of each anchor's nearest tokens (the output of :func:`nearest_tokens`)."""
     n = len(neighbours)
     k = max(len(item["tokens"]) for item in neighbours)
-    fig = _figure(figsize=(4.2 * n + 0.6, 0.32 * k + 1.6), layout="constrained")
+    fig = _figure(figsize=(max(4.2 * n + 0.6, 6.0), 0.32 * k + 1.6), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, item in zip(axes, neighbours):
         tokens = item["tokens"][::-1]
-        labels = [f"{_printable(t['token'])!r}  #{t['id']}" for t in tokens]
+        labels = [f"{_printable(repr(t['token']))}  #{t['id']}" for t in tokens]  # escape once, after repr
         values = [t["cosine"] for t in tokens]
         ax.barh(range(len(tokens)), values, color="tab:blue")
         ax.set_yticks(range(len(tokens)), labels, fontsize=8)
@@ -198,8 +200,9 @@ def nearest_tokens_figure(neighbours: Sequence[dict], title: str | None = None):
         ax.set_xlim(low, max(1e-3, max(values)) * 1.15)
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:.3f}", va="center", fontsize=7)
-        ax.set_title(f"anchor {item['anchor']}: norm {item['norm']:.2f} "
-                     f"(mean token norm {item['mean_token_norm']:.2f})", fontsize=9)
+        # two short lines: one long title line is cut at the figure's right edge
+        ax.set_title(f"anchor {item['anchor']}\nnorm {item['norm']:.2f} (mean token norm "
+                     f"{item['mean_token_norm']:.2f})", fontsize=9)
     fig.suptitle(title or "nearest vocabulary tokens of the learned anchors", fontsize=11)
     fig.supxlabel("a trailing '-' marks a word piece that does not end a word", fontsize=8)
     return fig
@@ -217,13 +220,21 @@ def save_nearest_tokens(neighbours: Sequence[dict], path: str | os.PathLike, tit
 
 
 def save_run_plots(learner: nn.Module, model: nn.Module, directory: str | os.PathLike, tokenizer=None,
-                   k: int = 10) -> dict[str, str]:
-    """``position_matrix.png``, ``anchor_tokens.png`` and ``anchor_tokens.json`` for a trained learner."""
+                   k: int = 10, note: str | None = None) -> dict[str, str]:
+    """``position_matrix.png``, ``anchor_tokens.png`` and ``anchor_tokens.json`` for a trained learner.
+
+    Args:
+        note: added to both figure titles, e.g. ``"RANDOM WEIGHTS"`` for a model without pretrained weights.
+    """
+    _figure()  # no matplotlib: fail before anything is written
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = {"position_matrix": str(save_position_matrix(learner, directory / "position_matrix.png"))}
+    suffix = f"\n{note}" if note else ""
+    paths = {"position_matrix": str(save_position_matrix(learner, directory / "position_matrix.png",
+                                                         title="AnchorOPT position matrix" + suffix))}
     neighbours = nearest_tokens(learner.anchors, model, tokenizer, k=k)
     _files.write_json(directory / "anchor_tokens.json", neighbours)
-    paths["anchor_tokens"] = str(save_nearest_tokens(neighbours, directory / "anchor_tokens.png"))
+    paths["anchor_tokens"] = str(save_nearest_tokens(
+        neighbours, directory / "anchor_tokens.png", title="nearest vocabulary tokens of the learned anchors" + suffix))
     paths["anchor_tokens_json"] = str(directory / "anchor_tokens.json")
     return paths

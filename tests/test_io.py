@@ -129,3 +129,18 @@ def test_official_anchor_plugs_into_a_512_wide_tower(shared_data):
     anchors = load_anchors(shared_data / "official_anchors" / "Caltech101_anchor.pth.tar", expected_width=512)
     learner = AnchorOPTPromptLearner(model, BASE, anchors)
     assert learner.anchor_features().shape == (len(BASE), 32)
+
+
+def test_saved_files_get_the_usual_file_mode(trained, tmp_path):
+    """safetensors writes 0600; our files follow the umask like every other file of a run (0644 with 022)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_anchors(trained.anchors, tmp_path / "anchors.safetensors")
+        save_prompt_learner(trained, tmp_path / "learner")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "anchors.safetensors", tmp_path / "learner" / WEIGHTS_NAME,
+                 tmp_path / "learner" / CONFIG_NAME):
+        assert path.stat().st_mode & 0o777 == 0o644, path

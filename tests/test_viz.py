@@ -81,3 +81,67 @@ def test_nearest_tokens_figure_escapes_glyphs_the_font_lacks():
     fig = viz.nearest_tokens_figure(neighbours)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert any("\\U0001f495" in label for label in labels) and any("café" in label for label in labels)
+
+
+def test_token_labels_are_escaped_once():
+    """An emoji shows as ``'\\U0001f44f'`` (one backslash), not repr's doubled ``'\\\\U0001f44f'``."""
+    pytest.importorskip("matplotlib")
+    neighbours = [{"anchor": 1, "norm": 1.0, "mean_token_norm": 0.5,
+                   "tokens": [{"id": 7, "token": "\U0001f44f", "cosine": 0.5}]}]
+    (label,) = [t.get_text() for t in viz.nearest_tokens_figure(neighbours).axes[0].get_yticklabels()]
+    assert label == "'\\U0001f44f'  #7"
+
+
+def _texts_outside(fig) -> list[str]:
+    """What of a rendered figure reaches past its edges: the titles, or an axes with its labels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer, box = canvas.get_renderer(), fig.bbox
+    parts = [(t.get_text(), t.get_window_extent(renderer)) for t in (fig._suptitle, fig._supxlabel)
+             if t is not None and t.get_text()]
+    parts += [(ax.get_title(), ax.get_tightbbox(renderer)) for ax in fig.axes]
+    return [name for name, e in parts
+            if e.x0 < box.x0 - 1 or e.x1 > box.x1 + 1 or e.y0 < box.y0 - 1 or e.y1 > box.y1 + 1]
+
+
+def test_titles_and_labels_fit_inside_the_figures(open_clip_model, tokenizer):
+    pytest.importorskip("matplotlib")
+    neighbours = [{"anchor": 1, "norm": 123.45, "mean_token_norm": 0.39,
+                   "tokens": [{"id": i, "token": w, "cosine": 0.1 * i} for i, w in
+                              enumerate(["\U0001f3fb\u200d\u2642\ufe0f", "calculated", "renamed-"])]}]
+    title = "nearest vocabulary tokens of the learned anchors\nRANDOM WEIGHTS: this picture means nothing"
+    assert _texts_outside(viz.nearest_tokens_figure(neighbours, title)) == []
+    assert _texts_outside(viz.position_matrix_figure(_fixed_position(), title)) == []
+
+
+def test_run_plots_carry_the_note(open_clip_model, tokenizer, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    learner = AnchorOPTPromptLearner(open_clip_model, ["cat", "dog"], torch.randn(1, 64) * 0.02, n_soft=2,
+                                     tokenizer=tokenizer)
+    titles = []
+    original = viz.nearest_tokens_figure
+    monkeypatch.setattr(viz, "nearest_tokens_figure", lambda n, title=None: titles.append(title) or original(n, title))
+    viz.save_run_plots(learner, open_clip_model, tmp_path, tokenizer=tokenizer, k=2, note="RANDOM WEIGHTS")
+    assert titles and titles[0].endswith("\nRANDOM WEIGHTS")
+
+
+def test_missing_matplotlib_is_one_clear_error_and_writes_nothing(open_clip_model, tokenizer, tmp_path,
+                                                                   monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    learner = AnchorOPTPromptLearner(open_clip_model, ["cat", "dog"], torch.randn(1, 64) * 0.02, n_soft=2,
+                                     tokenizer=tokenizer)
+    with pytest.raises(ImportError) as info:
+        viz.save_run_plots(learner, open_clip_model, tmp_path / "plots", tokenizer=tokenizer)
+    assert str(info.value) == viz.MATPLOTLIB_HINT and info.value.__cause__ is None
+    assert info.value.__suppress_context__ and not (tmp_path / "plots").exists()
