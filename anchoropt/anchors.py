@@ -163,7 +163,7 @@ class AnchorLearner(nn.Module):
             steps: optimisation steps (each one full-batch over all classes).
             mse_weight: loss scale (the released tables use 100-1000; MSE of unit vectors is tiny).
             max_per_class: sentences kept per class, first in file order (10 in the released code).
-            progress: show a tqdm bar with the loss.
+            progress: report the loss (a tqdm bar on a terminal, a plain line every 10 % elsewhere).
             callback: called as ``callback(step, loss)`` after every step.
             schedule: ``"cosine"`` (default: cosine decay over the steps, stepped every step) or
                 ``"released"`` (Dassl's Stage I schedule, released behaviour: the first epoch at a constant
@@ -207,8 +207,7 @@ class AnchorLearner(nn.Module):
             optimizer.step()
             history.append(loss.item())
             if bar is not None:
-                bar.set_postfix(loss=f"{history[-1]:.4f}")
-                bar.update()
+                bar.update(loss=f"{history[-1]:.4f}")
             if callback is not None:
                 callback(step, history[-1])
         if bar is not None:
@@ -244,6 +243,6 @@ def stage1_learning_rates(
 
 
 def _progress_bar(total: int, description: str):
-    from tqdm.auto import tqdm
+    from ._progress import Progress
 
-    return tqdm(total=total, desc=description, leave=False)
+    return Progress(total, description)

@@ -67,7 +67,7 @@ def load_descriptions(
     wanted = list(raw) if classnames is None else list(classnames)
     missing = [c for c in wanted if _key(c) not in by_key]
     if missing:
-        hints = [f"{c!r} (closest: {difflib.get_close_matches(_key(c), list(by_key), n=1)})" for c in missing[:5]]
+        hints = [f"{c!r}{_closest(c, by_key)}" for c in missing[:5]]
         raise DescriptionsError(
             f"{where} has no descriptions for {len(missing)} class(es): {', '.join(hints)}"
             + (" ..." if len(missing) > 5 else "")
@@ -104,6 +104,12 @@ def _entries(value, class_key: str, where: str) -> list[str]:
                 f"{where}: description #{i} of class {class_key!r} is a {type(sentence).__name__}, not a string"
             )
     return list(value)
+
+
+def _closest(name: str, by_key: dict[str, str]) -> str:
+    """`` (closest: 'golden retriever')`` when the file has a near miss, else nothing."""
+    match = difflib.get_close_matches(_key(name), list(by_key), n=1)
+    return f" (closest: {by_key[match[0]]!r})" if match else ""
 
 
 def class_key(name: str) -> str:

@@ -33,10 +33,17 @@ __all__ = [
     "save_nearest_tokens",
     "save_run_plots",
     "decode_token",
+    "check_matplotlib",
+    "MATPLOTLIB_HINT",
 ]
 
 _SPECIAL = ("<start_of_text>", "<end_of_text>")
 MATPLOTLIB_HINT = "the pictures need matplotlib: pip install matplotlib"
+
+
+def check_matplotlib() -> None:
+    """Raise ``ImportError`` with the install hint when matplotlib is missing (before any work is done)."""
+    _figure()
 
 
 def _figure(**kwargs):
@@ -226,7 +233,7 @@ def save_run_plots(learner: nn.Module, model: nn.Module, directory: str | os.Pat
     Args:
         note: added to both figure titles, e.g. ``"RANDOM WEIGHTS"`` for a model without pretrained weights.
     """
-    _figure()  # no matplotlib: fail before anything is written
+    check_matplotlib()  # no matplotlib: fail before anything is written
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     suffix = f"\n{note}" if note else ""

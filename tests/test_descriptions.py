@@ -108,15 +108,18 @@ def test_top_level_list(tmp_path) -> None:
 
 def test_missing_class_with_hint(tmp_path) -> None:
     path = _write(tmp_path, {"airplane": ["a plane."], "automobile": ["a car."]})
-    message = r"no descriptions for 1 class\(es\): 'aeroplane' \(closest: \['airplane'\]\)"
+    message = r"no descriptions for 1 class\(es\): 'aeroplane' \(closest: 'airplane'\)$"
     with pytest.raises(DescriptionsError, match=message):
         load_descriptions(path, ["automobile", "aeroplane"])
+    with pytest.raises(DescriptionsError) as info:  # nothing close: no empty "(closest: [])"
+        load_descriptions(path, ["zebra"])
+    assert str(info.value).endswith("'zebra'") and "closest" not in str(info.value)
 
 
 def test_many_missing_classes_are_summarised(tmp_path) -> None:
     path = _write(tmp_path, {"cat": ["a cat."]})
     names = [f"class{i}" for i in range(8)]
-    with pytest.raises(DescriptionsError, match=r"no descriptions for 8 class\(es\): 'class0'.*'class4' .* \.\.\.$"):
+    with pytest.raises(DescriptionsError, match=r"no descriptions for 8 class\(es\): 'class0'.*'class4' \.\.\.$"):
         load_descriptions(path, names)
 
 

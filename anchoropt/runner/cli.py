@@ -7,6 +7,7 @@ Commands::
     anchoropt eval           evaluate a finished run again (other targets, another protocol)
     anchoropt plot           position-matrix heatmap and the anchors' nearest tokens of a run (PNG)
     anchoropt presets        the per-dataset settings of the released tables
+    anchoropt demo           the whole method end to end on an offline tiny model (see anchoropt.demo)
 
 Run ``anchoropt COMMAND --help`` for the options.  Multi-GPU: ``torchrun --nproc_per_node 4 -m anchoropt
 train ...``.  The console script (:mod:`anchoropt.cli`) calls :func:`main`; the logic lives in the other
@@ -55,8 +56,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="open_clip model name (ViT-B-16, EVA02-B-16, ViT-B-16-SigLIP, ...), a .json open_clip model "
                         "config, or tiny-test / tiny-eva-test / tiny-siglip-test (random tiny towers for tests)")
     g.add_argument("--pretrained", default="openai",
-                   help="open_clip pretrained tag (needs a network or a filled cache), a local checkpoint file, "
-                        "or 'none' for random weights (default: openai)")
+                   help="open_clip pretrained tag (downloaded on first use: needs a network, else it fails at once "
+                        "saying so), a local checkpoint file, or 'none' for random weights (default: openai)")
     g.add_argument("--precision", default="fp32", help="open_clip precision: fp32 (default), fp16, bf16, amp ...")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
@@ -80,7 +81,22 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1, help="seed for the shots, initialisation and shuffling (1)")
     p.add_argument("--output", "-o", default="runs/anchoropt", help="run directory (runs/anchoropt)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress reports (a tqdm bar on a terminal, a plain line every 10%% elsewhere)")
+    _add_threads_arg(p)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's own, one per core); on a machine shared with other "
+                        "busy processes --threads 1 avoids oversubscribing the cores")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,18 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--output", "-o", help="results file (default: RUN/eval_results.json)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    _add_threads_arg(p)
 
     p = sub.add_parser("plot", help="position-matrix heatmap and nearest tokens of a run (PNG)",
                        description="Write position_matrix.png, anchor_tokens.png and anchor_tokens.json "
-                                   "(needs matplotlib: pip install 'anchoropt[viz]').")
+                                   "(needs matplotlib: pip install matplotlib).")
     p.add_argument("run", help="run directory written by `anchoropt train`")
     p.add_argument("--output", "-o", help="output directory (default: RUN/plots)")
     p.add_argument("--k", type=int, default=10, help="nearest tokens per anchor (10)")
     p.add_argument("--pretrained", help="model weights (default: the run's)")
+    _add_threads_arg(p)
 
     p = sub.add_parser("presets", help="show the per-dataset settings of the released tables")
     p.add_argument("name", nargs="?", help="a dataset (all when omitted)")
     p.add_argument("--method", choices=("coop", "cocoop", "maple", "dept"), default="coop")
+
+    from .. import demo
+
+    p = sub.add_parser("demo", help="the whole method end to end, offline (Stage I, Stage II, base / novel / HM)",
+                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(p)
     return parser
 
 
@@ -232,19 +256,24 @@ def _cmd_plot(args) -> int:
     from ..io import load_prompt_learner, read_config
     from .config import load_run_config
     from .models import build_model
+    from .reports import random_weights
 
+    viz.check_matplotlib()  # before the model is built
     run = Path(args.run)
     cfg = load_run_config(run)
-    bundle = build_model(cfg.model, args.pretrained or cfg.pretrained, "cpu", "fp32", "none")
+    pretrained = args.pretrained or cfg.pretrained
+    bundle = build_model(cfg.model, pretrained, "cpu", "fp32", "none")
     saved = read_config(run / "prompt_learner", "prompt_learner")
     learner = load_prompt_learner(run / "prompt_learner", bundle.model, saved["trained_classnames"],
                                   tokenizer=bundle.tokenizer)
     out = Path(args.output) if args.output else run / "plots"
-    heatmap = viz.save_position_matrix(learner, out / "position_matrix.png")
+    note = "\nRANDOM WEIGHTS: this picture means nothing" if random_weights(pretrained) else ""
+    heatmap = viz.save_position_matrix(learner, out / "position_matrix.png", title="AnchorOPT position matrix" + note)
     neighbours = viz.nearest_tokens(learner.anchors, bundle.model, bundle.tokenizer, k=args.k)
     (out / "anchor_tokens.json").write_text(json.dumps(neighbours, indent=2, ensure_ascii=False) + "\n",
                                             encoding="utf-8")
-    bars = viz.save_nearest_tokens(neighbours, out / "anchor_tokens.png")
+    bars = viz.save_nearest_tokens(neighbours, out / "anchor_tokens.png",
+                                   title="nearest vocabulary tokens of the learned anchors" + note)
     for item in neighbours:
         words = ", ".join(f"{t['token']!r} {t['cosine']:.2f}" for t in item["tokens"][:5])
         print(f"anchor {item['anchor']} (norm {item['norm']:.2f}): {words}")
@@ -256,6 +285,8 @@ def _cmd_presets(args) -> int:
     from ..presets import DATASETS, preset
 
     names = [args.name] if args.name else ["default", "xd", *DATASETS]
+    if args.name:
+        preset(args.name, args.method)  # an unknown name: the error goes to stderr, exit status 2
     print(f"{'preset':<15}{'n_soft':>7}{'epochs':>7}{'ce':>8}{'kd':>8}{'kd_T':>6}{'batch':>6}{'lr':>8}"
           f"{'stage1 ep':>10}{'mse':>7}")
     for name in names:
@@ -271,15 +302,28 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .. import demo
+
+    return demo.run(args)
+
+
 _COMMANDS = {"learn-anchors": _cmd_learn_anchors, "train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot,
-             "presets": _cmd_presets}
+             "presets": _cmd_presets, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anchoropt`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return _COMMANDS[args.command](args)
+    except ImportError as err:  # an optional dependency (matplotlib): its one-line install hint
+        print(f"anchoropt {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError, KeyError) as err:
         # user errors (missing files, bad options, unknown classes): one clear line, no traceback
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -166,8 +166,8 @@ def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:
-    def absolute(path):
-        return str(Path(path).expanduser().resolve()) if path else path
+    def absolute(path):  # no symlink resolution: messages and run_config.json show the paths as given
+        return os.path.abspath(Path(path).expanduser()) if path else path
 
     model = absolute(cfg.model) if cfg.model.endswith(".json") else cfg.model
     pretrained = absolute(cfg.pretrained) if cfg.pretrained and Path(cfg.pretrained).is_file() else cfg.pretrained

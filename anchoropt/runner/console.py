@@ -1,4 +1,4 @@
-"""What a run prints: log lines on the main process and tqdm progress bars."""
+"""What a run prints: log lines on the main process and progress (tqdm on a terminal, plain lines elsewhere)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,6 @@ def _log(ctx: dist_utils.DistContext, message: str) -> None:
 def _bar(total: int, description: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from .._progress import Progress
 
-    return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
+    return Progress(total, description)

@@ -6,9 +6,13 @@ Axes: ``B`` images, ``E`` joint-embedding width.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -79,17 +83,92 @@ def build_model(
             open_clip.add_model_config(config)
             name = config.stem
         if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
-            raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models() (or pass a .json config)")
-        if pretrained is not None and not Path(pretrained).is_file() and \
-                pretrained not in open_clip.list_pretrained_tags_by_model(name):
+            raise ValueError(f"unknown open_clip model {name!r}{_did_you_mean(name, open_clip.list_models())}; "
+                             "see open_clip.list_models() (or pass a .json config)")
+        if pretrained is not None and not Path(pretrained).is_file():
             tags = open_clip.list_pretrained_tags_by_model(name)
-            raise ValueError(f"{pretrained!r} is neither a file nor a pretrained tag of {name} (tags: {tags})")
-        model = open_clip.create_model(name, pretrained=pretrained, precision=precision, device=device)
+            if pretrained not in tags:
+                raise ValueError(f"--pretrained {pretrained!r} is neither a file nor a pretrained tag of {name} "
+                                 f"(tags: {', '.join(tags) or 'none'}; or 'none' for random weights)")
+            _check_downloadable(name, pretrained)
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, precision=precision, device=device)
+        except (OSError, RuntimeError) as err:  # a download that failed half-way, a corrupt cached file
+            if pretrained is None or Path(pretrained).is_file():
+                raise
+            raise ValueError(f"could not load the {pretrained!r} weights of {name} ({_first_line(err)}); "
+                             f"{_PRETRAINED_CHOICES}") from None
         tokenizer = open_clip.get_tokenizer(name)
     model = model.to(device).eval().requires_grad_(False)
     test_tf = eval_transform(model)
     train_tf = train_transform(model, augment)
     return ModelBundle(model, tokenizer, train_tf, test_tf, name)
+
+
+_PRETRAINED_CHOICES = ("pass --pretrained none (random weights, to try the code), --pretrained FILE (a local "
+                       "checkpoint), or a tag where it can be downloaded")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    """`` (did you mean 'ViT-B-32'?)`` for ``ViT-B/32`` and other near misses; empty when nothing is close."""
+    exact = [c for c in known if c.lower() == name.replace("/", "-").lower()]
+    candidates = exact or difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+    return f" (did you mean {', '.join(repr(c) for c in candidates[:3])}?)" if candidates else ""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _check_downloadable(name: str, tag: str, timeout: float = 3.0) -> None:
+    """Fail at once, in one line, when an open_clip tag's weights are not cached and cannot be downloaded.
+
+    Without this, a missing network costs a minute of retries and several chained tracebacks.  Offline
+    means ``HF_HUB_OFFLINE`` set, or the download host refusing a connection within ``timeout`` seconds.
+    """
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg or "file" in cfg or _cached(cfg):
+        return
+    hub = cfg.get("hf_hub", "")
+    host = "huggingface.co" if hub else urlparse(cfg.get("url", "")).hostname
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        reason = "HF_HUB_OFFLINE is set"
+    elif host and not _reachable(host, timeout):
+        reason = f"{host} cannot be reached"
+    else:
+        return
+    raise ValueError(f"--pretrained {tag} needs a download of {name}'s weights, which are not cached here and "
+                     f"{reason}: {_PRETRAINED_CHOICES}")
+
+
+def _cached(cfg: dict) -> bool:
+    """Whether open_clip would find ``cfg``'s weights without a download (Hugging Face cache or URL cache)."""
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return False
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith(".bin"):
+            names.insert(0, filename.replace("open_clip_pytorch_model", "open_clip_model").replace(".bin",
+                                                                                                    ".safetensors"))
+        return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+    url = cfg.get("url", "")
+    return bool(url) and (Path("~/.cache/clip").expanduser() / os.path.basename(urlparse(url).path)).is_file()
+
+
+def _reachable(host: str, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _load_state_dict_file(model: nn.Module, path: str) -> None:

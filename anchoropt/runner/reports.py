@@ -8,25 +8,35 @@ from pathlib import Path
 from .models import ModelBundle
 
 
+RANDOM_FLAG = "RANDOM WEIGHTS"
+
+
+def random_weights(pretrained: str | None) -> bool:
+    """Whether a run's model has no trained weights (``--pretrained none``; a test tower without a file)."""
+    return pretrained in (None, "", "none", "None")
+
+
 def summary_line(results: dict) -> str:
-    """One line for logs: ``base2novel cifar10_mini seed 1 | base 81.2 | novel 70.3 | HM 75.4``."""
+    """One line for logs: ``base2novel cifar10_mini seed 1 | base 81.2 | novel 70.3 | HM 75.4``, ending in
+    ``| RANDOM WEIGHTS`` when the model had no trained weights."""
     head = f"{results['protocol']} {results['dataset']} seed {results['seed']}"
+    flag = f" | {RANDOM_FLAG}" if results.get("random_weights") else ""
     r = results["results"]
     if results["protocol"] == "base2novel":
         return (f"{head} | base {r['base']['accuracy']:.2f} | novel {r['novel']['accuracy']:.2f} | "
-                f"HM {r['hm']:.2f}")
+                f"HM {r['hm']:.2f}{flag}")
     parts = [f"source {r['source']['accuracy']:.2f}"]
     parts += [f"{name} {v['accuracy']:.2f}" for name, v in r["targets"].items()]
     if r.get("target_mean") is not None:
         parts.append(f"target mean {r['target_mean']:.2f}")
-    return f"{head} | " + " | ".join(parts)
+    return f"{head} | " + " | ".join(parts) + flag
 
 
-def _plots(learner, bundle: ModelBundle, out: Path) -> dict | None:
+def _plots(learner, bundle: ModelBundle, out: Path, note: str | None = None) -> dict | None:
+    from .. import viz
+
     try:
-        from .. import viz
-
-        return viz.save_run_plots(learner, bundle.model, out / "plots", tokenizer=bundle.tokenizer)
-    except ImportError as err:
-        print(f"plots skipped ({err}); install the extra: pip install 'anchoropt[viz]'", file=sys.stderr)
+        return viz.save_run_plots(learner, bundle.model, out / "plots", tokenizer=bundle.tokenizer, note=note)
+    except ImportError as err:  # one line; nothing written
+        print(f"plots skipped: {err}", file=sys.stderr)
         return None

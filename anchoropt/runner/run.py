@@ -19,7 +19,7 @@ from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_co
 from .console import _log
 from .models import ModelBundle, _text_width, build_model
 from .protocols import _evaluations, _open_targets, _source_dataset, _training_view
-from .reports import _plots, summary_line
+from .reports import RANDOM_FLAG, _plots, random_weights, summary_line
 from .training import learn_anchors, seed_everything, train_stage2
 
 
@@ -30,6 +30,14 @@ class RunResult:
     results: dict
     learner: nn.Module | None = None
     output: Path | None = None
+
+
+def _check_dataset_paths(cfg: RunConfig) -> None:
+    """``--data`` and every ``--target`` must be directories; the error shows the path as it was given."""
+    for flag, path in [("--data", cfg.data)] + [("--target", t) for t in cfg.targets]:
+        if path and not Path(path).expanduser().is_dir():
+            what = "not a directory" if Path(path).expanduser().exists() else "not found"
+            raise FileNotFoundError(f"dataset directory {what}: {path} ({flag})")
 
 
 def run_learn_anchors(cfg: RunConfig, bundle: ModelBundle | None = None, classnames: Sequence[str] | None = None,
@@ -44,25 +52,31 @@ def run_learn_anchors(cfg: RunConfig, bundle: ModelBundle | None = None, classna
     cfg = cfg.resolve() if any(getattr(cfg, k) is None for k in RunConfig._DEFAULTS) else cfg
     if not cfg.descriptions:
         raise ValueError("learn-anchors needs --descriptions (a {class: [sentences]} JSON file)")
+    _check_dataset_paths(cfg)
     ctx = dist_utils.init_from_env(cfg.device)
     seed_everything(cfg.seed)
-    bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
-    if classnames is None:
+    if classnames is None:  # the inputs are read before the model is built: a wrong path fails at once
         if cfg.data:
-            classnames = D.subsample_classes(D.sample_few_shot(_source_dataset(cfg), cfg.shots, cfg.seed),
-                                             subsample).classnames
+            source = _source_dataset(cfg)
+            classnames = D.subsample_classes(D.sample_few_shot(source, cfg.shots, cfg.seed), subsample).classnames
+            _log(ctx, f"{source.summary()}; Stage I on the {subsample} classes: {len(classnames)}")
         else:
             keys = list(load_descriptions(cfg.descriptions))
             classnames = keys[: math.ceil(len(keys) / 2)] if subsample == "base" else keys
+            _log(ctx, f"{cfg.descriptions}: {len(keys)} classes; Stage I on "
+                      + (f"the first {len(classnames)} (base)" if subsample == "base" else f"all {len(keys)}"))
+    bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
     anchors, info = learn_anchors(bundle, classnames, cfg.descriptions, cfg, ctx)
     out = Path(cfg.output)
     info.update(classnames=list(classnames), model=cfg.model, pretrained=cfg.pretrained,
+                random_weights=random_weights(cfg.pretrained),
                 descriptions=cfg.descriptions, anchor_norms=[round(float(x), 4) for x in anchors.norm(dim=-1)])
     if ctx.is_main:
         save_anchors(anchors, out / "anchors.safetensors", classnames=list(classnames))
         (out / "stage1.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        flag = f" | {RANDOM_FLAG}" if random_weights(cfg.pretrained) else ""
         print(f"stage1 {len(classnames)} classes | {info['steps']} steps | loss {info['loss_first']:.4f} -> "
-              f"{info['loss_last']:.4f} | anchors -> {out / 'anchors.safetensors'}", flush=True)
+              f"{info['loss_last']:.4f} | anchors -> {out / 'anchors.safetensors'}{flag}", flush=True)
     dist_utils.cleanup(ctx)
     return info
 
@@ -81,17 +95,20 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
     from ..io import load_anchors, save_anchors, save_prompt_learner
     from ..prompts import AnchorOPTPromptLearner
 
-    cfg = _absolute_paths(cfg.resolve())  # run_config.json then works from any directory
-    own_ctx = ctx is None
-    ctx = ctx or dist_utils.init_from_env(cfg.device)
-    seed_everything(cfg.seed)  # same frozen random towers and initial prompts on every process
     wall = time.perf_counter()
-    bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
+    cfg = cfg.resolve()
+    _check_dataset_paths(cfg)  # the paths as typed, in the messages
+    cfg = _absolute_paths(cfg)  # run_config.json then works from any directory
+    # the inputs are read before the model is built: a wrong --data or --target fails at once
     source = _source_dataset(cfg)
     train_view, novel_view = _training_view(source, cfg)
     trained = train_view.classnames
     if evaluate_after:
         _open_targets(cfg, trained)
+    own_ctx = ctx is None
+    ctx = ctx or dist_utils.init_from_env(cfg.device)
+    seed_everything(cfg.seed)  # same frozen random towers and initial prompts on every process
+    bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
     _log(ctx, f"{source.summary()}; training on {len(train_view.train)} images of {len(trained)} classes "
               f"({cfg.shots} shots, seed {cfg.seed}, protocol {cfg.protocol}, world size {ctx.world_size})")
     out = Path(cfg.output)
@@ -129,7 +146,7 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         save_prompt_learner(learner, out / "prompt_learner")
     results: dict[str, Any] = {
         "protocol": cfg.protocol, "dataset": source.name, "model": cfg.model, "pretrained": cfg.pretrained,
-        "preset": cfg.preset, "seed": cfg.seed, "shots": cfg.shots, "trained_classes": list(trained),
+        "random_weights": random_weights(cfg.pretrained), "preset": cfg.preset, "seed": cfg.seed, "shots": cfg.shots, "trained_classes": list(trained),
         "world_size": ctx.world_size, "stage1": stage1, "stage2": stage2,
         "position": {"assignment": learner.position.assignment().tolist(), "slots": learner.position.describe()},
     }
@@ -143,7 +160,8 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
     if ctx.is_main:
         (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         if cfg.plots:
-            results["plots"] = _plots(learner, bundle, out)
+            note = f"{RANDOM_FLAG}: this picture means nothing" if results["random_weights"] else None
+            results["plots"] = _plots(learner, bundle, out, note)
         if "summary" in results:
             print(results["summary"], flush=True)
     dist_utils.barrier(ctx)
@@ -165,16 +183,17 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
 
     run_dir = Path(run_dir)
     cfg = dataclasses.replace(load_run_config(run_dir), **(overrides or {})).resolve()
+    _check_dataset_paths(cfg)
+    source = _source_dataset(cfg)  # before the model: a wrong --data fails at once
+    train_view, novel_view = _training_view(source, cfg)
     ctx = dist_utils.init_from_env(cfg.device)
     seed_everything(cfg.seed)
     bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, "none")
-    source = _source_dataset(cfg)
-    train_view, novel_view = _training_view(source, cfg)
     learner = load_prompt_learner(run_dir / "prompt_learner", bundle.model, train_view.classnames,
                                   tokenizer=bundle.tokenizer)
     trained = read_config(run_dir / "prompt_learner", "prompt_learner")["trained_classnames"]
     results = {"protocol": cfg.protocol, "dataset": source.name, "model": cfg.model, "pretrained": cfg.pretrained,
-               "seed": cfg.seed, "shots": cfg.shots, "run": str(run_dir),
+               "random_weights": random_weights(cfg.pretrained), "seed": cfg.seed, "shots": cfg.shots, "run": str(run_dir),
                "results": _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained)}
     results["summary"] = summary_line(results)
     if ctx.is_main:

@@ -196,8 +196,7 @@ def train_stage2(
                 optimizer.step()
             total, seen = total + loss.item() * len(labels), seen + len(labels)
             if bar is not None:
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-                bar.update()
+                bar.update(epoch=epoch + 1, loss=f"{loss.item():.4f}")
             fetch_start = time.perf_counter()
         losses.append(total / max(seen, 1))
         if regularizer is not None:
