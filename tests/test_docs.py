@@ -47,6 +47,9 @@ def test_site_builds_offline_in_strict_mode(tmp_path):
             assert (site / optional.removesuffix(".md") / "index.html").is_file()
     for page in sorted((DOCS / "integrations").glob("*.md")):
         assert (site / "integrations" / page.stem / "index.html").is_file(), page.name
+    examples = (site / "examples" / "index.html").read_text(encoding="utf-8")
+    assert "# AnchorOPT (2/3): CE + KD" in examples  # the scripts themselves, included at build time
+    assert "stylesheets/extra.css" in (site / "index.html").read_text(encoding="utf-8")
 
 
 def _commands(text: str) -> list[list[str]]:
@@ -104,3 +107,41 @@ def test_nav_hook_drops_missing_pages_and_lists_integrations(tmp_path):
     page = "::: anchoropt.viz\n\n::: anchoropt.no_such_module\n"
     out = hook.on_page_markdown(page, page=None)
     assert "::: anchoropt.viz" in out and "`anchoropt.no_such_module` is not part of this version" in out
+
+
+def test_mkdocs_config_is_strict_and_wraps_code():
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert re.search(r"^strict: true\b", config, flags=re.M)
+    assert "stylesheets/extra.css" in config
+    assert "white-space: pre-wrap" in (DOCS / "stylesheets" / "extra.css").read_text(encoding="utf-8")
+
+
+def test_readme_and_docs_link_every_example():
+    scripts = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    page = (DOCS / "examples.md").read_text(encoding="utf-8")
+    for name in scripts:
+        assert f"](examples/{name})" in readme, name
+        assert f"`examples/{name}`" in page, name
+    assert len(re.findall(r'^    --8<-- "examples/(\w+\.py)"$', page, flags=re.M)) == len(scripts) - 1  # all but the demo
+
+
+def test_no_install_hint_names_the_unpublished_package():
+    """`pip install "anchoropt[viz]"` cannot work while the package is not on the index."""
+    pattern = re.compile(r"pip install [\"']?anchoropt")
+    files = [ROOT / "README.md", *DOCS.rglob("*.md"), *(ROOT / "anchoropt").rglob("*.py"),
+             *(ROOT / "examples").glob("*.py")]
+    offenders = [str(f.relative_to(ROOT)) for f in files if pattern.search(f.read_text(encoding="utf-8"))]
+    assert offenders == []
+
+
+def test_speed_figures_are_the_benchmarks():
+    """Every "Nx faster" of the README and the docs is a figure of benchmarks/README.md."""
+    measured = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    claims = []
+    for page in [ROOT / "README.md", *DOCS.rglob("*.md")]:
+        text = page.read_text(encoding="utf-8")
+        claims += [(page.name, m) for m in re.findall(r"(\d+(?:\.\d+)?)x faster", text)]
+    assert claims
+    for page, figure in claims:
+        assert re.search(rf"\b{re.escape(figure)}(\.\d)?x", measured), f"{page}: {figure}x is not in benchmarks/README.md"
