@@ -9,7 +9,7 @@
 
 AnchorOPT itself is :class:`~anchoropt.prompts.AnchorOPTPromptLearner` (``attributes=`` puts its arranged
 slots on an ATPrompt template).  Every learner here answers ``heads(image_features)`` with its named
-logits, which is what :mod:`anchoropt.methods` and the experiment runner score.
+logits, which is what :mod:`anchoropt.registry` and the experiment runner score.
 
 Axes: ``B`` images, ``C`` classes, ``M`` class soft tokens, ``K`` slots, ``D`` width, ``E`` feature width.
 """

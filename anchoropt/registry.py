@@ -1,4 +1,4 @@
-"""Method registry: a method's name -> how to build its learner, its training loss and how it is scored.
+"""Method registry (``anchoropt.registry``): a method's name -> how to build its learner, its training loss and how it is scored.
 
 | name | learner | loss |
 |---|---|---|

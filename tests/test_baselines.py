@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from anchoropt import AnchorOPTPromptLearner, TextTower
 from anchoropt.baselines import ENSEMBLE_TEMPLATES, SoftPromptLearner, ZeroShotClassifier
 from anchoropt.io import load_prompt_learner, save_prompt_learner
-from anchoropt.methods import (
+from anchoropt.registry import (
     Method,
     MethodSettings,
     available_methods,
