@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from .. import _files
 
 __all__ = ["main", "build_parser"]
 
@@ -155,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "base (normal), novel (ensemble), anchor (anchor prompt only)")
     p.add_argument("--eval-batch-size", type=int, default=100, help="evaluation batch size (100)")
     p.add_argument("--save-every", type=int, default=0, help="also save the learner every N epochs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output (a finished or interrupted one); refused otherwise")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --output from its last complete checkpoint "
+                        "(same options as it was started with)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write plots/*.png")
     _add_model_args(p)
     _add_data_args(p)
@@ -238,7 +244,7 @@ def _cmd_learn_anchors(args) -> int:
 def _cmd_train(args) -> int:
     from .run import run_training
 
-    run_training(_config(args))
+    run_training(_config(args), overwrite=args.overwrite, resume=args.resume)
     return 0
 
 
@@ -270,8 +276,7 @@ def _cmd_plot(args) -> int:
     note = "\nRANDOM WEIGHTS: this picture means nothing" if random_weights(pretrained) else ""
     heatmap = viz.save_position_matrix(learner, out / "position_matrix.png", title="AnchorOPT position matrix" + note)
     neighbours = viz.nearest_tokens(learner.anchors, bundle.model, bundle.tokenizer, k=args.k)
-    (out / "anchor_tokens.json").write_text(json.dumps(neighbours, indent=2, ensure_ascii=False) + "\n",
-                                            encoding="utf-8")
+    _files.write_json(out / "anchor_tokens.json", neighbours)
     bars = viz.save_nearest_tokens(neighbours, out / "anchor_tokens.png",
                                    title="nearest vocabulary tokens of the learned anchors" + note)
     for item in neighbours:
@@ -324,8 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as err:  # an optional dependency (matplotlib): its one-line install hint
         print(f"anchoropt {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        # user errors (missing files, bad options, unknown classes): one clear line, no traceback
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError,
+            FloatingPointError) as err:
+        # user errors (missing files, bad options, unknown classes, a diverging run): one clear line, no traceback
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"anchoropt {args.command}: error: {message}", file=sys.stderr)
         return 2

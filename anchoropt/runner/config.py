@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .._jsonfile import read_json
+from ..functional import KD_NORMALIZATIONS
 from ..presets import preset as get_preset
 
 PROTOCOLS = ("base2novel", "cross-dataset", "domain-generalization")
@@ -119,9 +123,41 @@ class RunConfig:
         if self.protocol != "base2novel" and not self.targets:
             raise ValueError(f"the {self.protocol} protocol needs at least one target dataset (--target DIR)")
         self._validate_pae()
-        for name in ("epochs", "batch_size", "n_anchor"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_types()
+        for names, low, strict in _RANGES:
+            for name in names:
+                value = getattr(self, name)
+                if value is None:
+                    continue
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{_flag(name)} must be a finite number, got {value}")
+                if value < low or (strict and value == low):
+                    raise ValueError(f"{_flag(name)} must be {'>' if strict else '>='} {low}, got {value}")
+        if self.kd_normalization is not None and self.kd_normalization not in KD_NORMALIZATIONS:
+            raise ValueError(f"unknown --kd-normalization {self.kd_normalization!r}; choose one of {KD_NORMALIZATIONS}")
+        if not (0 < self.p_train < 1 and 0 <= self.p_val < 1 and self.p_train + self.p_val < 1):
+            raise ValueError(f"need 0 < --p-train < 1, 0 <= --p-val < 1 and --p-train + --p-val < 1, got "
+                             f"{self.p_train}, {self.p_val}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"unknown --device {self.device!r}; use cpu, cuda or cuda:N") from None
+
+    def _check_types(self) -> None:
+        """Each field's type (a hand-edited run_config.json may hold "3" for 3, or 1.5 for an int)."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), _TYPES[f.name]
+            if value is None and type(None) in kinds:
+                continue
+            if f.name == "targets":
+                ok = isinstance(value, list) and all(isinstance(t, str) for t in value)
+            else:  # an int where a float is expected is fine (1 for 1.0); a bool is never a number
+                ok = (isinstance(value, kinds) or (float in kinds and isinstance(value, int))) and \
+                    not (isinstance(value, bool) and bool not in kinds)
+            if not ok:
+                wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+                raise ValueError(f"{f.name} must be {wanted}, got {value!r} ({type(value).__name__})")
 
     def _validate_pae(self) -> None:
         if not self.pae:
@@ -153,16 +189,57 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, values: dict) -> "RunConfig":
+        """A config from ``run_config.json``'s values (extra bookkeeping keys such as ``run_id`` ignored),
+        type-checked field by field."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a run config must be a JSON object, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        unknown = sorted(set(values) - known - _BOOKKEEPING)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; known keys: {sorted(known)}")
+        cfg = cls(**{k: v for k, v in values.items() if k in known})
+        cfg._check_types()
+        return cfg
 
 
 def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
-    """The :class:`RunConfig` a run directory was trained with (``run_config.json``)."""
+    """The :class:`RunConfig` a run directory was trained with (``run_config.json``), checked."""
     path = Path(run_dir) / RUN_CONFIG
-    return RunConfig.from_json(
-        read_json(path, f"{path} not found: is {run_dir} a run directory written by `anchoropt train`?")
-    )
+    values = read_json(path, f"{path} not found: is {run_dir} a run directory written by `anchoropt train`?")
+    try:
+        return RunConfig.from_json(values)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err} (was the file edited by hand?)") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_OPT_INT, _OPT_FLOAT, _OPT_STR = (int, type(None)), (float, type(None)), (str, type(None))
+_TYPES: dict[str, tuple[type, ...]] = {
+    "protocol": (str,), "data": _OPT_STR, "split_json": _OPT_STR, "image_root": _OPT_STR,
+    "classnames_file": _OPT_STR, "targets": (list,), "model": (str,), "pretrained": _OPT_STR, "precision": (str,),
+    "preset": _OPT_STR, "descriptions": _OPT_STR, "anchors": _OPT_STR, "output": (str,), "seed": (int,),
+    "shots": _OPT_INT, "n_soft": _OPT_INT, "n_anchor": _OPT_INT, "preposition": _OPT_STR, "deep_depth": (int,),
+    "tau": _OPT_FLOAT, "epochs": _OPT_INT, "batch_size": _OPT_INT, "lr": _OPT_FLOAT, "momentum": _OPT_FLOAT,
+    "weight_decay": _OPT_FLOAT, "warmup_epochs": _OPT_INT, "warmup_lr": _OPT_FLOAT, "ce_weight": _OPT_FLOAT,
+    "kd_weight": _OPT_FLOAT, "kd_temperature": _OPT_FLOAT, "kd_normalization": _OPT_STR, "stage1_steps": _OPT_INT,
+    "stage1_mse_weight": _OPT_FLOAT, "stage1_lr": _OPT_FLOAT, "max_descriptions": _OPT_INT, "augment": (str,),
+    "cache_image_features": (bool,), "cache_views": (int,), "eval_mode": (str,), "eval_batch_size": (int,),
+    "p_train": (float,), "p_val": (float,), "split_seed": (int,), "device": _OPT_STR, "workers": (int,),
+    "progress": (bool,), "plots": (bool,), "save_every": (int,),
+    "pae": (bool,), "pae_alpha": (float,), "pae_beta": (float,), "pae_dim": (int,), "pae_mode": (str,),
+    "pae_reading": (str,), "pae_decay": (bool,),
+}
+# (fields, lower bound, bound excluded): every count and every number of a run
+_RANGES = (
+    (("epochs", "batch_size", "n_anchor", "shots", "eval_batch_size", "max_descriptions", "stage1_steps"), 1, False),
+    (("n_soft", "deep_depth", "warmup_epochs", "workers", "cache_views", "save_every", "seed", "split_seed"), 0, False),
+    (("tau", "lr", "kd_temperature", "stage1_lr", "stage1_mse_weight"), 0.0, True),
+    (("momentum", "weight_decay", "warmup_lr", "ce_weight", "kd_weight", "pae_alpha", "pae_beta"), 0.0, False),
+)
+_BOOKKEEPING = {"run_id", "anchoropt_version"}  # written into run_config.json next to the fields
 
 
 def _absolute_paths(cfg: RunConfig) -> RunConfig:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +13,21 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from .. import _files
 from .. import data as D
 from .. import distributed as dist_utils
+from .._jsonfile import read_json
+from . import checks
+from . import rundir as R
 from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_config
 from .console import _log
 from .models import ModelBundle, _text_width, build_model
 from .protocols import _evaluations, _open_targets, _source_dataset, _training_view
 from .reports import RANDOM_FLAG, _plots, random_weights, summary_line
 from .training import learn_anchors, seed_everything, train_stage2
+
+# options that may differ between an interrupted run and its --resume (they do not change the results)
+_RESUMABLE_CHANGES = {"progress", "workers", "device", "plots", "eval_batch_size"}
 
 
 @dataclass
@@ -45,16 +52,22 @@ def run_learn_anchors(cfg: RunConfig, bundle: ModelBundle | None = None, classna
     """``anchoropt learn-anchors``: Stage I only; writes ``<output>/anchors.safetensors`` and ``stage1.json``.
 
     Classes: the base (or all) classes of ``cfg.data``, or ``classnames``, or the descriptions file's keys.
+    Every input is checked before the model is built.
     """
     from ..descriptions import load_descriptions
     from ..io import save_anchors
 
     cfg = cfg.resolve() if any(getattr(cfg, k) is None for k in RunConfig._DEFAULTS) else cfg
+    cfg.validate()
     if not cfg.descriptions:
         raise ValueError("learn-anchors needs --descriptions (a {class: [sentences]} JSON file)")
     _check_dataset_paths(cfg)
+    out = Path(cfg.output)
+    R.check_writable(out)
+    if R.run_state(out) != "empty":
+        raise R.RunDirectoryError(f"{out} holds a training run: learn-anchors would replace its anchors and mix "
+                                  "two runs; choose another --output")
     ctx = dist_utils.init_from_env(cfg.device)
-    seed_everything(cfg.seed)
     if classnames is None:  # the inputs are read before the model is built: a wrong path fails at once
         if cfg.data:
             source = _source_dataset(cfg)
@@ -65,32 +78,40 @@ def run_learn_anchors(cfg: RunConfig, bundle: ModelBundle | None = None, classna
             classnames = keys[: math.ceil(len(keys) / 2)] if subsample == "base" else keys
             _log(ctx, f"{cfg.descriptions}: {len(keys)} classes; Stage I on "
                       + (f"the first {len(classnames)} (base)" if subsample == "base" else f"all {len(keys)}"))
-    bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
-    anchors, info = learn_anchors(bundle, classnames, cfg.descriptions, cfg, ctx)
-    out = Path(cfg.output)
-    info.update(classnames=list(classnames), model=cfg.model, pretrained=cfg.pretrained,
-                random_weights=random_weights(cfg.pretrained),
-                descriptions=cfg.descriptions, anchor_norms=[round(float(x), 4) for x in anchors.norm(dim=-1)])
-    if ctx.is_main:
-        save_anchors(anchors, out / "anchors.safetensors", classnames=list(classnames))
-        (out / "stage1.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        flag = f" | {RANDOM_FLAG}" if random_weights(cfg.pretrained) else ""
-        print(f"stage1 {len(classnames)} classes | {info['steps']} steps | loss {info['loss_first']:.4f} -> "
-              f"{info['loss_last']:.4f} | anchors -> {out / 'anchors.safetensors'}{flag}", flush=True)
+    checks.check_descriptions(cfg, classnames)
+    with R.locked(out, "anchoropt learn-anchors") if ctx.is_main else _nothing():
+        seed_everything(cfg.seed)
+        bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
+        anchors, info = learn_anchors(bundle, classnames, cfg.descriptions, cfg, ctx)
+        info.update(classnames=list(classnames), model=cfg.model, pretrained=cfg.pretrained,
+                    random_weights=random_weights(cfg.pretrained),
+                    descriptions=cfg.descriptions, anchor_norms=[round(float(x), 4) for x in anchors.norm(dim=-1)])
+        if ctx.is_main:
+            save_anchors(anchors, out / "anchors.safetensors", classnames=list(classnames))
+            _files.write_json(out / R.STAGE1, info)
+            flag = f" | {RANDOM_FLAG}" if random_weights(cfg.pretrained) else ""
+            print(f"stage1 {len(classnames)} classes | {info['steps']} steps | loss {info['loss_first']:.4f} -> "
+                  f"{info['loss_last']:.4f} | anchors -> {out / 'anchors.safetensors'}{flag}", flush=True)
     dist_utils.cleanup(ctx)
     return info
 
 
 def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_after: bool = True,
-                 ctx: dist_utils.DistContext | None = None) -> RunResult:
+                 ctx: dist_utils.DistContext | None = None, overwrite: bool = False,
+                 resume: bool = False) -> RunResult:
     """``anchoropt train``: (Stage I) + Stage II + the protocol's evaluation; writes the run directory.
 
-    Run directory: ``run_config.json``, ``anchors.safetensors``, ``prompt_learner/`` (safetensors + JSON,
-    :mod:`anchoropt.io`), ``results.json`` and ``plots/*.png`` (when matplotlib is installed).
+    Run directory: ``run_config.json``, ``anchors.safetensors``, ``stage1.json``, ``checkpoints/``,
+    ``prompt_learner/`` (safetensors + JSON, :mod:`anchoropt.io`), ``results.json`` (written last) and
+    ``plots/*.png`` (when matplotlib is installed); every part carries the run id (:mod:`.rundir`).
+    Options, data, descriptions, anchors and images are all checked before the model is built.
 
     Args:
         bundle: a ready :class:`ModelBundle` (any CLIP model object); built from ``cfg.model`` otherwise.
         ctx: a distributed context (from :func:`anchoropt.distributed.init_from_env` by default).
+        overwrite: replace a finished (or interrupted) run in ``cfg.output``; refused otherwise.
+        resume: continue the interrupted run in ``cfg.output`` from its last complete checkpoint (its
+            Stage I anchors are reused); the options must be the ones it was started with.
     """
     from ..io import load_anchors, save_anchors, save_prompt_learner
     from ..prompts import AnchorOPTPromptLearner
@@ -99,80 +120,144 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
     cfg = cfg.resolve()
     _check_dataset_paths(cfg)  # the paths as typed, in the messages
     cfg = _absolute_paths(cfg)  # run_config.json then works from any directory
-    # the inputs are read before the model is built: a wrong --data or --target fails at once
+    out = Path(cfg.output)
+    state = R.check_output(out, overwrite, resume)
+    run_id = _resumed_run_id(out, cfg) if resume else R.new_run_id()
+    # ---- every input, before any model is built
     source = _source_dataset(cfg)
     train_view, novel_view = _training_view(source, cfg)
     trained = train_view.classnames
     if evaluate_after:
         _open_targets(cfg, trained)
+    if not (cfg.anchors or cfg.descriptions):
+        raise ValueError("Stage II needs anchors: pass --descriptions JSON (Stage I runs first) or --anchors FILE")
+    checks.check_descriptions(cfg, trained)
+    given_anchors = checks.check_anchor_file(cfg)
+    checks.check_images(train_view.train, "training", decode=True)
+    if evaluate_after:
+        checks.check_images([*train_view.test, *(novel_view.test if novel_view else [])], "test", decode=False)
+    short = checks.short_class_report(source, cfg)
+
     own_ctx = ctx is None
     ctx = ctx or dist_utils.init_from_env(cfg.device)
-    seed_everything(cfg.seed)  # same frozen random towers and initial prompts on every process
-    bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
-    _log(ctx, f"{source.summary()}; training on {len(train_view.train)} images of {len(trained)} classes "
-              f"({cfg.shots} shots, seed {cfg.seed}, protocol {cfg.protocol}, world size {ctx.world_size})")
-    out = Path(cfg.output)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_CONFIG).write_text(json.dumps(cfg.to_json(), indent=2) + "\n", encoding="utf-8")
+    with R.locked(out, "anchoropt train") if ctx.is_main else _nothing():
+        if ctx.is_main and state != "empty" and overwrite:
+            R.clear_run(out)
+        seed_everything(cfg.seed)  # same frozen random towers and initial prompts on every process
+        bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
+        _log(ctx, f"{source.summary()}; training on {len(train_view.train)} images of {len(trained)} classes "
+                  f"({cfg.shots} shots, seed {cfg.seed}, protocol {cfg.protocol}, world size {ctx.world_size}, "
+                  f"run {run_id}{', resumed' if resume else ''})")
+        for split, classes in short.items():
+            _log(ctx, f"warning: {split} classes with fewer than the shots asked (sampled with replacement): "
+                      + ", ".join(f"{name} ({n})" for name, n in list(classes.items())[:10]))
+        if ctx.is_main and not resume:
+            _files.write_json(out / RUN_CONFIG, {**cfg.to_json(), "run_id": run_id})
 
-    stage1: dict[str, Any]
-    if cfg.anchors:
-        anchors = load_anchors(cfg.anchors, expected_width=_text_width(bundle.model))
-        stage1 = {"anchors_from": cfg.anchors}
-    elif cfg.descriptions:
-        anchors, stage1 = learn_anchors(bundle, trained, cfg.descriptions, cfg, ctx)
-        if ctx.is_main:  # the other processes did not run Stage I (rank 0 broadcast the anchors)
-            _log(ctx, f"Stage I: {stage1['steps']} steps, loss {stage1['loss_first']:.4f} -> "
-                      f"{stage1['loss_last']:.4f}")
-    else:
-        raise ValueError("Stage II needs anchors: pass --descriptions JSON (Stage I runs first) or --anchors FILE")
-    if cfg.n_anchor != anchors.shape[0]:
-        cfg = dataclasses.replace(cfg, n_anchor=int(anchors.shape[0]))
+        stage1: dict[str, Any]
+        saved_anchors = out / "anchors.safetensors"
+        if resume and saved_anchors.is_file():
+            anchors = load_anchors(saved_anchors, expected_width=_text_width(bundle.model))
+            stage1 = read_json(out / R.STAGE1, f"{out / R.STAGE1} not found") if (out / R.STAGE1).is_file() else {}
+            stage1 = {k: v for k, v in stage1.items() if k != "run_id"}
+        elif given_anchors is not None:
+            anchors = load_anchors(cfg.anchors, expected_width=_text_width(bundle.model))
+            stage1 = {"anchors_from": cfg.anchors}
+        else:
+            anchors, stage1 = learn_anchors(bundle, trained, cfg.descriptions, cfg, ctx)
+            if ctx.is_main:  # the other processes did not run Stage I (rank 0 broadcast the anchors)
+                _log(ctx, f"Stage I: {stage1['steps']} steps, loss {stage1['loss_first']:.4f} -> "
+                          f"{stage1['loss_last']:.4f}")
+        if ctx.is_main and not (resume and saved_anchors.is_file()):
+            save_anchors(anchors, saved_anchors, classnames=trained, run_id=run_id)
+            _files.write_json(out / R.STAGE1, {**stage1, "run_id": run_id})
+        if cfg.n_anchor != anchors.shape[0]:
+            cfg = dataclasses.replace(cfg, n_anchor=int(anchors.shape[0]))
 
-    deep = {"deep_depth": cfg.deep_depth} if cfg.deep_depth else {}
-    learner = AnchorOPTPromptLearner(bundle.model, trained, anchors, n_soft=cfg.n_soft, preposition=cfg.preposition,
-                                     tokenizer=bundle.tokenizer, tau=cfg.tau, **deep)
+        deep = {"deep_depth": cfg.deep_depth} if cfg.deep_depth else {}
+        learner = AnchorOPTPromptLearner(bundle.model, trained, anchors, n_soft=cfg.n_soft,
+                                         preposition=cfg.preposition, tokenizer=bundle.tokenizer, tau=cfg.tau, **deep)
+        start_from = None
+        if resume:
+            found = R.latest_checkpoint(out, run_id)
+            dist_utils.barrier(ctx)
+            if found is not None:
+                directory, trainer_state, trainer_tensors, weights = found
+                learner.load_state_dict({k: v.to(learner.anchors.device) for k, v in weights.items()})
+                start_from = (trainer_state, trainer_tensors)
+                _log(ctx, f"resuming from {directory} ({trainer_state['epochs_done']} of {cfg.epochs} epochs done)")
+            else:
+                _log(ctx, "no complete checkpoint: Stage II starts again from epoch 0 (Stage I anchors reused)")
 
-    def checkpoint(epoch: int, loss: float) -> None:
-        if ctx.is_main and cfg.save_every and (epoch + 1) % cfg.save_every == 0 and epoch + 1 < cfg.epochs:
-            save_prompt_learner(learner, out / "checkpoints" / f"epoch_{epoch + 1}")
+        def checkpoint(state: dict, tensors: dict) -> None:
+            if not ctx.is_main:
+                return
+            done = state["epochs_done"]
+            R.save_checkpoint(out / R.CHECKPOINTS / R.LAST_CHECKPOINT, learner, run_id, state, tensors)
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.epochs:
+                R.save_checkpoint(out / R.CHECKPOINTS / f"epoch_{done}", learner, run_id, state, tensors)
 
-    stage2 = train_stage2(learner, bundle, train_view.train, cfg, ctx, on_epoch_end=checkpoint)
-    _log(ctx, f"Stage II: {stage2['epochs']} epochs x {stage2['steps_per_epoch']} steps, "
-              f"loss {stage2['epoch_losses'][0]:.4f} -> {stage2['epoch_losses'][-1]:.4f} ({stage2['seconds']} s)")
-    if ctx.is_main:
-        save_anchors(anchors, out / "anchors.safetensors", classnames=trained)
-        save_prompt_learner(learner, out / "prompt_learner")
-    results: dict[str, Any] = {
-        "protocol": cfg.protocol, "dataset": source.name, "model": cfg.model, "pretrained": cfg.pretrained,
-        "random_weights": random_weights(cfg.pretrained), "preset": cfg.preset, "seed": cfg.seed, "shots": cfg.shots, "trained_classes": list(trained),
-        "world_size": ctx.world_size, "stage1": stage1, "stage2": stage2,
-        "position": {"assignment": learner.position.assignment().tolist(), "slots": learner.position.describe()},
-    }
-    if evaluate_after:
-        start = time.perf_counter()
-        results["results"] = _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained)
-        results["eval_seconds"] = round(time.perf_counter() - start, 3)
-        learner.set_classnames(list(trained))
-        results["summary"] = summary_line(results)
-    results["seconds"] = round(time.perf_counter() - wall, 3)
-    if ctx.is_main:
-        (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        if cfg.plots:
-            note = f"{RANDOM_FLAG}: this picture means nothing" if results["random_weights"] else None
-            results["plots"] = _plots(learner, bundle, out, note)
-        if "summary" in results:
-            print(results["summary"], flush=True)
-    dist_utils.barrier(ctx)
+        stage2 = train_stage2(learner, bundle, train_view.train, cfg, ctx, on_checkpoint=checkpoint,
+                              resume=start_from)
+        _log(ctx, f"Stage II: {stage2['epochs']} epochs x {stage2['steps_per_epoch']} steps, "
+                  f"loss {stage2['epoch_losses'][0]:.4f} -> {stage2['epoch_losses'][-1]:.4f} ({stage2['seconds']} s)")
+        if ctx.is_main:
+            save_prompt_learner(learner, out / "prompt_learner", run_id=run_id)
+        results: dict[str, Any] = {
+            "run_id": run_id,
+            "protocol": cfg.protocol, "dataset": source.name, "model": cfg.model, "pretrained": cfg.pretrained,
+            "random_weights": random_weights(cfg.pretrained), "preset": cfg.preset, "seed": cfg.seed, "shots": cfg.shots, "trained_classes": list(trained),
+            "world_size": ctx.world_size, "stage1": stage1, "stage2": stage2,
+            "position": {"assignment": learner.position.assignment().tolist(),
+                         "slots": learner.position.describe()},
+        }
+        if short:
+            results["classes_short_of_shots"] = short
+        if evaluate_after:
+            start = time.perf_counter()
+            results["results"] = _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained)
+            results["eval_seconds"] = round(time.perf_counter() - start, 3)
+            learner.set_classnames(list(trained))
+            results["summary"] = summary_line(results)
+        results["seconds"] = round(time.perf_counter() - wall, 3)
+        if ctx.is_main:
+            _files.write_json(out / RESULTS, results)
+            shutil.rmtree(out / R.CHECKPOINTS / R.LAST_CHECKPOINT, ignore_errors=True)  # prompt_learner/ has it
+            if cfg.plots:
+                note = f"{RANDOM_FLAG}: this picture means nothing" if results["random_weights"] else None
+                results["plots"] = _plots(learner, bundle, out, note)
+            if "summary" in results:
+                print(results["summary"], flush=True)
+        dist_utils.barrier(ctx)
     if own_ctx:
         dist_utils.cleanup(ctx)
     return RunResult(results, learner, out)
 
 
+def _resumed_run_id(out: Path, cfg: RunConfig) -> str:
+    """The id of the interrupted run in ``out``, after checking that ``cfg`` asks for the same run."""
+    saved_values = read_json(out / RUN_CONFIG, f"{out / RUN_CONFIG} not found")
+    run_id = saved_values.get("run_id") if isinstance(saved_values, dict) else None
+    if run_id is None:
+        raise R.RunDirectoryError(f"{out} was written by an anchoropt without run ids: it cannot be resumed safely; "
+                                  "start over with --overwrite")
+    saved = load_run_config(out)
+    changed = sorted(k for k, v in dataclasses.asdict(cfg).items()
+                     if k not in _RESUMABLE_CHANGES and dataclasses.asdict(saved).get(k) != v)
+    if changed:
+        diff = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in changed[:6])
+        raise R.RunDirectoryError(f"--resume: the run in {out} was started with other options ({diff}); resume "
+                                  "with the same options, or start over with --overwrite")
+    R.check_one_run(out)
+    return run_id
+
+
 def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bundle: ModelBundle | None = None,
                    output: str | os.PathLike | None = None) -> dict:
     """``anchoropt eval``: rebuild a finished run's model and splits, reload its learner, evaluate again.
+
+    Refuses a directory whose parts come from different runs (run ids), one that a run is writing (lock), and
+    checks the options, datasets and images before the model is built.
 
     Args:
         overrides: ``RunConfig`` fields to change (``targets``, ``protocol``, ``data``, ``eval_mode``,
@@ -184,22 +269,37 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
     run_dir = Path(run_dir)
     cfg = dataclasses.replace(load_run_config(run_dir), **(overrides or {})).resolve()
     _check_dataset_paths(cfg)
-    source = _source_dataset(cfg)  # before the model: a wrong --data fails at once
-    train_view, novel_view = _training_view(source, cfg)
-    ctx = dist_utils.init_from_env(cfg.device)
-    seed_everything(cfg.seed)
-    bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, "none")
-    learner = load_prompt_learner(run_dir / "prompt_learner", bundle.model, train_view.classnames,
-                                  tokenizer=bundle.tokenizer)
+    run_id = R.check_one_run(run_dir)
+    if not (run_dir / "prompt_learner").is_dir():
+        raise R.RunDirectoryError(f"{run_dir} has no prompt_learner/: its training did not finish; continue it with "
+                                  "`anchoropt train ... --resume`")
     trained = read_config(run_dir / "prompt_learner", "prompt_learner")["trained_classnames"]
-    results = {"protocol": cfg.protocol, "dataset": source.name, "model": cfg.model, "pretrained": cfg.pretrained,
-               "random_weights": random_weights(cfg.pretrained), "seed": cfg.seed, "shots": cfg.shots, "run": str(run_dir),
-               "results": _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained)}
-    results["summary"] = summary_line(results)
-    if ctx.is_main:
-        target = Path(output) if output else run_dir / "eval_results.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(results["summary"], flush=True)
+    target = Path(output) if output else run_dir / "eval_results.json"
+    R.check_writable(target.parent)
+    source = _source_dataset(cfg)
+    train_view, novel_view = _training_view(source, cfg)
+    targets = _open_targets(cfg, trained)
+    checks.check_images([*train_view.test, *(novel_view.test if novel_view else []),
+                         *(r for t in targets for r in t.test)], "test", decode=False)
+    ctx = dist_utils.init_from_env(cfg.device)
+    with R.locked(run_dir, "anchoropt eval") if ctx.is_main else _nothing():
+        seed_everything(cfg.seed)
+        bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, "none")
+        learner = load_prompt_learner(run_dir / "prompt_learner", bundle.model, train_view.classnames,
+                                      tokenizer=bundle.tokenizer)
+        results = {"protocol": cfg.protocol, "dataset": source.name, "model": cfg.model,
+                   "pretrained": cfg.pretrained, "random_weights": random_weights(cfg.pretrained), "seed": cfg.seed, "shots": cfg.shots, "run": str(run_dir),
+                   "run_id": run_id,
+                   "results": _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained)}
+        results["summary"] = summary_line(results)
+        if ctx.is_main:
+            _files.write_json(target, results)
+            print(results["summary"], flush=True)
     dist_utils.cleanup(ctx)
     return results
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()

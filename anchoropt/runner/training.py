@@ -108,6 +108,8 @@ def train_stage2(
     ctx: dist_utils.DistContext | None = None,
     timer: StepTimer | None = None,
     on_epoch_end: Callable[[int, float], None] | None = None,
+    on_checkpoint: Callable[[dict, dict[str, torch.Tensor]], None] | None = None,
+    resume: tuple[dict, dict[str, torch.Tensor]] | None = None,
 ) -> dict:
     """Stage II: SGD on the soft tokens and position logits over ``records`` for ``cfg.epochs`` epochs.
 
@@ -119,6 +121,11 @@ def train_stage2(
     step: once per training image (``augment="none"``), or ``cfg.cache_views`` times per image with the
     training augmentation, each step then using one of an image's views at random (Tip-Adapter practice).  Returns a summary (losses per epoch, steps,
     seconds, cache build time).
+
+    ``on_checkpoint(state, tensors)`` is called after every epoch with what :func:`train_stage2` needs to
+    continue from there (epochs done, losses, optimizer buffers, RNG states); ``resume`` = such a pair
+    continues an interrupted training (the learner must hold the checkpoint's tensors already).  One process
+    resumes bit-exactly; under ``torchrun`` every rank continues from rank 0's random state.
     """
     from torch.utils.data import DataLoader, TensorDataset
     from torch.utils.data.distributed import DistributedSampler
@@ -127,6 +134,9 @@ def train_stage2(
     timer = timer or _no_timer
     device = ctx.device
     summary: dict[str, Any] = {"images": len(records)}
+    if resume is not None:  # the random state Stage II started from (the cached views are drawn from it)
+        _set_rng(resume[1], "stage2_start", device)
+    stage2_start = _rng_tensors(device, "stage2_start")
     cached = None
     if cfg.cache_image_features:
         start = time.perf_counter()
@@ -156,10 +166,24 @@ def train_stage2(
     module.train()
     if ctx.distributed:  # replicas start equal (DDP broadcasts rank 0's); each then draws its own Gumbel noise
         torch.manual_seed(cfg.seed * 1000 + ctx.rank)
-    bar = _bar(cfg.epochs * len(loader), "Stage II", cfg.progress and ctx.is_main)
     losses: list[float] = []
+    first_epoch = 0
+    trained = params + (list(regularizer.parameters()) if regularizer is not None else [])
+    if resume is not None:
+        state, tensors = resume
+        first_epoch, losses = int(state["epochs_done"]), list(state["epoch_losses"])
+        if regularizer is not None:
+            regularizer.load_state_dict({k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("pae.")})
+            pae_history = state["pae_history"]
+        _load_optimizer(optimizer, trained, tensors)
+        loader.generator.set_state(tensors["rng.loader"])
+        if cached is not None:
+            view_generator.set_state(tensors["rng.views"])
+        _set_rng(tensors, "now", device)
+        summary["resumed_at_epoch"] = first_epoch
+    bar = _bar((cfg.epochs - first_epoch) * len(loader), "Stage II", cfg.progress and ctx.is_main)
     start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    for epoch in range(first_epoch, cfg.epochs):
         for group in optimizer.param_groups:
             group["lr"] = epoch_lr(epoch, cfg)
         if sampler is not None:
@@ -187,7 +211,8 @@ def train_stage2(
                     pae_sums[1] += terms.lyapunov.item() * len(labels)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"Stage II loss is {loss.item()} at epoch {epoch}; lower the lr or the loss weights"
+                        f"Stage II loss is {loss.item()} at epoch {epoch} (lr {epoch_lr(epoch, cfg):g}, ce_weight "
+                        f"{cfg.ce_weight:g}, kd_weight {cfg.kd_weight:g}): lower the lr or the loss weights"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -202,6 +227,16 @@ def train_stage2(
         if regularizer is not None:
             pae_history["koopman"].append(round(pae_sums[0] / max(seen, 1), 6))
             pae_history["lyapunov"].append(round(pae_sums[1] / max(seen, 1), 6))
+        if on_checkpoint is not None:
+            tensors = {**stage2_start, **_rng_tensors(device, "now"), **_optimizer_tensors(optimizer, trained),
+                       "rng.loader": loader.generator.get_state()}
+            if cached is not None:
+                tensors["rng.views"] = view_generator.get_state()
+            state = {"epochs_done": epoch + 1, "epoch_losses": losses}
+            if regularizer is not None:
+                tensors.update({f"pae.{k}": v for k, v in regularizer.state_dict().items()})
+                state["pae_history"] = pae_history
+            on_checkpoint(state, tensors)
         if on_epoch_end is not None:
             on_epoch_end(epoch, losses[-1])
     if bar is not None:
@@ -223,6 +258,35 @@ def _pae_regularizer(learner: nn.Module, cfg: RunConfig, device) -> KoopmanLyapu
         regularizer = KoopmanLyapunov(chain[0].shape[-1], dim=cfg.pae_dim, mode=cfg.pae_mode, alpha=cfg.pae_alpha,
                                       beta=cfg.pae_beta, n_layers=len(chain), reading=cfg.pae_reading)
     return regularizer.to(device)
+
+
+def _rng_tensors(device: torch.device, tag: str) -> dict[str, torch.Tensor]:
+    """The global torch generators' states (CPU, and the CUDA device's) as tensors named ``rng.<tag>.*``."""
+    out = {f"rng.{tag}.cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        out[f"rng.{tag}.cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def _set_rng(tensors: dict[str, torch.Tensor], tag: str, device: torch.device) -> None:
+    torch.set_rng_state(tensors[f"rng.{tag}.cpu"])
+    if torch.device(device).type == "cuda" and f"rng.{tag}.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rng.{tag}.cuda"], device)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SGD's per-parameter buffers, named by the parameter's position (``optim.<i>.<buffer>``)."""
+    return {f"optim.{i}.{key}": value for i, p in enumerate(params)
+            for key, value in optimizer.state.get(p, {}).items() if isinstance(value, torch.Tensor)}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                    tensors: dict[str, torch.Tensor]) -> None:
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            param = params[int(index)]
+            optimizer.state[param][key] = value.to(param.device)
 
 
 @torch.no_grad()

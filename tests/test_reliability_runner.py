@@ -1,0 +1,186 @@
+"""Reliability of the runner (issue 11): safe run directories (no silent overwrite, --resume, a lock, one run per
+directory) and every option and input file checked before a model is built.  Each test failed before the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from anchoropt import cli
+from anchoropt import data as D
+from anchoropt.runner import RunConfig, rundir, run_evaluation, run_training
+from anchoropt.runner import run as run_module
+
+TINY = dict(model="tiny-test", pretrained=None, shots=4, epochs=4, warmup_epochs=0, batch_size=8, stage1_steps=3,
+            progress=False, plots=False, seed=1)
+FAST = ["--model", "tiny-test", "--pretrained", "none", "--shots", "2", "--epochs", "1", "--warmup-epochs", "0",
+        "--batch-size", "8", "--stage1-steps", "2", "--no-progress", "--no-plots"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return D.make_synthetic_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class=12, size=32)
+
+
+@pytest.fixture(scope="module")
+def descriptions(tmp_path_factory, folder) -> Path:
+    path = tmp_path_factory.mktemp("desc") / "shapes.json"
+    names = D.read_image_folder(folder)[1]
+    path.write_text(json.dumps({n: [f"a picture of a {n}.", f"a {n} in one colour."] for n in names}))
+    return path
+
+
+def _cfg(folder, descriptions, out, **changes) -> RunConfig:
+    return RunConfig(data=str(folder), descriptions=str(descriptions), output=str(out), **{**TINY, **changes})
+
+
+def _train(folder, descriptions, out, *extra) -> int:
+    return cli.main(["train", "--data", str(folder), "--descriptions", str(descriptions), "-o", str(out),
+                     *FAST, *extra])
+
+
+def _learned(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "prompt_learner" / "anchoropt.safetensors"))
+
+
+# ---------------------------------------------------------------------- run directories
+def test_a_finished_run_is_not_overwritten_without_overwrite(folder, descriptions, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(folder, descriptions, out) == 0
+    first = (out / "results.json").read_bytes()
+    assert _train(folder, descriptions, out, "--seed", "2") == 2
+    assert "holds a finished run" in capsys.readouterr().err and (out / "results.json").read_bytes() == first
+    assert _train(folder, descriptions, out, "--seed", "2", "--overwrite") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["seed"] == 2 and results["run_id"] == json.loads((out / "run_config.json").read_text())["run_id"]
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_resume_continues_an_interrupted_run_bit_exactly(folder, descriptions, tmp_path, monkeypatch):
+    whole = run_training(_cfg(folder, descriptions, tmp_path / "whole"))
+    real, saved = rundir.save_checkpoint, []
+
+    def killed_after_two_epochs(directory, learner, run_id, state, tensors):
+        real(directory, learner, run_id, state, tensors)
+        saved.append(state["epochs_done"])
+        if state["epochs_done"] == 2:
+            raise _Killed()
+
+    monkeypatch.setattr(rundir, "save_checkpoint", killed_after_two_epochs)
+    out = tmp_path / "cut"
+    with pytest.raises(_Killed):
+        run_training(_cfg(folder, descriptions, out))
+    monkeypatch.undo()
+    assert rundir.run_state(out) == "interrupted" and not (out / rundir.LOCK_NAME).exists()
+    with pytest.raises(rundir.RunDirectoryError, match="interrupted run .* --resume"):
+        run_training(_cfg(folder, descriptions, out))
+    with pytest.raises(rundir.RunDirectoryError, match="other options .*epochs: 4 -> 5"):
+        run_training(_cfg(folder, descriptions, out, epochs=5), resume=True)
+    resumed = run_training(_cfg(folder, descriptions, out), resume=True)
+    assert resumed.results["stage2"]["resumed_at_epoch"] == 2
+    assert resumed.results["stage2"]["epoch_losses"] == whole.results["stage2"]["epoch_losses"]
+    for name, tensor in _learned(whole.output).items():
+        assert torch.equal(tensor, _learned(out)[name]), name
+    assert resumed.results["results"] == whole.results["results"]
+
+
+def test_two_runs_cannot_share_a_directory(folder, descriptions, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / rundir.LOCK_NAME).write_text(json.dumps({"pid": other.pid, "host": rundir.socket.gethostname(),
+                                                        "started": "now", "what": "anchoropt train"}))
+        with pytest.raises(rundir.RunDirectoryError, match=f"in use by anchoropt train \\(pid {other.pid}"):
+            run_training(_cfg(folder, descriptions, out, epochs=1))
+    finally:
+        other.kill()
+        other.wait()
+    with pytest.warns(UserWarning, match="no longer runs"):  # a lock left by a dead process is taken over
+        run_training(_cfg(folder, descriptions, out, epochs=1))
+    assert not (out / rundir.LOCK_NAME).exists()
+
+
+def test_eval_refuses_a_directory_mixing_two_runs(folder, descriptions, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_training(_cfg(folder, descriptions, a, epochs=1))
+    run_training(_cfg(folder, descriptions, b, epochs=1, seed=2))
+    shutil.rmtree(a / "prompt_learner")
+    shutil.copytree(b / "prompt_learner", a / "prompt_learner")
+    with pytest.raises(rundir.RunDirectoryError, match="mixes parts of different runs.*prompt_learner/ is from run"):
+        run_evaluation(a)
+
+
+def test_eval_names_a_wrong_type_in_a_hand_edited_run_config(folder, descriptions, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_training(_cfg(folder, descriptions, out, epochs=1))
+    values = json.loads((out / "run_config.json").read_text())
+    (out / "run_config.json").write_text(json.dumps({**values, "eval_batch_size": "100"}))
+    assert cli.main(["eval", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "run_config.json: eval_batch_size must be int, got '100'" in err and "Traceback" not in err
+
+
+def test_classes_short_of_shots_are_recorded_in_results(folder, descriptions, tmp_path):
+    with pytest.warns(UserWarning, match="fewer than 16 images"):
+        result = run_training(_cfg(folder, descriptions, tmp_path / "run", shots=16, epochs=1))
+    short = json.loads((tmp_path / "run" / "results.json").read_text())["classes_short_of_shots"]
+    assert short["train"] == {name: 6 for name in ("circle", "cross", "square", "stripe")}
+    assert result.results["classes_short_of_shots"] == short
+
+
+# ---------------------------------------------------------------------- everything checked before the model
+def _unreadable_image(tmp_path, folder) -> list[str]:
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    for path in sorted(bad.rglob("*.png")):
+        path.write_bytes(b"not an image")
+    return ["--data", str(bad)]
+
+
+@pytest.mark.parametrize("case, message", [
+    (["--tau", "nan"], "--tau must be a finite number"),
+    (["--kd-weight", "inf"], "--kd-weight must be a finite number"),
+    (["--stage1-mse-weight", "-1"], "--stage1-mse-weight must be > 0"),
+    (["--kd-normalization", "per-class"], "unknown --kd-normalization 'per-class'"),
+    (["--workers", "-2"], "--workers must be >= 0"),
+    (["--shots", "-3"], "--shots must be >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--device", "gpu9"], "unknown --device 'gpu9'"),
+    ("output-under-file", "is a file, not a directory"),
+    ("unreadable-image", "image(s) cannot be read"),
+    ("missing-class-description", "has no descriptions for 1 class"),
+])
+def test_bad_options_and_inputs_fail_before_the_model_is_built(folder, descriptions, tmp_path, monkeypatch, capsys,
+                                                              case, message):
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was built before the bad input was found")
+
+    monkeypatch.setattr(run_module, "build_model", no_model)
+    args = ["train", "--data", str(folder), "--descriptions", str(descriptions), "-o", str(tmp_path / "run"), *FAST]
+    if case == "output-under-file":
+        (tmp_path / "file").write_text("x")
+        args += ["-o", str(tmp_path / "file" / "run")]
+    elif case == "unreadable-image":
+        args += _unreadable_image(tmp_path, folder)
+    elif case == "missing-class-description":
+        names = D.read_image_folder(folder)[1]
+        partial = tmp_path / "partial.json"
+        partial.write_text(json.dumps({n: [f"a {n}."] for n in names[1:]}))
+        args += ["--descriptions", str(partial)]
+    else:
+        args += case
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "run_config.json").exists()
