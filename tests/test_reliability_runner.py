@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from anchoropt import cli
 from anchoropt import data as D
-from anchoropt.runner import RunConfig, rundir, run_evaluation, run_training
+from anchoropt.runner import ModelBundle, RunConfig, eval_transform, rundir, run_evaluation, run_training, train_transform
 from anchoropt.runner import run as run_module
+from anchoropt.testing import tiny_open_clip
 
 TINY = dict(model="tiny-test", pretrained=None, shots=4, epochs=4, warmup_epochs=0, batch_size=8, stage1_steps=3,
             progress=False, plots=False, seed=1)
@@ -66,8 +67,16 @@ class _Killed(BaseException):
     pass
 
 
-def test_resume_continues_an_interrupted_run_bit_exactly(folder, descriptions, tmp_path, monkeypatch):
-    whole = run_training(_cfg(folder, descriptions, tmp_path / "whole"))
+@pytest.mark.parametrize("variant", [{}, dict(deep_depth=2, pae=True, pae_dim=8, cache_image_features=True,
+                                             cache_views=2)], ids=["shallow", "deep-pae-cached-views"])
+def test_resume_continues_an_interrupted_run_bit_exactly(folder, descriptions, tmp_path, monkeypatch, variant):
+    def bundle():  # PAE needs deep depth 2: a tower with 3 text blocks (a fresh one per run: deep hooks attach)
+        if not variant:
+            return None
+        model = tiny_open_clip(layers=3).eval().requires_grad_(False)
+        return ModelBundle(model, None, train_transform(model), eval_transform(model), "tiny-3")
+
+    whole = run_training(_cfg(folder, descriptions, tmp_path / "whole", **variant), bundle=bundle())
     real, saved = rundir.save_checkpoint, []
 
     def killed_after_two_epochs(directory, learner, run_id, state, tensors):
@@ -79,19 +88,20 @@ def test_resume_continues_an_interrupted_run_bit_exactly(folder, descriptions, t
     monkeypatch.setattr(rundir, "save_checkpoint", killed_after_two_epochs)
     out = tmp_path / "cut"
     with pytest.raises(_Killed):
-        run_training(_cfg(folder, descriptions, out))
+        run_training(_cfg(folder, descriptions, out, **variant), bundle=bundle())
     monkeypatch.undo()
     assert rundir.run_state(out) == "interrupted" and not (out / rundir.LOCK_NAME).exists()
     with pytest.raises(rundir.RunDirectoryError, match="interrupted run .* --resume"):
-        run_training(_cfg(folder, descriptions, out))
+        run_training(_cfg(folder, descriptions, out, **variant))
     with pytest.raises(rundir.RunDirectoryError, match="other options .*epochs: 4 -> 5"):
-        run_training(_cfg(folder, descriptions, out, epochs=5), resume=True)
-    resumed = run_training(_cfg(folder, descriptions, out), resume=True)
+        run_training(_cfg(folder, descriptions, out, **{**variant, "epochs": 5}), resume=True)
+    resumed = run_training(_cfg(folder, descriptions, out, **variant), bundle=bundle(), resume=True)
     assert resumed.results["stage2"]["resumed_at_epoch"] == 2
     assert resumed.results["stage2"]["epoch_losses"] == whole.results["stage2"]["epoch_losses"]
     for name, tensor in _learned(whole.output).items():
         assert torch.equal(tensor, _learned(out)[name]), name
     assert resumed.results["results"] == whole.results["results"]
+    assert resumed.results["stage2"].get("pae") == whole.results["stage2"].get("pae")
 
 
 def test_two_runs_cannot_share_a_directory(folder, descriptions, tmp_path):
