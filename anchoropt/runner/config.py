@@ -147,8 +147,10 @@ class RunConfig:
     def _check_types(self) -> None:
         """Each field's type (a hand-edited run_config.json may hold "3" for 3, or 1.5 for an int)."""
         for f in dataclasses.fields(self):
-            value, kinds = getattr(self, f.name), _TYPES[f.name]
-            if value is None and type(None) in kinds:
+            value, kinds = getattr(self, f.name), _TYPES.get(f.name)
+            if kinds is None:  # a field added without a type entry: its default's type
+                kinds = (type(f.default),) if f.default is not None and f.default is not dataclasses.MISSING else None
+            if kinds is None or (value is None and type(None) in kinds):
                 continue
             if f.name == "targets":
                 ok = isinstance(value, list) and all(isinstance(t, str) for t in value)
