@@ -341,3 +341,18 @@ def test_attach_to_maple_through_the_anchoropt_shim_trains_and_leaves_inference_
         attach(pl)
     with pytest.raises(TypeError, match="next to"):
         attach(_learner(tiny_open_clip(layers=4), 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda():
+    from anchoropt import mpa
+
+    reg = KoopmanLyapunov(W, dim=4, device="cuda")
+    prompts = torch.randn(J, T, W, device="cuda", requires_grad=True)
+    terms = reg(prompts)
+    terms.total.backward()
+    assert terms.total.device.type == "cuda" and prompts.grad.abs().sum() > 0 and reg.operator.grad is not None
+    visual = tiny_open_clip(image_size=32, vision_layers=2).requires_grad_(False).eval().visual.cuda()
+    result = mpa.mpa_init(visual, torch.randn(4, 3, 32, 32, device="cuda"), torch.tensor([0, 1, 0, 1], device="cuda"),
+                          n_prompts=2, depth=1, text_features=torch.randn(2, 32, device="cuda"), window=8, stride=8)
+    assert result.prompts.device.type == "cuda" and result.prompts.shape == (2, 2, 64)
