@@ -339,3 +339,7 @@ def load_learner(directory: str | os.PathLike, model: nn.Module, classnames: Seq
     device = next((b.device for b in learner.buffers()), torch.device("cpu"))
     learner.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
     return learner, choice
+
+
+# The method modules (CoCoOp, MaPLe, DePT and their +atprompt / +anchoropt variants) register their entries here.
+from . import methods as _methods  # noqa: E402,F401  (imported last: it reads this module's names)

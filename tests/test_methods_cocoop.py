@@ -52,7 +52,7 @@ def test_anchoropt_logits_equal_the_cocoop_shim() -> None:
     ours = CoCoOp(clip_model, pf.BASE, template="anchoropt", n_ctx=M, anchors=anchors, tokenizer=pf.tokenize).eval()
     _copy_peer(ours, peer.prompt_learner)
     with torch.no_grad():
-        ours.text.anchoropt.position.logits.copy_(handle.position.logits)
+        ours.text.learner.position.logits.copy_(handle.position.logits)
         expected = peer(pf.images(B))
         expected_anchor = handle.anchor_logits()
         logits, anchor = ours(_image_features(clip_model))
@@ -70,7 +70,7 @@ def test_one_position_matrix_per_batch_and_meta_net_before_it(open_clip_model) -
     with torch.no_grad():
         bias = ours.meta_net(torch.nn.functional.normalize(feats, dim=-1))
         for b in range(B):
-            sources = torch.cat([ours.text.ctx + bias[b], ours.text.anchoropt.anchors])
+            sources = torch.cat([ours.text.ctx + bias[b], ours.text.learner.anchors])
             prompts = ours.text.template.normal_prompts(matrix @ sources)
             plain = ours.text.template.encode(ours.text.layout, prompts)
             torch.testing.assert_close(text[b], torch.nn.functional.normalize(plain, dim=-1), atol=1e-5, rtol=1e-4)
@@ -89,7 +89,7 @@ def test_every_tower_trains_ctx_meta_net_and_position(fixture, template, request
     assert torch.isfinite(loss)
     trained = [ours.text.ctx, ours.meta_net.linear2.weight, ours.meta_net.linear2.bias]
     if template == "anchoropt":
-        trained.append(ours.text.anchoropt.position.logits)
+        trained.append(ours.text.learner.position.logits)
     for p in trained:
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in model.parameters())
@@ -119,7 +119,7 @@ def test_bf16_tower_and_autocast(mode) -> None:
     loss.backward()
     assert torch.isfinite(loss)
     assert ours.text.ctx.dtype == torch.float32 and ours.meta_net.linear1.weight.dtype == torch.float32
-    assert ours.text.anchoropt.position.logits.grad.abs().sum() > 0
+    assert ours.text.learner.position.logits.grad.abs().sum() > 0
 
 
 def test_base_to_novel(open_clip_model) -> None:

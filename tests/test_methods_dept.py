@@ -52,7 +52,7 @@ def test_logits_and_loss_equal_the_peers_dept(anchored) -> None:
     ours = _ours(clip_model, peer, **extra)
     if anchored:
         with torch.no_grad():
-            ours.text.anchoropt.position.logits.copy_(handle.position.logits)
+            ours.text.learner.position.logits.copy_(handle.position.logits)
     peer.eval(), ours.eval()
     with torch.no_grad():
         expected = peer(pf.images(B))  # fused (1 - w) sim + w lp

@@ -49,7 +49,7 @@ def _peer_and_ours(anchors=None):
         ours.proj.load_state_dict(learner.proj.state_dict())
         ours.compound_prompt_projections[0].load_state_dict(learner.compound_prompt_projections[0].state_dict())
         if handle is not None:
-            ours.text.anchoropt.position.logits.copy_(handle.position.logits)
+            ours.text.learner.position.logits.copy_(handle.position.logits)
     return model, peer, handle, ours
 
 
@@ -108,7 +108,7 @@ def test_every_prompt_trains_on_every_tower(factory, template) -> None:
     assert torch.isfinite(loss)
     trained = [ours.text.ctx, ours.text.deep_prompts, ours.proj.weight, *[p.weight for p in ours.compound_prompt_projections]]
     if template == "anchoropt":
-        trained.append(ours.text.anchoropt.position.logits)
+        trained.append(ours.text.learner.position.logits)
     for p in trained:
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())

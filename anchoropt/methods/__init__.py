@@ -7,16 +7,23 @@
 * :class:`DePT` (:mod:`~anchoropt.methods.dept`) - channel-wise transformation + linear-probe head fused with a
   base method (CoOp, CoCoOp or MaPLe);
 
-Each takes ``template="coop"`` (the method alone) or ``"anchoropt"`` (the method + AnchorOPT: anchors, position
-matrix, KD toward the anchor ensemble, the ensemble for novel classes) and runs on open_clip ``CLIP`` /
+Each takes ``template="coop"`` (the method alone), ``"atprompt"`` (on ATPrompt's attribute template) or
+``"anchoropt"`` (the method + AnchorOPT: anchors, position matrix, KD toward the anchor ensemble, the ensemble for
+novel classes) and runs on open_clip ``CLIP`` /
 ``CustomTextCLIP`` and OpenAI-``clip`` towers through the core's exact fast text path.  The shared surface
 (``forward``, ``loss``, ``heads``, ``predict``, ``set_classnames``) is :class:`PromptMethod`'s.
+
+Importing this package registers ``cocoop``, ``maple``, ``dept`` and their ``+atprompt`` / ``+anchoropt`` variants
+in :mod:`anchoropt.registry` (:mod:`~anchoropt.methods.entries`).
 """
 
-from .base import MODES, PromptMethod
+from . import entries
+from .base import MODES, MethodOutput, PromptMethod
 from .cocoop import CoCoOp
 from .dept import DePT, FiLM
 from .maple import MaPLe
 from .text import TEMPLATES, ContextPrompt
 
-__all__ = ["CoCoOp", "ContextPrompt", "DePT", "FiLM", "MaPLe", "MODES", "PromptMethod", "TEMPLATES"]
+__all__ = [
+    "CoCoOp", "ContextPrompt", "DePT", "FiLM", "MaPLe", "MethodOutput", "MODES", "PromptMethod", "TEMPLATES", "entries",
+]

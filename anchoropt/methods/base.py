@@ -6,9 +6,10 @@ Every method module is an ``nn.Module`` with the same surface (so a runner or a 
   CoOp / CoCoOp), ``True`` when it takes images ``(B, 3, H, W)`` because it prompts the image tower (MaPLe);
 * ``features(x) -> (image (B, E), text (C, E) or (B, C, E))``: the raw (not normalised) features the method's
   logits are cosine similarities of (CoCoOp's text features are per image);
-* ``forward(x) -> (logits, logits_anchor)``, each ``(B, C)``; ``logits_anchor`` is ``None`` without anchors
-  (the pair is what :class:`~anchoropt.StageIILoss` and the runner's Stage II loop take);
-* ``loss(x, labels)``: the method's training objective (CE; with anchors AnchorOPT's CE + KD);
+* ``forward(x) -> MethodOutput``: unpacks as ``(logits, logits_anchor)``, each ``(B, C)`` (``logits_anchor`` is
+  ``None`` without anchors), and ``output.loss(labels)`` is the method's objective on that batch (CE; with
+  anchors AnchorOPT's CE + KD; DePT's fused CE) - what :mod:`anchoropt.registry`'s loss functions call;
+* ``loss(x, labels)``: the same in one call;
 * ``heads(x)``: every way the module scores ``x`` - ``{"normal", "anchor", "ensemble"}`` -> ``(B, C)``;
 * ``predict(x, mode)``: ``"base"`` (the learned prompt) or ``"novel"`` (the anchor ensemble when there are
   anchors, else the learned prompt) - the paper's inference switch;
@@ -22,7 +23,7 @@ Axes: ``B`` images, ``C`` classes, ``E`` joint-embedding width.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +34,36 @@ from .. import functional
 from ..losses import StageIILossConfig
 from .text import ContextPrompt
 
-__all__ = ["PromptMethod", "MODES"]
+__all__ = ["PromptMethod", "MethodOutput", "MODES"]
 
 MODES = ("base", "novel")
+
+
+class MethodOutput(tuple):
+    """A batch's ``(logits, logits_anchor)`` (a pair, so it unpacks as one) that also knows its training loss.
+
+    Args:
+        logits: ``(B, C)`` the method's logits (DePT: fused with its linear probe on the trained classes).
+        anchor: ``(B, C)`` frozen anchor-prompt logits, or ``None``.
+        objective: ``labels (B,) -> loss``, closed over this batch's tensors.
+    """
+
+    def __new__(cls, logits: torch.Tensor, anchor: torch.Tensor | None, objective: Callable[[torch.Tensor], torch.Tensor]):
+        out = super().__new__(cls, (logits, anchor))
+        out._objective = objective
+        return out
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def anchor(self) -> torch.Tensor | None:
+        return self[1]
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        """The method's training objective for this batch with class indices ``labels`` ``(B,)``."""
+        return self._objective(labels)
 
 
 class PromptMethod(nn.Module):
@@ -57,15 +85,23 @@ class PromptMethod(nn.Module):
         if text is not None:
             self.text = text
         self.loss_config = loss or StageIILossConfig()
+        # the Stage I anchors also under the top-level key "anchors": what anchoropt.registry.load_learner
+        # rebuilds a learner from (a copy; loading drops it again - the learner was built with those anchors)
+        self.register_state_dict_post_hook(_anchors_out)
+        self.register_load_state_dict_pre_hook(_anchors_in)
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image (B, E), text (C, E))``: CoOp's text features do not depend on the image."""
         return x, self.text.features()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> MethodOutput:
         """``(logits, logits_anchor)``, each ``(B, C)`` float32 (``logits_anchor`` ``None`` without anchors)."""
         image, text = self.features(x)
-        return self.similarity(image, text), self.anchor_logits(image)
+        return self.output(self.similarity(image, text), self.anchor_from(x, image))
+
+    def output(self, logits: torch.Tensor, anchor: torch.Tensor | None) -> MethodOutput:
+        """The :class:`MethodOutput` whose loss is :meth:`objective` on these logits."""
+        return MethodOutput(logits, anchor, lambda labels: self.objective(logits, anchor, labels))
 
     def similarity(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """CLIP logits ``(B, C)`` of image ``(B, E)`` and text ``(C, E)`` or per-image ``(B, C, E)`` features."""
@@ -96,13 +132,13 @@ class PromptMethod(nn.Module):
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Training objective for a batch: ``ce_weight * CE`` (+ ``kd_weight * KD`` toward the anchor ensemble)."""
-        logits, anchor = self(x)
-        return self.objective(logits, anchor, labels)
+        return self(x).loss(labels)
 
     def objective(self, logits: torch.Tensor, anchor: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
         """The loss from this batch's ``(logits, logits_anchor)``."""
         cfg = self.loss_config
-        if anchor is None:
+        labels = labels.to(logits.device)
+        if anchor is None or not cfg.kd_weight:
             return cfg.ce_weight * F.cross_entropy(logits.float(), labels)
         return functional.anchoropt_loss(logits, anchor, labels, cfg.ce_weight, cfg.kd_weight, cfg.temperature,
                                          cfg.kd_normalization)
@@ -124,9 +160,26 @@ class PromptMethod(nn.Module):
         heads = self.heads(x)
         return heads["ensemble"] if mode == "novel" and "ensemble" in heads else heads["normal"]
 
+    def anchor_from(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor | None:
+        """Anchor logits for input ``x`` whose (raw) image features are ``image`` (MaPLe: vanilla features)."""
+        return self.anchor_logits(image)
+
     def anchor_logits(self, image_features: torch.Tensor) -> torch.Tensor | None:
         """Frozen anchor-prompt logits ``(B, C)`` for image features ``(B, E)`` (``None`` without anchors)."""
         anchor = self.text.anchor_features()
         if anchor is None:
             return None
         return functional.clip_logits(image_features, anchor, self.logit_scale().to(image_features.device))
+
+
+ANCHORS_KEY = "anchors"
+
+
+def _anchors_out(module: "PromptMethod", state_dict: dict, prefix: str, local_metadata) -> None:
+    text = getattr(module, "text", None)
+    if text is not None and text.has_anchors:
+        state_dict[prefix + ANCHORS_KEY] = text.learner.anchors.detach().clone()
+
+
+def _anchors_in(module: "PromptMethod", state_dict: dict, prefix: str, *args) -> None:
+    state_dict.pop(prefix + ANCHORS_KEY, None)

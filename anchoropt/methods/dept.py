@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import functional
 from ..losses import StageIILossConfig
-from .base import MODES, PromptMethod
+from .base import MODES, MethodOutput, PromptMethod
 from .text import ContextPrompt
 
 __all__ = ["DePT", "FiLM", "BASES"]
@@ -116,28 +116,28 @@ class DePT(PromptMethod):
         """Linear-probe logits ``(B, C_base)`` of raw image features ``(B, E)``."""
         return self.linear_probe_proj(self.film_lp_img(image.float()))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(logits, logits_anchor)``: the fused base-class logits (similarity alone for other classes)."""
+    def forward(self, x: torch.Tensor) -> MethodOutput:
+        """``(logits, logits_anchor)``: the fused base-class logits (similarity alone for other classes);
+        ``output.loss(labels)`` is DePT's objective."""
         image, text = self.features(x)
         sim = self.similarity(image, text)
+        logits = sim
         if self.head_active and self.fusion:
-            sim = (1 - self.lp_weight) * sim + self.lp_weight * self.probe(image).to(sim.device)
-        return sim, self.anchor_logits(image)
+            logits = (1 - self.lp_weight) * sim + self.lp_weight * self.probe(image).to(sim.device)
+        anchor = self.base.anchor_from(x, image)
+        return MethodOutput(logits, anchor, lambda labels: self._objective(image, text, sim, anchor, labels))
 
-    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _objective(self, image, text, sim, anchor, labels: torch.Tensor) -> torch.Tensor:
         """``ce_weight * [(1 - w) CE(sim, y) + w CE(probe on [text_y; image], [y; y])]`` (+ KD on ``sim``)."""
         if not self.head_active:
             raise RuntimeError("DePT trains on the classes it was built with; set_classnames() changed them")
-        image, text = self.features(x)
-        sim = self.similarity(image, text)
         labels = labels.to(sim.device)
         chosen = text[labels] if text.dim() == 2 else text[torch.arange(len(labels), device=text.device), labels]
         inputs = torch.cat([self.film_lp_text(chosen.float()), self.film_lp_img(image.float()).to(chosen.device)])
         probe = self.linear_probe_proj(inputs)
         w, cfg = self.lp_weight, self.loss_config
         total = cfg.ce_weight * ((1 - w) * F.cross_entropy(sim, labels) + w * F.cross_entropy(probe, labels.repeat(2)))
-        anchor = self.anchor_logits(image) if cfg.kd_weight else None
-        if anchor is not None:
+        if anchor is not None and cfg.kd_weight:
             teacher = functional.ensemble_logits(sim, anchor)
             total = total + cfg.kd_weight * functional.distillation_loss(sim, teacher, cfg.temperature,
                                                                          cfg.kd_normalization)
@@ -152,7 +152,7 @@ class DePT(PromptMethod):
         out = {"similarity": sim, "normal": sim}
         if self.head_active and self.fusion:
             out["normal"] = (1 - self.lp_weight) * sim + self.lp_weight * self.probe(image).to(sim.device)
-        anchor = self.anchor_logits(image)
+        anchor = self.base.anchor_from(x, image)
         if anchor is not None:
             out.update(anchor=anchor, ensemble=functional.ensemble_logits(sim, anchor))
         return out

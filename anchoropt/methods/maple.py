@@ -32,7 +32,7 @@ from torch import nn
 
 from ..losses import StageIILossConfig
 from ..towers import TextTower
-from .base import PromptMethod
+from .base import MethodOutput, PromptMethod
 from .text import ContextPrompt
 from .vision import VisionPrompts, vision_width
 
@@ -124,13 +124,16 @@ class MaPLe(PromptMethod):
         """``(prompted image features (B, E), text features (C, E))``, not normalised."""
         return self.encode_images(images), self.text.features()
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, images: torch.Tensor) -> MethodOutput:
         image, text = self.features(images)
-        anchor = None
-        if self.has_anchors:
-            anchor_image = image.detach() if self.anchor_image == "model" else self.encode_images(images, False)
-            anchor = self.anchor_logits(anchor_image)
-        return self.similarity(image, text), anchor
+        return self.output(self.similarity(image, text), self.anchor_from(images, image))
+
+    def anchor_from(self, images: torch.Tensor, prompted: torch.Tensor) -> torch.Tensor | None:
+        """Anchor logits ``(B, C)`` from vanilla (or, ``anchor_image="model"``, the prompted) image features."""
+        if not self.has_anchors:
+            return None
+        image = prompted.detach() if self.anchor_image == "model" else self.encode_images(images, prompted=False)
+        return self.anchor_logits(image)
 
     def remove_hooks(self) -> None:
         """Take MaPLe's hooks off both towers (the module cannot run afterwards)."""
