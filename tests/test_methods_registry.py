@@ -117,3 +117,18 @@ def test_cocoop_atprompt_shifts_only_the_class_context(model) -> None:
         plain = ours.text.template.encode(ours.text.layout, ours.text.template.fill(ours.text.layout, slots[1]))
         torch.testing.assert_close(ours.text_features(feats)[1], torch.nn.functional.normalize(plain, dim=-1),
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_released_settings() -> None:
+    from anchoropt.methods.entries import released_settings
+
+    assert released_settings("maple")["deep_depth"] == 8 and released_settings("maple")["n_soft"] == 2
+    pets = released_settings("cocoop+anchoropt", "OxfordPets")  # the AnchorOPT CoCoOp table: 4/20/10/100/2.0
+    assert (pets["n_soft"], pets["epochs"], pets["ce_weight"], pets["kd_weight"], pets["kd_temperature"],
+            pets["batch_size"]) == (4, 20, 10.0, 100.0, 2.0, 1)
+    assert released_settings("dept+anchoropt", "eurosat")["lp_weight"] == 0.9
+    cars = released_settings("dept+atprompt", "stanford_cars")
+    assert (cars["n_soft"], cars["lp_weight"], cars["attributes"]) == (2, 0.6, ("luxury",))
+    assert released_settings("maple+atprompt", "ucf101")["n_soft"] == 2
+    with pytest.raises(KeyError, match="no released settings"):
+        released_settings("kgcoop")

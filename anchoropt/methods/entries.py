@@ -12,9 +12,12 @@
 Settings read (:class:`~anchoropt.registry.MethodSettings`): ``n_soft`` (M), ``soft_init``; ATPrompt's
 ``attributes``, ``n_attr_soft``, ``legacy``; AnchorOPT's ``anchors``, ``tau``, ``preposition``, ``pooling``;
 MaPLe's ``deep_depth`` (``PROMPT_DEPTH - 1``; 0 means the released ``PROMPT_DEPTH`` 9, capped by the towers'
-blocks); the loss weights.  DePT keeps its own loss (no KD) and its released fusion weight 0.7.  The authors'
-per-dataset tables for these methods are :func:`anchoropt.presets.preset` with ``method="cocoop" | "maple" |
-"dept"`` (:data:`PRESET_METHOD` maps each entry to its table).
+blocks); the loss weights.  DePT keeps its own loss (no KD) and its released fusion weight 0.7.
+
+:func:`released_settings` gives an entry's released per-dataset settings: the AnchorOPT tables
+(:func:`anchoropt.presets.preset` with ``method="cocoop" | "maple" | "dept"``) for ``+anchoropt``, ATPrompt's
+tables (``docs/ATPrompt.md`` of the released code: context length, epochs, DePT's ``w``) and attribute words for
+``+atprompt``, and each method's released configuration for the method alone.
 
 Importing :mod:`anchoropt.methods` registers the entries.
 """
@@ -32,11 +35,62 @@ from .cocoop import CoCoOp
 from .dept import DePT
 from .maple import MaPLe
 
-__all__ = ["PRESET_METHOD", "method_output_loss", "register_all"]
+__all__ = ["PRESET_METHOD", "method_output_loss", "register_all", "released_settings"]
 
 PRESET_METHOD = {f"{base}{suffix}": base for base in ("cocoop", "maple", "dept")
                  for suffix in ("", "+atprompt", "+anchoropt")}
 """Registry name -> the ``method=`` of :func:`anchoropt.presets.preset` whose released table applies."""
+
+
+# The methods' released configurations (CoCoOp vit_b16_c4_ep10_batch1_ctxv1, MaPLe vit_b16_c2_ep5_batch4_2ctx,
+# DePT vit_b16_ep10_bs4_lr35 over CoOp): context length, epochs, batch, lr, (MaPLe) prompt depth, (DePT) w.
+_ALONE = {
+    "cocoop": dict(n_soft=4, epochs=10, batch_size=1, lr=0.002, soft_init="a photo of a"),
+    "maple": dict(n_soft=2, epochs=5, batch_size=4, lr=0.0035, deep_depth=8),
+    "dept": dict(n_soft=4, epochs=10, batch_size=4, lr=0.0035, lp_weight=0.7),
+}
+# ATPrompt's tables for these methods (docs/ATPrompt.md, base-to-novel): (n_soft, epochs[, DePT's w]).
+_ATPROMPT = {
+    "cocoop": {**dict.fromkeys(("imagenet", "caltech101", "oxford_pets", "food101", "fgvc_aircraft", "sun397", "dtd"),
+                               (2, 10)), "ucf101": (4, 10),
+               **dict.fromkeys(("stanford_cars", "oxford_flowers", "eurosat"), (6, 10))},
+    "maple": {**dict.fromkeys(("caltech101", "oxford_pets", "oxford_flowers", "eurosat"), (4, 10)),
+              **dict.fromkeys(("imagenet", "stanford_cars", "food101", "sun397", "dtd"), (4, 5)),
+              **dict.fromkeys(("fgvc_aircraft", "ucf101"), (2, 5))},
+    "dept": {**dict.fromkeys(("eurosat", "fgvc_aircraft", "food101", "oxford_flowers", "sun397"), (4, 10, 0.7)),
+             "caltech101": (4, 10, 0.6), "dtd": (4, 10, 0.6), "ucf101": (4, 10, 0.5),
+             "oxford_pets": (2, 10, 0.7), "stanford_cars": (2, 10, 0.6)},
+}
+
+
+def released_settings(name: str, dataset: str | None = None) -> dict:
+    """The released settings of registry entry ``name`` (for ``dataset`` where the authors list one).
+
+    Keys are :class:`~anchoropt.registry.MethodSettings` / run-config names (``n_soft``, ``epochs``,
+    ``batch_size``, ``lr``, ``ce_weight``, ``kd_weight``, ``kd_temperature``, ``kd_normalization``,
+    ``deep_depth``, ``attributes``, ``soft_init``) plus DePT's ``lp_weight``.
+    """
+    from .. import presets
+
+    if name not in PRESET_METHOD:
+        raise KeyError(f"no released settings for {name!r}; entries: {', '.join(PRESET_METHOD)}")
+    base, template = name.split("+")[0], _template(name)
+    out = dict(_ALONE[base])
+    if template == "anchoropt":
+        p = presets.preset(dataset or "default", base)
+        out.update(n_soft=p.n_soft, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, ce_weight=p.ce_weight,
+                   kd_weight=p.kd_weight, kd_temperature=p.kd_temperature, kd_normalization=p.kd_normalization)
+        out.pop("soft_init", None)  # the released +AnchorOPT trainers ignore CTX_INIT (random context)
+        if "linear_probe_weight" in p.extra:
+            out["lp_weight"] = p.extra["linear_probe_weight"]
+    elif template == "atprompt" and dataset is not None:
+        key = presets.canonical_name(dataset)
+        out.pop("soft_init", None)
+        out["attributes"] = presets.atprompt_attributes(key)
+        row = _ATPROMPT[base].get(key)
+        if row is not None:
+            out.update(n_soft=row[0], epochs=row[1], **({"lp_weight": row[2]} if len(row) > 2 else {}))
+    return out
 
 
 def method_output_loss(settings: MethodSettings) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
