@@ -246,8 +246,9 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "missing"), "--anchors", "a.safetensors", "--model",
                      "tiny-test", "--pretrained", "none", "-o", str(tmp_path / "o")]) == 2
     assert "dataset directory not found" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--data", "x"])  # neither --descriptions nor --anchors
+    # AnchorOPT with neither --descriptions nor --anchors: refused before anything is read
+    assert cli.main(["train", "--data", "x"]) == 2
+    assert "coop+anchoropt needs anchors: pass --descriptions" in capsys.readouterr().err
 
 
 def test_module_entry_point_runs():

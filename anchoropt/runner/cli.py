@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, required=False)
     _add_common_args(p)
     _add_hyper_args(p, stage1_only=True)
+    _add_released_args(p, stage1_only=True)
 
     p = sub.add_parser("train", help="Stage II few-shot training (after Stage I) and evaluation",
                        description="Train AnchorOPT's soft tokens and position matrix on K shots per class and "
@@ -136,32 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
                    default="base2novel", help="evaluation protocol (default: base2novel)")
     p.add_argument("--target", dest="targets", action="append", default=[], metavar="DIR",
                    help="a target dataset directory for cross-dataset / domain generalisation (repeatable)")
-    anchors = p.add_mutually_exclusive_group(required=True)
-    anchors.add_argument("--descriptions", help="descriptions JSON: run Stage I first on the training classes")
-    anchors.add_argument("--anchors", help="Stage I anchors: our .safetensors or the authors' model.pth.tar")
-    p.add_argument("--n-anchor", type=int, default=None, help="N, anchor tokens for Stage I (1)")
-    p.add_argument("--deep-depth", type=int, default=0,
-                   help="deep variant: per-layer soft prompts for the first N text blocks after the input, anchors "
-                        "carried through (0: shallow, the default)")
-    _add_pae_args(p)
-    p.add_argument("--augment", choices=("rrc_flip", "none"), default="rrc_flip",
-                   help="training augmentation: random resized crop + flip (default) or none")
-    p.add_argument("--cache-image-features", action="store_true",
-                   help="encode the training images once, before training (with --augment none, or --cache-views)")
-    p.add_argument("--cache-views", type=int, default=None,
-                   help="with --cache-image-features and an augmentation: K augmented views per image drawn once; "
-                        "each step uses one at random")
-    p.add_argument("--eval-mode", choices=("auto", "base", "novel", "anchor"), default="auto",
-                   help="headline accuracy: auto (normal prompt for trained classes, ensemble for unseen ones), "
-                        "base (normal), novel (ensemble), anchor (anchor prompt only)")
-    p.add_argument("--eval-batch-size", type=int, default=100, help="evaluation batch size (100)")
-    p.add_argument("--save-every", type=int, default=0, help="also save the learner every N epochs")
+    _add_train_options(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --output (a finished or interrupted one); refused otherwise")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --output from its last complete checkpoint "
                         "(same options as it was started with)")
-    p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write plots/*.png")
     _add_model_args(p)
     _add_data_args(p)
     _add_common_args(p)
@@ -202,6 +183,54 @@ def build_parser() -> argparse.ArgumentParser:
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(p)
     return parser
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """The options ``train`` and ``grid`` share (besides data, model, hyperparameters)."""
+    g = p.add_argument_group("method (anchoropt.registry; docs: grid.md)")
+    g.add_argument("--method", default=None,
+                   help="zeroshot, coop, coop+atprompt, coop+anchoropt (default), coop+atprompt+anchoropt; options "
+                        "after a colon, e.g. coop+anchoropt:pooling=released, coop:csc=true, zeroshot:ensemble=true")
+    g.add_argument("--attributes", nargs="+", default=None, metavar="WORD",
+                   help="ATPrompt attribute words (default: the --preset dataset's, e.g. playfulness energy for pets)")
+    g.add_argument("--n-attr-soft", type=int, default=None, help="soft tokens before each attribute (default: M)")
+    g.add_argument("--template", dest="templates", action="append", default=None, metavar="TEXT",
+                   help="zero-shot template with {} for the class (repeatable: an ensemble; default: the preset's "
+                        "or 'a photo of a {}.')")
+    _add_released_args(p)
+    anchors = p.add_mutually_exclusive_group()
+    anchors.add_argument("--descriptions", help="descriptions JSON: run Stage I first on the training classes "
+                                                "(AnchorOPT methods)")
+    anchors.add_argument("--anchors", help="Stage I anchors: our .safetensors or the authors' model.pth.tar")
+    p.add_argument("--n-anchor", type=int, default=None, help="N, anchor tokens for Stage I (1)")
+    p.add_argument("--deep-depth", type=int, default=0,
+                   help="deep variant: per-layer soft prompts for the first N text blocks after the input, anchors "
+                        "carried through (0: shallow, the default)")
+    _add_pae_args(p)
+    p.add_argument("--augment", choices=("rrc_flip", "none"), default="rrc_flip",
+                   help="training augmentation: random resized crop + flip (default) or none")
+    p.add_argument("--cache-image-features", action="store_true",
+                   help="encode the training images once, before training (with --augment none, or --cache-views)")
+    p.add_argument("--cache-views", type=int, default=None,
+                   help="with --cache-image-features and an augmentation: K augmented views per image drawn once; "
+                        "each step uses one at random")
+    p.add_argument("--eval-mode", choices=("auto", "base", "novel", "anchor"), default="auto",
+                   help="headline accuracy: auto (normal prompt for trained classes, ensemble for unseen ones), "
+                        "base (normal), novel (ensemble), anchor (anchor prompt only)")
+    p.add_argument("--eval-batch-size", type=int, default=100, help="evaluation batch size (100)")
+    p.add_argument("--save-every", type=int, default=0, help="also save the learner every N epochs")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write plots/*.png")
+
+
+def _add_released_args(p: argparse.ArgumentParser, stage1_only: bool = False) -> None:
+    r = p.add_argument_group("released behaviour (defaults stay paper-correct; docs: howto/reproduce.md)")
+    if not stage1_only:
+        r.add_argument("--pooling", choices=("eot", "released"), default=None,
+                       help="normal prompt read at the true EOT (default) or at EOT - N as the released code does")
+    r.add_argument("--stage1-schedule", choices=("cosine", "released"), default=None,
+                   help="Stage I lr: cosine per step (default) or Dassl's (warm-up epoch at 1e-5, cosine per epoch)")
+    r.add_argument("--description-selection", choices=("usable", "released"), default=None,
+                   help="Stage I sentences: the first N with a letter (default) or the first N raw entries")
 
 
 def _add_pae_args(p: argparse.ArgumentParser) -> None:

@@ -48,6 +48,13 @@ class RunConfig:
     n_anchor: int | None = None
     preposition: str = "of"
     deep_depth: int = 0
+    method: str = "coop+anchoropt"
+    attributes: list[str] = field(default_factory=list)
+    n_attr_soft: int | None = None
+    pooling: str = "eot"
+    templates: list[str] = field(default_factory=list)
+    stage1_schedule: str = "cosine"
+    description_selection: str = "usable"
     pae: bool = False
     pae_alpha: float = 0.5
     pae_beta: float = 0.2
@@ -99,8 +106,29 @@ class RunConfig:
             if values[key] is None:
                 values[key] = chosen.get(key, default)
         cfg = RunConfig(**values)
+        cfg._fill_method_defaults()
         cfg.validate()
         return cfg
+
+    def _fill_method_defaults(self) -> None:
+        """ATPrompt attributes and the zero-shot template from the dataset preset, when not given."""
+        from ..presets import DATASETS, atprompt_attributes, canonical_name, zeroshot_template
+
+        try:
+            dataset = canonical_name(self.preset) if self.preset else None
+        except KeyError:
+            dataset = None
+        if dataset in DATASETS:
+            if not self.attributes:
+                self.attributes = list(atprompt_attributes(dataset))
+            if not self.templates:
+                self.templates = [zeroshot_template(dataset)]
+
+    def method_choice(self):
+        """The parsed ``method`` spec (:class:`anchoropt.registry.MethodChoice`)."""
+        from ..registry import parse_method
+
+        return parse_method(self.method)
 
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -124,6 +152,7 @@ class RunConfig:
             raise ValueError(f"the {self.protocol} protocol needs at least one target dataset (--target DIR)")
         self._validate_pae()
         self._check_types()
+        self._validate_method()
         for names, low, strict in _RANGES:
             for name in names:
                 value = getattr(self, name)
@@ -160,6 +189,23 @@ class RunConfig:
             if not ok:
                 wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
                 raise ValueError(f"{f.name} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+    def _validate_method(self) -> None:
+        from ..anchors import STAGE1_SCHEDULES
+        from ..descriptions import SELECTIONS
+        from ..template import POOLINGS
+
+        choice = self.method_choice()  # unknown method / option: a clear error
+        if self.eval_mode != "auto":
+            choice.method.head(True, self.eval_mode)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {POOLINGS}")
+        if self.stage1_schedule not in STAGE1_SCHEDULES:
+            raise ValueError(f"unknown Stage I schedule {self.stage1_schedule!r}; choose one of {STAGE1_SCHEDULES}")
+        if self.description_selection not in SELECTIONS:
+            raise ValueError(f"unknown description selection {self.description_selection!r}; choose one of {SELECTIONS}")
+        if self.pae and "deep_depth" not in choice.method.options:
+            raise ValueError(f"--pae regularises AnchorOPT's deep prompts; method {choice.label!r} has none")
 
     def _validate_pae(self) -> None:
         if not self.pae:

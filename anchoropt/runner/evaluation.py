@@ -1,4 +1,4 @@
-"""Scoring a trained learner: top-1 accuracy of the normal, anchor and ensemble prompts."""
+"""Scoring a trained learner: top-1 accuracy of every head it has (AnchorOPT: normal, anchor, ensemble)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from torch import nn
 
 from .. import data as D
 from .. import distributed as dist_utils
-from ..functional import clip_logits, ensemble_logits
 from .config import RunConfig
 from .console import _bar
 from .models import ModelBundle, encode_images
+
+# the run's --eval-mode names for AnchorOPT's heads (kept for results written before the method registry)
+_MODE_HEADS = {"base": "normal", "novel": "ensemble", "anchor": "anchor"}
 
 
 @torch.no_grad()
@@ -25,12 +27,19 @@ def evaluate(
     ctx: dist_utils.DistContext | None = None,
     headline: str = "base",
     description: str = "eval",
+    features=None,
+    image_input: str = "features",
+    mode: str | None = None,
 ) -> dict:
-    """Top-1 accuracy (%) of the normal prompt, the anchor prompt and their ensemble on ``records``.
+    """Top-1 accuracy (%) of each of the learner's heads (``learner.heads(x)``) on ``records``.
 
-    Text features are computed once for ``classnames`` (deterministic position matrix); under ``torchrun``
-    every process scores its own slice of the images.  ``headline`` picks ``accuracy``: ``"base"``
-    (normal prompt), ``"novel"`` (ensemble) or ``"anchor"``.
+    Text features are computed once for ``classnames`` (the learners cache them in evaluation); under
+    ``torchrun`` every process scores its own slice of the images.  ``headline`` names the head whose
+    accuracy is ``accuracy`` (``"normal"``, ``"ensemble"``, ``"prompt"`` ...; AnchorOPT also takes the modes
+    ``"base"`` / ``"novel"`` / ``"anchor"``).  ``features``: a :class:`~anchoropt.runner.features.FeatureStore`
+    to read frozen image features from instead of running the image tower; ``image_input="images"`` passes
+    the images themselves to a learner that runs the image tower (visual prompts).  ``mode`` is recorded
+    as the result's ``mode`` (default: ``headline``).
     """
     from torch.utils.data import DataLoader
 
@@ -38,39 +47,53 @@ def evaluate(
     learner = dist_utils.unwrap(learner)
     learner.set_classnames(list(classnames))
     learner.eval()
-    with torch.no_grad():
-        text_normal, text_anchor = learner.normal_features(), learner.anchor_features()
-    scale = learner.logit_scale()
     mine = dist_utils.shard(list(records), ctx)
-    loader = DataLoader(D.ImageDataset(mine, bundle.test_transform), batch_size=cfg.eval_batch_size,
-                        num_workers=cfg.workers, generator=torch.Generator())
-    counts = [0.0, 0.0, 0.0, 0.0]  # normal, anchor, ensemble, total
-    bar = _bar(len(loader), description, cfg.progress and ctx.is_main)
-    for images, labels, _ in loader:
-        features = encode_images(bundle.model, images.to(ctx.device))
+    if features is not None and image_input == "features":
+        table = features.table(mine)
+        labels_all = torch.tensor([r.label for r in mine], dtype=torch.long)
+        step = cfg.eval_batch_size
+        batches = [(table[i:i + step], labels_all[i:i + step]) for i in range(0, len(mine), step)]
+        n_batches = len(batches)
+    else:
+        loader = DataLoader(D.ImageDataset(mine, bundle.test_transform), batch_size=cfg.eval_batch_size,
+                            num_workers=cfg.workers, generator=torch.Generator())
+        batches, n_batches = ((images, labels) for images, labels, _ in loader), len(loader)
+    names: list[str] | None = None
+    counts: list[float] = []
+    seen = 0.0
+    bar = _bar(n_batches, description, cfg.progress and ctx.is_main)
+    for inputs, labels in batches:
+        inputs = inputs.to(ctx.device)
+        if features is None and image_input == "features":
+            inputs = encode_images(bundle.model, inputs)
+        heads = learner.heads(inputs)
+        if names is None:
+            names = list(heads)
+            counts = [0.0] * len(names)
         labels = labels.to(ctx.device)
-        normal = clip_logits(features, text_normal, scale)
-        anchor = clip_logits(features, text_anchor, scale)
-        for i, logits in enumerate((normal, anchor, ensemble_logits(normal, anchor))):
-            counts[i] += float((logits.argmax(dim=-1) == labels).sum())
-        counts[3] += len(labels)
+        for i, name in enumerate(names):
+            counts[i] += float((heads[name].argmax(dim=-1) == labels).sum())
+        seen += len(labels)
         if bar is not None:
             bar.update()
     if bar is not None:
         bar.close()
-    normal_ok, anchor_ok, ensemble_ok, total = dist_utils.all_reduce_sum(counts, ctx)
+    if names is None:  # no image on this process: ask the learner for its head names on an empty batch
+        names = list(learner.heads(torch.zeros(0, _feature_width(learner), device=ctx.device)))
+        counts = [0.0] * len(names)
+    *oks, total = dist_utils.all_reduce_sum([*counts, seen], ctx)
     pct = (lambda ok: round(100.0 * ok / total, 4) if total else float("nan"))
-    result = {
-        "n_images": int(total),
-        "n_classes": len(classnames),
-        "accuracy_normal": pct(normal_ok),
-        "accuracy_anchor": pct(anchor_ok),
-        "accuracy_ensemble": pct(ensemble_ok),
-        "mode": headline,
-    }
-    result["accuracy"] = result[{"base": "accuracy_normal", "novel": "accuracy_ensemble",
-                                 "anchor": "accuracy_anchor"}[headline]]
+    head = headline if headline in names else _MODE_HEADS.get(headline, headline)
+    if head not in names:
+        raise ValueError(f"this learner has no head {headline!r} (heads: {names})")
+    result = {"n_images": int(total), "n_classes": len(classnames)}
+    result.update({f"accuracy_{name}": pct(ok) for name, ok in zip(names, oks)})
+    result.update(mode=mode or headline, head=head, accuracy=result[f"accuracy_{head}"])
     return result
+
+
+def _feature_width(learner: nn.Module) -> int:
+    return int(learner.tower.output_dim)
 
 
 def harmonic_mean(a: float, b: float) -> float:

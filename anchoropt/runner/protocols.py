@@ -6,7 +6,8 @@ from typing import Any, Sequence
 
 from .. import data as D
 from .config import RunConfig
-from .evaluation import evaluate, harmonic_mean
+from .evaluation import evaluate as _evaluate
+from .evaluation import harmonic_mean
 
 
 def _source_dataset(cfg: RunConfig) -> D.DatasetSplits:
@@ -31,10 +32,12 @@ def _training_view(source: D.DatasetSplits, cfg: RunConfig) -> tuple[D.DatasetSp
     return few, None
 
 
-def _headline(mode: str, classnames: Sequence[str], trained: Sequence[str]) -> str:
-    if mode != "auto":
-        return mode
-    return "base" if set(classnames) <= set(trained) else "novel"
+def _headline(mode: str, classnames: Sequence[str], trained: Sequence[str], method=None):
+    """The evaluation mode (``base`` / ``novel`` / ``anchor``) for ``classnames`` and, with a registry
+    method, ``(mode, head)``: the head that scores them."""
+    seen = set(classnames) <= set(trained)
+    name = mode if mode != "auto" else ("base" if seen else "novel")
+    return name if method is None else (name, method.head(seen, mode))
 
 
 def _open_targets(cfg: RunConfig, trained: Sequence[str]) -> list[D.DatasetSplits]:
@@ -55,23 +58,34 @@ def _open_targets(cfg: RunConfig, trained: Sequence[str]) -> list[D.DatasetSplit
     return targets
 
 
-def _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained) -> dict:
-    """Run the protocol's evaluations; returns the ``results`` part of results.json."""
+def _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained, method=None, features=None) -> dict:
+    """Run the protocol's evaluations; returns the ``results`` part of results.json.
+
+    ``method``: the run's :class:`~anchoropt.registry.Method` (picks the head per class set); ``features``: a
+    shared :class:`~anchoropt.runner.features.FeatureStore` for the frozen image features.
+    """
     out: dict[str, Any] = {}
+    image_input = method.image_input if method is not None else "features"
+
+    def evaluate(learner, bundle, records, classnames, cfg, ctx, headline, description):
+        mode, head = headline if isinstance(headline, tuple) else (headline, headline)
+        return _evaluate(learner, bundle, records, classnames, cfg, ctx, head, description, features, image_input,
+                         mode=mode)
+
     if cfg.protocol == "base2novel":
         base = evaluate(learner, bundle, train_view.test, train_view.classnames, cfg, ctx,
-                        _headline(cfg.eval_mode, train_view.classnames, trained), "eval base")
+                        _headline(cfg.eval_mode, train_view.classnames, trained, method), "eval base")
         novel = evaluate(learner, bundle, novel_view.test, novel_view.classnames, cfg, ctx,
-                         _headline(cfg.eval_mode, novel_view.classnames, trained), "eval novel")
+                         _headline(cfg.eval_mode, novel_view.classnames, trained, method), "eval novel")
         out.update(base=base, novel=novel, hm=round(harmonic_mean(base["accuracy"], novel["accuracy"]), 4))
         return out
     out["source"] = evaluate(learner, bundle, train_view.test, train_view.classnames, cfg, ctx,
-                             _headline(cfg.eval_mode, train_view.classnames, trained), "eval source")
+                             _headline(cfg.eval_mode, train_view.classnames, trained, method), "eval source")
     out["targets"] = {}
     for path, target in zip(cfg.targets, _open_targets(cfg, trained)):
         name = _unique_key(target.name, out["targets"])
         out["targets"][name] = evaluate(learner, bundle, target.test, target.classnames, cfg, ctx,
-                                        _headline(cfg.eval_mode, target.classnames, trained), f"eval {name}")
+                                        _headline(cfg.eval_mode, target.classnames, trained, method), f"eval {name}")
         out["targets"][name]["path"] = str(path)
     accs = [r["accuracy"] for r in out["targets"].values()]
     out["target_mean"] = round(sum(accs) / len(accs), 4) if accs else None

@@ -98,12 +98,16 @@ def run_learn_anchors(cfg: RunConfig, bundle: ModelBundle | None = None, classna
 
 def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_after: bool = True,
                  ctx: dist_utils.DistContext | None = None, overwrite: bool = False,
-                 resume: bool = False) -> RunResult:
+                 resume: bool = False, features=None) -> RunResult:
     """``anchoropt train``: (Stage I) + Stage II + the protocol's evaluation; writes the run directory.
 
-    Run directory: ``run_config.json``, ``anchors.safetensors``, ``stage1.json``, ``checkpoints/``,
-    ``prompt_learner/`` (safetensors + JSON, :mod:`anchoropt.io`), ``results.json`` (written last) and
-    ``plots/*.png`` (when matplotlib is installed); every part carries the run id (:mod:`.rundir`).
+    The method (``cfg.method``, :mod:`anchoropt.registry`) decides what is built and trained: AnchorOPT
+    (the default) runs Stage I first (or loads ``cfg.anchors``); zero-shot CLIP trains nothing.
+
+    Run directory: ``run_config.json``, ``anchors.safetensors`` + ``stage1.json`` (AnchorOPT), ``checkpoints/``,
+    ``prompt_learner/`` (AnchorOPT, safetensors + JSON, :mod:`anchoropt.io`) or ``learner/`` (other methods,
+    :func:`anchoropt.registry.save_learner`), ``results.json`` (written last) and ``plots/*.png`` (AnchorOPT,
+    when matplotlib is installed); every part carries the run id (:mod:`.rundir`).
     Options, data, descriptions, anchors and images are all checked before the model is built.
 
     Args:
@@ -112,12 +116,21 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         overwrite: replace a finished (or interrupted) run in ``cfg.output``; refused otherwise.
         resume: continue the interrupted run in ``cfg.output`` from its last complete checkpoint (its
             Stage I anchors are reused); the options must be the ones it was started with.
+        features: a shared :class:`~anchoropt.runner.features.FeatureStore` (a grid's): with
+            ``cfg.cache_image_features`` and ``augment="none"``, training and evaluation read image
+            features from it instead of running the image tower.
     """
-    from ..io import load_anchors, save_anchors, save_prompt_learner
+    from ..io import load_anchors, save_anchors
     from ..prompts import AnchorOPTPromptLearner
+    from .learners import build_learner, method_settings, save_run_learner
 
     wall = time.perf_counter()
     cfg = cfg.resolve()
+    choice = cfg.method_choice()
+    method = choice.method
+    if method.needs_anchors and not (cfg.anchors or cfg.descriptions):
+        raise ValueError(f"{choice.label} needs anchors: pass --descriptions JSON (Stage I runs first) or "
+                         "--anchors FILE")
     _check_dataset_paths(cfg)  # the paths as typed, in the messages
     cfg = _absolute_paths(cfg)  # run_config.json then works from any directory
     out = Path(cfg.output)
@@ -129,10 +142,9 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
     trained = train_view.classnames
     if evaluate_after:
         _open_targets(cfg, trained)
-    if not (cfg.anchors or cfg.descriptions):
-        raise ValueError("Stage II needs anchors: pass --descriptions JSON (Stage I runs first) or --anchors FILE")
-    checks.check_descriptions(cfg, trained)
-    given_anchors = checks.check_anchor_file(cfg)
+    if method.needs_anchors:
+        checks.check_descriptions(cfg, trained)
+    given_anchors = checks.check_anchor_file(cfg) if method.needs_anchors else None
     checks.check_images(train_view.train, "training", decode=True)
     if evaluate_after:
         checks.check_images([*train_view.test, *(novel_view.test if novel_view else [])], "test", decode=False)
@@ -145,7 +157,9 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
             R.clear_run(out)
         seed_everything(cfg.seed)  # same frozen random towers and initial prompts on every process
         bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
-        _log(ctx, f"{source.summary()}; training on {len(train_view.train)} images of {len(trained)} classes "
+        if not (cfg.cache_image_features and cfg.augment == "none"):
+            features = None
+        _log(ctx, f"{source.summary()}; {choice.label}, training on {len(train_view.train)} images of {len(trained)} classes "
                   f"({cfg.shots} shots, seed {cfg.seed}, protocol {cfg.protocol}, world size {ctx.world_size}, "
                   f"run {run_id}{', resumed' if resume else ''})")
         for split, classes in short.items():
@@ -154,9 +168,12 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         if ctx.is_main and not resume:
             _files.write_json(out / RUN_CONFIG, {**cfg.to_json(), "run_id": run_id})
 
-        stage1: dict[str, Any]
+        stage1: dict[str, Any] | None = None
+        anchors = None
         saved_anchors = out / "anchors.safetensors"
-        if resume and saved_anchors.is_file():
+        if not method.needs_anchors:
+            pass
+        elif resume and saved_anchors.is_file():
             anchors = load_anchors(saved_anchors, expected_width=_text_width(bundle.model))
             stage1 = read_json(out / R.STAGE1, f"{out / R.STAGE1} not found") if (out / R.STAGE1).is_file() else {}
             stage1 = {k: v for k, v in stage1.items() if k != "run_id"}
@@ -168,17 +185,17 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
             if ctx.is_main:  # the other processes did not run Stage I (rank 0 broadcast the anchors)
                 _log(ctx, f"Stage I: {stage1['steps']} steps, loss {stage1['loss_first']:.4f} -> "
                           f"{stage1['loss_last']:.4f}")
-        if ctx.is_main and not (resume and saved_anchors.is_file()):
+        if anchors is not None and ctx.is_main and not (resume and saved_anchors.is_file()):
             save_anchors(anchors, saved_anchors, classnames=trained, run_id=run_id)
             _files.write_json(out / R.STAGE1, {**stage1, "run_id": run_id})
-        if cfg.n_anchor != anchors.shape[0]:
+        if anchors is not None and cfg.n_anchor != anchors.shape[0]:
             cfg = dataclasses.replace(cfg, n_anchor=int(anchors.shape[0]))
 
-        deep = {"deep_depth": cfg.deep_depth} if cfg.deep_depth else {}
-        learner = AnchorOPTPromptLearner(bundle.model, trained, anchors, n_soft=cfg.n_soft,
-                                         preposition=cfg.preposition, tokenizer=bundle.tokenizer, tau=cfg.tau, **deep)
+        settings = method_settings(cfg, anchors, bundle.tokenizer)
+        learner = build_learner(choice, bundle, trained, settings)
+        anchoropt_learner = isinstance(learner, AnchorOPTPromptLearner)  # checkpoints, plots, position
         start_from = None
-        if resume:
+        if resume and anchoropt_learner:
             found = R.latest_checkpoint(out, run_id)
             dist_utils.barrier(ctx)
             if found is not None:
@@ -190,32 +207,38 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
                 _log(ctx, "no complete checkpoint: Stage II starts again from epoch 0 (Stage I anchors reused)")
 
         def checkpoint(state: dict, tensors: dict) -> None:
-            if not ctx.is_main:
+            if not ctx.is_main or not anchoropt_learner:
                 return
             done = state["epochs_done"]
             R.save_checkpoint(out / R.CHECKPOINTS / R.LAST_CHECKPOINT, learner, run_id, state, tensors)
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.epochs:
                 R.save_checkpoint(out / R.CHECKPOINTS / f"epoch_{done}", learner, run_id, state, tensors)
 
-        stage2 = train_stage2(learner, bundle, train_view.train, cfg, ctx, on_checkpoint=checkpoint,
-                              resume=start_from)
-        _log(ctx, f"Stage II: {stage2['epochs']} epochs x {stage2['steps_per_epoch']} steps, "
-                  f"loss {stage2['epoch_losses'][0]:.4f} -> {stage2['epoch_losses'][-1]:.4f} ({stage2['seconds']} s)")
+        stage2: dict[str, Any] | None = None
+        if method.trains and any(p.requires_grad for p in learner.parameters()):
+            stage2 = train_stage2(learner, bundle, train_view.train, cfg, ctx, on_checkpoint=checkpoint,
+                                  resume=start_from, loss_fn=method.loss(settings), image_input=method.image_input,
+                                  features=features)
+            _log(ctx, f"Stage II: {stage2['epochs']} epochs x {stage2['steps_per_epoch']} steps, loss "
+                      f"{stage2['epoch_losses'][0]:.4f} -> {stage2['epoch_losses'][-1]:.4f} ({stage2['seconds']} s)")
         if ctx.is_main:
-            save_prompt_learner(learner, out / "prompt_learner", run_id=run_id)
+            save_run_learner(learner, choice, settings, out, run_id)
         results: dict[str, Any] = {
-            "run_id": run_id,
+            "run_id": run_id, "method": choice.label,
             "protocol": cfg.protocol, "dataset": source.name, "model": cfg.model, "pretrained": cfg.pretrained,
-            "random_weights": random_weights(cfg.pretrained), "preset": cfg.preset, "seed": cfg.seed, "shots": cfg.shots, "trained_classes": list(trained),
+            "random_weights": random_weights(cfg.pretrained), "preset": cfg.preset, "seed": cfg.seed,
+            "shots": cfg.shots, "trained_classes": list(trained),
             "world_size": ctx.world_size, "stage1": stage1, "stage2": stage2,
-            "position": {"assignment": learner.position.assignment().tolist(),
-                         "slots": learner.position.describe()},
         }
+        if anchoropt_learner:
+            results["position"] = {"assignment": learner.position.assignment().tolist(),
+                                   "slots": learner.position.describe()}
         if short:
             results["classes_short_of_shots"] = short
         if evaluate_after:
             start = time.perf_counter()
-            results["results"] = _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained)
+            results["results"] = _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained, method,
+                                              features)
             results["eval_seconds"] = round(time.perf_counter() - start, 3)
             learner.set_classnames(list(trained))
             results["summary"] = summary_line(results)
@@ -223,7 +246,7 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         if ctx.is_main:
             _files.write_json(out / RESULTS, results)
             shutil.rmtree(out / R.CHECKPOINTS / R.LAST_CHECKPOINT, ignore_errors=True)  # prompt_learner/ has it
-            if cfg.plots:
+            if cfg.plots and anchoropt_learner:
                 note = f"{RANDOM_FLAG}: this picture means nothing" if results["random_weights"] else None
                 results["plots"] = _plots(learner, bundle, out, note)
             if "summary" in results:
@@ -264,16 +287,13 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
             ``pretrained`` ...), e.g. new cross-dataset targets for a trained run.
         output: results file (``<run_dir>/eval_results.json`` by default).
     """
-    from ..io import load_prompt_learner, read_config
+    from .learners import load_run_learner, trained_classnames
 
     run_dir = Path(run_dir)
     cfg = dataclasses.replace(load_run_config(run_dir), **(overrides or {})).resolve()
     _check_dataset_paths(cfg)
     run_id = R.check_one_run(run_dir)
-    if not (run_dir / "prompt_learner").is_dir():
-        raise R.RunDirectoryError(f"{run_dir} has no prompt_learner/: its training did not finish; continue it with "
-                                  "`anchoropt train ... --resume`")
-    trained = read_config(run_dir / "prompt_learner", "prompt_learner")["trained_classnames"]
+    trained = trained_classnames(run_dir)
     target = Path(output) if output else run_dir / "eval_results.json"
     R.check_writable(target.parent)
     source = _source_dataset(cfg)
@@ -285,12 +305,12 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
     with R.locked(run_dir, "anchoropt eval") if ctx.is_main else _nothing():
         seed_everything(cfg.seed)
         bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, "none")
-        learner = load_prompt_learner(run_dir / "prompt_learner", bundle.model, train_view.classnames,
-                                      tokenizer=bundle.tokenizer)
+        learner = load_run_learner(run_dir, bundle, train_view.classnames)
         results = {"protocol": cfg.protocol, "dataset": source.name, "model": cfg.model,
                    "pretrained": cfg.pretrained, "random_weights": random_weights(cfg.pretrained), "seed": cfg.seed, "shots": cfg.shots, "run": str(run_dir),
-                   "run_id": run_id,
-                   "results": _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained)}
+                   "run_id": run_id, "method": cfg.method,
+                   "results": _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained,
+                                           cfg.method_choice().method)}
         results["summary"] = summary_line(results)
         if ctx.is_main:
             _files.write_json(target, results)

@@ -6,6 +6,7 @@ Axes: ``N`` records (images), ``V`` cached views per image, ``E`` joint-embeddin
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import time
@@ -87,12 +88,22 @@ def learn_anchors(
     history: list[float] = []
     if ctx.is_main:
         history = learner.fit(descriptions, steps=steps, lr=cfg.stage1_lr, mse_weight=cfg.stage1_mse_weight,
-                              max_per_class=cfg.max_descriptions, progress=cfg.progress)
+                              max_per_class=cfg.max_descriptions, progress=cfg.progress,
+                              schedule=cfg.stage1_schedule, steps_per_epoch=stage1_steps_per_epoch(cfg, len(classnames)),
+                              warmup_lr=cfg.warmup_lr, selection=cfg.description_selection)
     anchors = dist_utils.broadcast_tensor(learner.frozen_anchors().to(ctx.device), ctx)
     info = {"steps": steps, "mse_weight": cfg.stage1_mse_weight, "lr": cfg.stage1_lr,
             "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
             "classes": len(classnames), "seconds": round(time.perf_counter() - start, 3)}
     return anchors.cpu(), info
+
+
+def stage1_steps_per_epoch(cfg: RunConfig, n_classes: int) -> int:
+    """Steps in one released Stage I epoch: ``floor(shots * classes / batch)`` (at least 1)."""
+    from ..presets import preset as get_preset
+
+    batch = (get_preset(cfg.preset) if cfg.preset else get_preset("default")).stage1_batch_size
+    return max(1, math.floor(cfg.shots * n_classes / batch))
 
 
 def epoch_lr(epoch: int, cfg: RunConfig) -> float:
@@ -110,8 +121,17 @@ def train_stage2(
     on_epoch_end: Callable[[int, float], None] | None = None,
     on_checkpoint: Callable[[dict, dict[str, torch.Tensor]], None] | None = None,
     resume: tuple[dict, dict[str, torch.Tensor]] | None = None,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    image_input: str = "features",
+    features=None,
 ) -> dict:
-    """Stage II: SGD on the soft tokens and position logits over ``records`` for ``cfg.epochs`` epochs.
+    """Stage II: SGD on the learner's trainable tensors over ``records`` for ``cfg.epochs`` epochs.
+
+    ``loss_fn(outputs, labels)`` scores ``learner(inputs)`` (default: AnchorOPT's Stage II loss from ``cfg``
+    on ``(logits_normal, logits_anchor)``); ``image_input="images"`` feeds the images themselves (a learner
+    with visual prompts), else frozen image features.  ``features``: a shared
+    :class:`~anchoropt.runner.features.FeatureStore` used for ``cfg.cache_image_features`` with
+    ``augment="none"``.
 
     With ``cfg.pae`` (deep variant) PAE's Koopman-Lyapunov terms on the per-layer soft prompts join the loss;
     ``U, K, L`` train in their own optimiser group (no weight decay unless ``cfg.pae_decay``) with their own
@@ -138,9 +158,11 @@ def train_stage2(
         _set_rng(resume[1], "stage2_start", device)
     stage2_start = _rng_tensors(device, "stage2_start")
     cached = None
-    if cfg.cache_image_features:
+    if cfg.cache_image_features and image_input == "features":
         start = time.perf_counter()
-        if cfg.augment == "none":
+        if cfg.augment == "none" and features is not None:
+            cached = features.table(records).to(device)[None]
+        elif cfg.augment == "none":
             cached = _feature_table(bundle, records, bundle.test_transform, cfg, device)[None]
         else:
             cached = torch.stack([_feature_table(bundle, records, bundle.train_transform, cfg, device)
@@ -160,8 +182,12 @@ def train_stage2(
     groups = params if regularizer is None else optimizer_groups(params, regularizer, cfg.weight_decay, cfg.pae_decay)
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     pae_history: dict[str, list[float]] = {"koopman": [], "lyapunov": []}
-    loss_fn = StageIILoss(ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature,
-                          kd_normalization=cfg.kd_normalization)
+    if loss_fn is None:
+        stage2 = StageIILoss(ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature,
+                             kd_normalization=cfg.kd_normalization)
+
+        def loss_fn(outputs, target):
+            return stage2(outputs[0], outputs[1], target)
     module = dist_utils.wrap_ddp(learner, ctx)
     module.train()
     if ctx.distributed:  # replicas start equal (DDP broadcasts rank 0's); each then draws its own Gumbel noise
@@ -194,16 +220,18 @@ def train_stage2(
             if timer is not _no_timer:
                 timer.add("data", time.perf_counter() - fetch_start)
             labels = labels.to(device)
-            if cached is None:
+            if image_input == "images":
+                inputs = batch.to(device)
+            elif cached is None:
                 with timer("image_encoding"):
-                    features = encode_images(bundle.model, batch.to(device))
+                    inputs = encode_images(bundle.model, batch.to(device))
             else:  # batch holds image indices (V, N, E) table: one of each image's cached views
                 views = torch.randint(cached.shape[0], (len(batch),), generator=view_generator)
-                features = cached[views.to(cached.device), batch.to(cached.device)].to(device)
+                inputs = cached[views.to(cached.device), batch.to(cached.device)].to(device)
             with timer("text_encoding"):
-                logits_normal, logits_anchor = module(features)
+                outputs = module(inputs)
             with timer("loss_backward"):
-                loss = loss_fn(logits_normal, logits_anchor, labels)
+                loss = loss_fn(outputs, labels)
                 if regularizer is not None:  # parameters only: identical on every process, no all-reduce needed
                     terms = regularizer(prompt_chain(learner))
                     loss = loss + terms.total

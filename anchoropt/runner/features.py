@@ -1,0 +1,129 @@
+"""Frozen image features shared by every run that sees the same images without augmentation.
+
+With ``--augment none`` an image's feature depends only on the model and the test transform, so a grid
+(methods x datasets x seeds) encodes each image once: :class:`FeatureStore` keeps ``path -> (E,)`` features,
+encodes the images it has not seen in batches, and persists them to one safetensors file per model
+(``OUT/features/<key>.safetensors``, written atomically) that the grid's worker processes read.
+
+Axes: ``N`` images, ``E`` joint-embedding width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .. import data as D
+from .models import ModelBundle, encode_images
+
+__all__ = ["FeatureStore", "feature_key"]
+
+
+def feature_key(model: str, pretrained: str | None, precision: str) -> str:
+    """A short file-name-safe key of what the features depend on (the model, its weights, the precision)."""
+    weights = str(pretrained)
+    if pretrained and Path(pretrained).is_file():
+        stat = Path(pretrained).stat()
+        weights = f"{Path(pretrained).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    digest = hashlib.sha256(json.dumps([model, weights, precision]).encode()).hexdigest()[:16]
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in Path(model).name)
+    return f"{safe}-{digest}"
+
+
+class FeatureStore:
+    """``path -> feature`` for one frozen model and its test transform.
+
+    Args:
+        bundle: the frozen model and transforms.
+        file: a safetensors file to load from (if it exists) and :meth:`save` to; ``None`` keeps it in memory.
+        batch_size: images per image-tower call.
+        workers: DataLoader workers.
+    """
+
+    def __init__(self, bundle: ModelBundle, file: str | os.PathLike | None = None, batch_size: int = 100,
+                 workers: int = 0):
+        self.bundle, self.batch_size, self.workers = bundle, batch_size, workers
+        self.file = Path(file) if file else None
+        self._index: dict[str, int] = {}
+        self._rows: list[torch.Tensor] = []
+        self.encoded = 0  # images this store ran through the image tower (the rest came from the file)
+        if self.file is not None and self.file.is_file():
+            self._load(self.file)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, path: str) -> bool:
+        return str(path) in self._index
+
+    def table(self, records: Sequence[D.Record]) -> torch.Tensor:
+        """Features ``(len(records), E)`` float32 in record order (missing images are encoded now)."""
+        self.add(records)
+        if not records:
+            return torch.zeros(0, self._width())
+        rows = torch.stack([self._rows[self._index[str(r.path)]] for r in records])
+        return rows.to(self._device())
+
+    @torch.no_grad()
+    def add(self, records: Sequence[D.Record]) -> int:
+        """Encode the images of ``records`` not in the store yet; returns how many were encoded."""
+        from torch.utils.data import DataLoader
+
+        missing, seen = [], set()
+        for record in records:
+            key = str(record.path)
+            if key not in self._index and key not in seen:
+                missing.append(record)
+                seen.add(key)
+        if not missing:
+            return 0
+        loader = DataLoader(D.ImageDataset(missing, self.bundle.test_transform), batch_size=self.batch_size,
+                            num_workers=self.workers, generator=torch.Generator())
+        chunks = [encode_images(self.bundle.model, images.to(self._device())).cpu() for images, _, _ in loader]
+        for record, row in zip(missing, torch.cat(chunks)):
+            self._index[str(record.path)] = len(self._rows)
+            self._rows.append(row)
+        self.encoded += len(missing)
+        return len(missing)
+
+    def save(self, file: str | os.PathLike | None = None) -> Path:
+        """Write every feature to ``file`` (default: the store's file), atomically."""
+        from safetensors.torch import save_file
+
+        target = Path(file) if file else self.file
+        if target is None:
+            raise ValueError("this feature store has no file to save to")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        paths = sorted(self._index, key=self._index.get)
+        features = torch.stack(self._rows) if self._rows else torch.zeros(0, 0)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        save_file({"features": features.contiguous()}, str(partial), metadata={"paths": json.dumps(paths)})
+        os.replace(partial, target)
+        return target
+
+    def _load(self, file: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            paths = json.loads((handle.metadata() or {}).get("paths", "[]"))
+            features = handle.get_tensor("features")
+        if len(paths) != features.shape[0]:
+            raise ValueError(f"{file}: {len(paths)} paths but {features.shape[0]} features; delete the file")
+        for path, row in zip(paths, features):
+            self._index[path] = len(self._rows)
+            self._rows.append(row.float())
+
+    def _device(self) -> torch.device:
+        return next(self.bundle.model.parameters()).device
+
+    def _width(self) -> int:
+        if self._rows:
+            return int(self._rows[0].shape[0])
+        from ..towers import TextTower
+
+        return TextTower.from_model(self.bundle.model).output_dim
