@@ -251,14 +251,17 @@ def _zeroshot(model, classnames, s: MethodSettings) -> nn.Module:
     return ZeroShotClassifier(model, classnames, templates, tokenizer=s.tokenizer)
 
 
-def _soft(model, classnames, s: MethodSettings) -> nn.Module:
+def _soft(model, classnames, s: MethodSettings, attributes: bool = False) -> nn.Module:
+    extra = {}
+    if attributes:
+        s = _with_attributes(s, "coop+atprompt")
+        extra = dict(attributes=s.attributes, n_attr_soft=s.n_attr_soft, legacy_single_token=s.legacy)
     return SoftPromptLearner(model, classnames, n_soft=s.n_soft, soft_init=s.soft_init, class_specific=s.csc,
-                             attributes=s.attributes, n_attr_soft=s.n_attr_soft, legacy_single_token=s.legacy,
-                             tokenizer=s.tokenizer)
+                             tokenizer=s.tokenizer, **extra)
 
 
 def _atprompt(model, classnames, s: MethodSettings) -> nn.Module:
-    return _soft(model, classnames, _with_attributes(s, "coop+atprompt"))
+    return _soft(model, classnames, s, attributes=True)
 
 
 def _anchoropt(model, classnames, s: MethodSettings, attributes: bool = False) -> nn.Module:

@@ -76,11 +76,14 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--split-seed", type=int, default=1, help="plain ImageFolder: seed of the per-class split (1)")
 
 
-def _add_common_args(p: argparse.ArgumentParser) -> None:
+def _add_common_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
     p.add_argument("--preset", help="per-dataset settings of the released tables (see `anchoropt presets`); "
                                     "explicit options override it")
-    p.add_argument("--seed", type=int, default=1, help="seed for the shots, initialisation and shuffling (1)")
-    p.add_argument("--output", "-o", default="runs/anchoropt", help="run directory (runs/anchoropt)")
+    if grid:
+        p.add_argument("--output", "-o", help="the grid's directory (runs/, results.json, table.md, hm.png)")
+    else:
+        p.add_argument("--seed", type=int, default=1, help="seed for the shots, initialisation and shuffling (1)")
+        p.add_argument("--output", "-o", default="runs/anchoropt", help="run directory (runs/anchoropt)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress reports (a tqdm bar on a terminal, a plain line every 10%% elsewhere)")
@@ -148,6 +151,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_args(p)
     _add_hyper_args(p)
 
+    p = sub.add_parser("grid", help="methods x datasets x seeds under one protocol: tables with mean ± std",
+                       description="Run every method x dataset x seed (anchoropt train for each; finished runs are "
+                                   "skipped), then write OUT/results.json, OUT/table.md and OUT/hm.png. "
+                                   "`anchoropt grid --report OUT` only merges the finished runs into the report. "
+                                   "Docs: grid.md.")
+    p.add_argument("--report", metavar="OUT", help="only (re)write the report of the grid in OUT")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="method specs, e.g. zeroshot coop coop+atprompt coop+anchoropt coop+anchoropt:pooling=released")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds (1 2 3)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="runs at once, in local processes (1)")
+    p.add_argument("--shard", metavar="I/N", help="run only shard I of N (I from 0) of the fixed run order")
+    p.add_argument("--protocol", choices=("base2novel", "cross-dataset", "domain-generalization"),
+                   default="base2novel", help="evaluation protocol (default: base2novel)")
+    p.add_argument("--target", dest="targets", action="extend", nargs="+", default=[], metavar="DIR",
+                   help="target dataset(s) for cross-dataset / domain generalisation (every --data is a source)")
+    _add_train_options(p, grid=True)
+    _add_model_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", metavar="DIR", help="dataset directories (each as `anchoropt train --data`)")
+    g.add_argument("--p-train", type=float, default=0.5, help="plain ImageFolder: train fraction per class (0.5)")
+    g.add_argument("--p-val", type=float, default=0.2, help="plain ImageFolder: validation fraction per class (0.2)")
+    g.add_argument("--split-seed", type=int, default=1, help="plain ImageFolder: seed of the per-class split (1)")
+    _add_common_args(p, grid=True)
+    _add_hyper_args(p)
+
     p = sub.add_parser("eval", help="evaluate a finished run (again, or on other targets)",
                        description="Rebuild a run's model and splits from its run_config.json, reload the "
                                    "learned prompts and evaluate; options given here override the run's.")
@@ -185,12 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
+def _add_train_options(p: argparse.ArgumentParser, grid: bool = False) -> None:
     """The options ``train`` and ``grid`` share (besides data, model, hyperparameters)."""
     g = p.add_argument_group("method (anchoropt.registry; docs: grid.md)")
-    g.add_argument("--method", default=None,
-                   help="zeroshot, coop, coop+atprompt, coop+anchoropt (default), coop+atprompt+anchoropt; options "
-                        "after a colon, e.g. coop+anchoropt:pooling=released, coop:csc=true, zeroshot:ensemble=true")
+    if not grid:
+        g.add_argument("--method", default=None,
+                       help="zeroshot, coop, coop+atprompt, coop+anchoropt (default), coop+atprompt+anchoropt; "
+                            "options after a colon, e.g. coop+anchoropt:pooling=released, coop:csc=true")
     g.add_argument("--attributes", nargs="+", default=None, metavar="WORD",
                    help="ATPrompt attribute words (default: the --preset dataset's, e.g. playfulness energy for pets)")
     g.add_argument("--n-attr-soft", type=int, default=None, help="soft tokens before each attribute (default: M)")
@@ -277,6 +306,22 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_grid(args) -> int:
+    from .grid import report_grid, run_grid
+
+    if args.report:
+        report_grid(args.report)
+        return 0
+    missing = [flag for flag, value in (("--methods", args.methods), ("--data", args.data),
+                                        ("--output", args.output)) if not value]
+    if missing:
+        raise ValueError(f"anchoropt grid needs {', '.join(missing)} (or --report OUT to only write the report)")
+    base = _config(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("data", "output", "seeds")}))
+    done = run_grid(base, args.methods, args.data, args.seeds, args.output, jobs=args.jobs, shard=args.shard)
+    print(f"grid: {len(done['ran'])} run(s) done, {len(done['skipped'])} already finished", flush=True)
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from .run import run_evaluation
 
@@ -342,8 +387,8 @@ def _cmd_demo(args) -> int:
     return demo.run(args)
 
 
-_COMMANDS = {"learn-anchors": _cmd_learn_anchors, "train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot,
-             "presets": _cmd_presets, "demo": _cmd_demo}
+_COMMANDS = {"learn-anchors": _cmd_learn_anchors, "train": _cmd_train, "grid": _cmd_grid, "eval": _cmd_eval,
+             "plot": _cmd_plot, "presets": _cmd_presets, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,352 @@
+"""``anchoropt grid``: every method x dataset x seed under one protocol, resumable, shardable, one report.
+
+Layout of ``OUT``::
+
+    grid.json                    the grid's methods, datasets, seeds and protocol (the report's order)
+    runs/<dataset>/<method>/seed<k>/   one ``anchoropt train`` run directory each
+    features/<model key>.safetensors   frozen image features shared by all runs (``--augment none``)
+    results.json  table.md  hm.png     the report (:mod:`anchoropt.runner.tables`)
+
+* **Resume**: a run whose ``results.json`` exists is skipped (its settings must match the grid's, else the
+  grid stops and says which setting differs); a run directory without one (an interrupted run) is cleared
+  and run again.
+* **Shared image features**: with ``--augment none`` the image tower runs once per image for the whole grid.
+* **Parallel**: ``--jobs N`` runs N runs at once in local processes (each on its own GPU when there are
+  several); under ``torchrun`` every run uses all processes (DDP) one after the other.
+* **Beyond one machine**: ``--shard I/N`` runs the runs ``I, I + N, I + 2N, ...`` of the fixed run order
+  (``I`` from 0, e.g. ``$SLURM_ARRAY_TASK_ID``), and ``anchoropt grid --report OUT`` merges what exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .. import data as D
+from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_config
+from .console import _log
+from .tables import record_from_results, write_report
+
+__all__ = ["GridRun", "plan_grid", "parse_shard", "select_shard", "run_grid", "collect_records", "report_grid"]
+
+GRID_FILE = "grid.json"
+# settings that do not change a run's numbers (where it runs, how it logs)
+_VOLATILE = {"output", "device", "workers", "progress", "plots", "save_every", "threads", "cache_image_features"}
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One cell of the grid."""
+
+    method: str
+    data: str
+    dataset: str
+    seed: int
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset} / {self.method} / seed {self.seed}"
+
+
+def plan_grid(methods: Sequence[str], data: Sequence[str], seeds: Sequence[int], output: str | os.PathLike) -> list[GridRun]:
+    """The runs in their fixed order (dataset, then method, then seed); dataset names are the folder names
+    (``name_2`` ... when two folders share one)."""
+    from ..registry import parse_method
+
+    if not methods or not data or not seeds:
+        raise ValueError("a grid needs at least one method (--methods), one dataset (--data) and one seed (--seeds)")
+    for group, values in (("methods", methods), ("data", data), ("seeds", seeds)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"--{group} lists an entry twice: {list(values)}")
+    choices = [parse_method(m) for m in methods]  # unknown methods / options fail here, before any run
+    names: list[str] = []
+    for path in data:
+        base, name, n = Path(path).name or "data", Path(path).name or "data", 2
+        while name in names:
+            name, n = f"{base}_{n}", n + 1
+        names.append(name)
+    runs = [GridRun(choice.label, str(path), name, int(seed), Path(output) / "runs" / name / choice.slug / f"seed{seed}")
+            for path, name in zip(data, names) for choice in choices for seed in seeds]
+    slugs = [r.run_dir for r in runs]
+    if len(set(slugs)) != len(slugs):
+        raise ValueError("two methods map to the same run directory name; make their specs differ in letters")
+    return runs
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes I/N (e.g. 0/4, the first of four shards), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard I/N needs N >= 1 and 0 <= I < N, got {text!r}")
+    return index, count
+
+
+def select_shard(runs: Sequence[GridRun], shard: tuple[int, int] | None) -> list[GridRun]:
+    """Runs ``I, I + N, ...`` of the fixed order (every run in exactly one shard)."""
+    if shard is None:
+        return list(runs)
+    index, count = shard
+    return list(runs)[index::count]
+
+
+def _run_config(base: RunConfig, run: GridRun) -> RunConfig:
+    cfg = dataclasses.replace(base, method=run.method, data=run.data, seed=run.seed, output=str(run.run_dir))
+    if cfg.augment == "none":
+        cfg = dataclasses.replace(cfg, cache_image_features=True)
+    return cfg
+
+
+def _comparable(values: dict) -> dict:
+    return {k: v for k, v in values.items() if k not in _VOLATILE}
+
+
+def run_state(run: GridRun, cfg: RunConfig) -> str:
+    """``"done"`` (results.json written with the same settings), ``"partial"`` or ``"new"``.
+
+    Raises:
+        ValueError: a finished run was made with other settings (naming the first that differs).
+    """
+    results = run.run_dir / RESULTS
+    if results.is_file():
+        try:
+            finished = json.loads(results.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "partial"
+        if "results" not in finished:
+            return "partial"
+        wanted = _comparable(_absolute_paths(cfg.resolve()).to_json())
+        stored = _comparable(load_run_config(run.run_dir).to_json())
+        stored.pop("n_anchor", None), wanted.pop("n_anchor", None)  # set from the anchors file
+        for key in sorted(set(wanted) | set(stored)):
+            if wanted.get(key) != stored.get(key):
+                raise ValueError(
+                    f"{run.run_dir} was finished with {key}={stored.get(key)!r}, but this grid asks for "
+                    f"{key}={wanted.get(key)!r}: use another --output, or delete that run directory to redo it"
+                )
+        return "done"
+    return "partial" if run.run_dir.exists() else "new"
+
+
+def run_grid(
+    base: RunConfig,
+    methods: Sequence[str],
+    data: Sequence[str],
+    seeds: Sequence[int],
+    output: str | os.PathLike,
+    jobs: int = 1,
+    shard: str | None = None,
+    plot: bool = True,
+) -> dict:
+    """Run (the shard of) the grid, skipping finished runs, then write the report of everything in ``output``.
+
+    ``base`` holds ``anchoropt train``'s options (protocol, targets, model, epochs ...); each run gets its
+    method, dataset, seed and run directory.  Returns ``{"ran": [...], "skipped": [...], "report": {...}}``.
+    """
+    from .. import distributed as dist_utils
+
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    output = Path(output)
+    runs = plan_grid(methods, data, seeds, output)
+    mine = select_shard(runs, parse_shard(shard))
+    for run in mine:  # every setting checked before the first run starts
+        _run_config(base, run).resolve()
+    ctx = dist_utils.init_from_env(base.device)
+    if ctx.distributed and jobs > 1:
+        raise ValueError("under torchrun every run already uses all processes (DDP): leave --jobs at 1")
+    states = {run: run_state(run, _run_config(base, run)) for run in mine}
+    todo = [run for run in mine if states[run] != "done"]
+    skipped = [run for run in mine if states[run] == "done"]
+    if ctx.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        spec = {"methods": list(methods), "data": [str(d) for d in data], "datasets": _names(runs),
+                "seeds": list(seeds), "protocol": base.protocol, "targets": list(base.targets)}
+        (output / GRID_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+        _log(ctx, f"grid: {len(runs)} runs ({len(mine)} in this shard): {len(skipped)} finished, "
+                  f"{len(todo)} to run" + (f" ({sum(states[r] == 'partial' for r in todo)} interrupted, redone)"
+                                           if any(states[r] == "partial" for r in todo) else ""))
+        for run in todo:
+            if states[run] == "partial":
+                shutil.rmtree(run.run_dir)
+    dist_utils.barrier(ctx)
+    store_file = None
+    if todo and base.augment == "none":
+        store_file = _prepare_features(base, todo, output, ctx)
+    if jobs == 1 or len(todo) <= 1:
+        _run_sequential(base, todo, store_file, ctx)
+    else:
+        _run_pool(base, todo, store_file, jobs)
+    report = report_grid(output, plot=plot) if ctx.is_main else {}
+    if ctx.distributed:
+        dist_utils.cleanup(ctx)
+    return {"ran": [r.name for r in todo], "skipped": [r.name for r in skipped], "report": report}
+
+
+def _names(runs: Sequence[GridRun]) -> list[str]:
+    return list(dict.fromkeys(r.dataset for r in runs))
+
+
+def _records_needing_features(cfg: RunConfig) -> list[D.Record]:
+    """The images a run reads: its K-shot training images and the test images it is scored on."""
+    from .protocols import _open_targets, _source_dataset, _training_view
+
+    cfg = cfg.resolve()
+    source = _source_dataset(cfg)
+    train_view, novel_view = _training_view(source, cfg)
+    records = list(train_view.train) + list(train_view.test)
+    if novel_view is not None:
+        records += list(novel_view.test)
+    for target in _open_targets(cfg, train_view.classnames):
+        records += list(target.test)
+    return records
+
+
+def _feature_file(base: RunConfig, output: Path) -> Path:
+    from .features import feature_key
+
+    return output / "features" / f"{feature_key(base.model, base.pretrained, base.precision)}.safetensors"
+
+
+def _prepare_features(base: RunConfig, todo: Sequence[GridRun], output: Path, ctx) -> Path:
+    """Encode every image the remaining runs need once (rank 0) and save the shared feature file."""
+    from .. import distributed as dist_utils
+    from .features import FeatureStore
+
+    file = _feature_file(base, output)
+    if ctx.is_main:
+        bundle = _bundle(base, ctx.device)
+        store = FeatureStore(bundle, file, batch_size=base.eval_batch_size, workers=base.workers)
+        records: list[D.Record] = []
+        for run in todo:
+            records += _records_needing_features(_run_config(base, run))
+        added = store.add(records)
+        if added:
+            store.save()
+        _log(ctx, f"grid: image features of {len(store)} images in {file} ({added} encoded now)")
+    dist_utils.barrier(ctx)
+    return file
+
+
+_BUNDLES: dict = {}
+
+
+def _bundle(cfg: RunConfig, device):
+    """The frozen model for ``cfg`` (built once per process)."""
+    from .models import build_model
+
+    key = (cfg.model, cfg.pretrained, cfg.precision, str(device), cfg.augment)
+    if key not in _BUNDLES:
+        _BUNDLES[key] = build_model(cfg.model, cfg.pretrained, device, cfg.precision, cfg.augment)
+    return _BUNDLES[key]
+
+
+def _run_one(base: RunConfig, run: GridRun, store_file: Path | None, ctx=None, device: str | None = None) -> str:
+    from .features import FeatureStore
+    from .run import run_training
+
+    cfg = _run_config(base, run)
+    if device is not None:
+        cfg = dataclasses.replace(cfg, device=device)
+    bundle_device = ctx.device if ctx is not None else (device or _default_device())
+    bundle = _bundle(cfg, bundle_device)
+    features = None
+    if store_file is not None:
+        features = _STORES.get(str(store_file))
+        if features is None:
+            features = _STORES[str(store_file)] = FeatureStore(bundle, store_file, batch_size=cfg.eval_batch_size)
+    run_training(cfg, bundle=bundle, ctx=ctx, features=features)
+    return run.name
+
+
+_STORES: dict = {}
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run_sequential(base: RunConfig, todo: Sequence[GridRun], store_file: Path | None, ctx) -> None:
+    for i, run in enumerate(todo):
+        _log(ctx, f"grid: run {i + 1}/{len(todo)}: {run.name}")
+        _run_one(base, run, store_file, ctx=ctx)
+
+
+def _worker(base_json: dict, run: GridRun, store_file: str | None, device: str | None, threads: int | None) -> str:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return _run_one(RunConfig.from_json(base_json), run, Path(store_file) if store_file else None, device=device)
+
+
+def _run_pool(base: RunConfig, todo: Sequence[GridRun], store_file: Path | None, jobs: int) -> None:
+    """``jobs`` local processes (spawned); with several GPUs run ``i`` goes to GPU ``i % count``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    gpus = torch.cuda.device_count() if base.device in (None, "cuda") else 0
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {
+            pool.submit(_worker, base.to_json(), run, str(store_file) if store_file else None,
+                        f"cuda:{i % gpus}" if gpus > 1 else None, getattr(base, "threads", None) or threads): run
+            for i, run in enumerate(todo)
+        }
+        failures = []
+        for future in as_completed(futures):
+            run = futures[future]
+            try:
+                print(f"grid: finished {future.result()}", file=sys.stderr, flush=True)
+            except Exception as err:  # one failed run does not stop the others; all are reported
+                failures.append(f"{run.name}: {type(err).__name__}: {err}")
+                print(f"grid: FAILED {run.name}: {err}", file=sys.stderr, flush=True)
+    if failures:
+        raise RuntimeError(f"{len(failures)} grid run(s) failed (the others finished; rerun to retry): "
+                           + "; ".join(failures))
+
+
+def collect_records(output: str | os.PathLike) -> list[dict]:
+    """One record per finished run under ``output/runs`` (unfinished runs are left out)."""
+    records = []
+    for results in sorted(Path(output).glob(f"runs/*/*/seed*/{RESULTS}")):
+        try:
+            data = json.loads(results.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if "results" in data:
+            method = data.get("method") or _method_of(results.parent)
+            records.append(record_from_results(data, str(results.parent), method))
+    return records
+
+
+def _method_of(run_dir: Path) -> str:
+    cfg_file = run_dir / RUN_CONFIG
+    return load_run_config(run_dir).method if cfg_file.is_file() else "coop+anchoropt"
+
+
+def report_grid(output: str | os.PathLike, plot: bool = True) -> dict:
+    """``anchoropt grid --report OUT``: merge every finished run into results.json, table.md, hm.png."""
+    output = Path(output)
+    if not (output / "runs").is_dir():
+        raise FileNotFoundError(f"{output} holds no runs/ directory: is it the --output of an `anchoropt grid`?")
+    spec = json.loads((output / GRID_FILE).read_text(encoding="utf-8")) if (output / GRID_FILE).is_file() else {}
+    records = collect_records(output)
+    written = write_report(output, records, spec.get("methods", ()), spec.get("datasets", ()), plot=plot)
+    print(f"grid report: {len(records)} finished runs -> {written['table']}", flush=True)
+    return written
