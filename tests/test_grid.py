@@ -171,3 +171,14 @@ def test_grid_command_and_report(tmp_path, folders, descriptions, capsys):
     assert (out / "hm.png").is_file()
     assert cli.main(["grid", "--methods", "coop"]) == 2
     assert "needs --data, --output" in capsys.readouterr().err
+
+
+def test_a_datasets_own_descriptions_serve_stage1(tmp_path):
+    from anchoropt.runner.grid import _run_config
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "descriptions.json").write_text("{}")
+    run = plan_grid(["coop+anchoropt"], [str(tmp_path / "d")], [1], tmp_path / "out")[0]
+    assert _run_config(RunConfig(), run).descriptions == str(tmp_path / "d" / "descriptions.json")
+    assert _run_config(RunConfig(descriptions="mine.json"), run).descriptions == "mine.json"
+    assert _run_config(RunConfig(augment="none"), run).cache_image_features is True

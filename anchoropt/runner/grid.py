@@ -102,7 +102,12 @@ def select_shard(runs: Sequence[GridRun], shard: tuple[int, int] | None) -> list
 
 
 def _run_config(base: RunConfig, run: GridRun) -> RunConfig:
+    """The run's config: the grid's options with the run's method, dataset, seed and directory; a dataset's
+    own ``descriptions.json`` serves Stage I when ``--descriptions`` is not given (the toy world writes one)."""
     cfg = dataclasses.replace(base, method=run.method, data=run.data, seed=run.seed, output=str(run.run_dir))
+    own = Path(run.data) / "descriptions.json"
+    if not cfg.descriptions and not cfg.anchors and own.is_file():
+        cfg = dataclasses.replace(cfg, descriptions=str(own))
     if cfg.augment == "none":
         cfg = dataclasses.replace(cfg, cache_image_features=True)
     return cfg
