@@ -20,12 +20,16 @@ Modules, one job each: :mod:`~anchoropt.runner.config` (:class:`RunConfig`), :mo
 (frozen CLIP, transforms, image features), :mod:`~anchoropt.runner.training` (Stage I and II),
 :mod:`~anchoropt.runner.evaluation` (accuracies), :mod:`~anchoropt.runner.protocols` (what is trained and
 scored), :mod:`~anchoropt.runner.reports` (summary line, plots), :mod:`~anchoropt.runner.console` (logs,
-progress bars), :mod:`~anchoropt.runner.run` (whole runs) and :mod:`~anchoropt.runner.cli` (the commands).
+progress bars), :mod:`~anchoropt.runner.run` (whole runs), :mod:`~anchoropt.runner.learners` (a run's learner from its
+method), :mod:`~anchoropt.runner.features` (shared image features), :mod:`~anchoropt.runner.grid` and
+:mod:`~anchoropt.runner.tables` (``anchoropt grid`` and its report) and :mod:`~anchoropt.runner.cli` (the commands).
 Their public names are re-exported here.
 """
 
 from .config import AUGMENTATIONS, EVAL_MODES, PROTOCOLS, RESULTS, RUN_CONFIG, RunConfig, load_run_config
 from .evaluation import evaluate, harmonic_mean
+from .features import FeatureStore
+from .grid import report_grid, run_grid
 from .models import TINY_MODELS, ModelBundle, build_model, encode_images, eval_transform, train_transform
 from .reports import summary_line
 from .run import RunResult, run_evaluation, run_learn_anchors, run_training
@@ -57,4 +61,7 @@ __all__ = [
     "epoch_lr",
     "load_run_config",
     "summary_line",
+    "FeatureStore",
+    "run_grid",
+    "report_grid",
 ]
