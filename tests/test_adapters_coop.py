@@ -107,6 +107,20 @@ def test_class_specific_contexts() -> None:
     assert torch.equal(prompts[:, 2 : 2 + M], pl.ctx)
 
 
+def test_class_specific_context_reload_for_other_classes_names_csc() -> None:
+    model, _, _ = _build(csc=True)
+    saved = model.prompt_learner.state_dict()  # CoOp registers the prompt learner
+    novel, _, _ = _build(csc=True, classnames=pf.NOVEL, subsample="new")
+    with pytest.raises(ValueError, match=r"CSC=True.*4 classes.*3 classes"):
+        pf.dassl_load(novel.prompt_learner, saved)  # Dassl's load_model path
+    same, _, _ = _build(csc=True)
+    pf.dassl_load(same.prompt_learner, saved)  # the same classes reload as before
+    assert torch.equal(same.prompt_learner.ctx, model.prompt_learner.ctx)
+    find(novel).remove()
+    with pytest.raises(RuntimeError, match="size mismatch for ctx"):  # the check goes with the shim
+        pf.dassl_load(novel.prompt_learner, saved)
+
+
 # ---------------------------------------------------------------------- training the peer's way
 def test_gradients_reach_soft_tokens_and_position_logits_through_the_peer_optimizer() -> None:
     model, optim, _ = _build()

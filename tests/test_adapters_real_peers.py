@@ -327,3 +327,17 @@ def test_real_coop_and_maple_on_accelerate() -> None:
         # MaPLe's own .half() casts round these gradients to fp16 (see test_adapters_fast_text.py)
         _assert_same(want, got, loose=("compound_prompts_text", "prompt_learner.proj.",
                                        "compound_prompt_projections", "prompt_learner.ctx"))
+
+
+def test_real_coop_csc_reload_for_other_classes_names_csc() -> None:
+    with peer_repo("CoOp"):
+        trainers_coop = importlib.import_module("trainers.coop")
+        clip_model = _tiny_clip()
+        with coop.patch(trainers_coop, anchors=_anchor(clip_model)):
+            base = trainers_coop.CustomCLIP(pf.make_cfg("coop", csc=True), pf.BASE, clip_model)
+            novel = trainers_coop.CustomCLIP(pf.make_cfg("coop", csc=True, subsample="new"), pf.NOVEL, clip_model)
+        state = base.prompt_learner.state_dict()
+        for key in ("token_prefix", "token_suffix"):  # as CoOp's load_model does
+            del state[key]
+        with pytest.raises(ValueError, match="CSC=True"):
+            novel.prompt_learner.load_state_dict(state, strict=False)
