@@ -19,10 +19,8 @@ sampled every millisecond during one forward+backward, minus the resident memory
 from __future__ import annotations
 
 import gc
-import os
 import subprocess
 import sys
-import threading
 import time
 
 import torch
@@ -131,33 +129,15 @@ def peak_memory_child(path: str, classes: int, seed: int, naive_chunk: int) -> N
     noise = torch.zeros(k, k)
     weights = torch.ones(len(names), learner.tower.output_dim)
     gc.collect()
-    before = _rss_mb()
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:  # the pass's peak resident memory, sampled every millisecond
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    _step(learner, noise, weights)
-    done.set()
-    sampler.join()
-    print(f"{before} {peak[0]}")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    before, peak = common.peak_rss_mb(lambda: _step(learner, noise, weights))
+    print(f"{before} {peak}")
 
 
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     p.add_argument("--memory", action="store_true", help="also measure peak RSS of each path (subprocesses)")
-    p.add_argument("--memory-child", default=None, help=argparse_hidden())
+    p.add_argument("--memory-child", default=None, help=common.hidden_help())
     p.add_argument("--naive-chunk", type=int, default=0,
                    help="run the naive path over chunks of this many classes (time summed; bounded memory)")
     args = p.parse_args()
@@ -218,12 +198,6 @@ def main() -> None:
 
 def _step(learner, noise, weights) -> torch.Tensor:
     return learner.step(noise, weights) if isinstance(learner, ChunkedLearners) else text_step(learner, noise, weights)
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -76,24 +77,33 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, list[float]]:
-    """Wall time of each function: one warm-up call each, then ``repeats`` rounds calling them in turn.
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    device: str,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Time of each function: ``warmup`` calls each, then ``repeats`` rounds calling them in turn.
 
-    Interleaving (A B A B ...) spreads drifts of a shared machine's load over all contenders.
+    Interleaving (A B A B ...) spreads drifts of a shared machine's load over all contenders.  ``clock``:
+    wall time by default; ``time.process_time`` (this process's CPU time) for single-threaded CPU runs on a
+    machine other jobs keep busy (it does not count the time spent waiting for a core).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for fn in fns.values():
-        fn()
-        synchronize(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+            synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -129,3 +139,35 @@ def write_results(name: str, args: argparse.Namespace, results: dict) -> Path:
     }
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (Linux ``/proc``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb(fn: Callable[[], object]) -> tuple[float, float]:
+    """Resident memory (MB) before ``fn()`` and its peak while ``fn`` runs (sampled every millisecond)."""
+    before = rss_mb()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return before, max(peak[0], rss_mb())
+
+
+def hidden_help() -> str:
+    """``help=`` of an option the benchmark passes to its own subprocesses (not shown in ``--help``)."""
+    return argparse.SUPPRESS
