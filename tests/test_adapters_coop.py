@@ -107,6 +107,20 @@ def test_class_specific_contexts() -> None:
     assert torch.equal(prompts[:, 2 : 2 + M], pl.ctx)
 
 
+def test_arrangement_shows_a_missing_anchor_and_a_repeated_slot() -> None:
+    model, _, _ = _build()
+    h = find(model)
+    _set_arrangement(h, [0, 1, 2, 3, 4])
+    assert h.arrangement() == {"slots": ["soft1", "soft2", "soft3", "soft4", "anchor1"], "missing": [], "repeated": []}
+    _set_arrangement(h, [0, 0, 1, 2, 3])  # row-wise argmax: soft1 twice, the anchor nowhere
+    got = h.arrangement()
+    assert got["missing"] == ["anchor1"] and got["repeated"] == ["soft1"]
+    model.eval()
+    with torch.no_grad():
+        prompts = model.prompt_learner()
+    assert torch.equal(prompts[:, 1], prompts[:, 2])  # what evaluation really runs: soft1 in slots 1 and 2
+
+
 def test_class_specific_context_reload_for_other_classes_names_csc() -> None:
     model, _, _ = _build(csc=True)
     saved = model.prompt_learner.state_dict()  # CoOp registers the prompt learner

@@ -111,3 +111,25 @@ def test_wrap_reads_the_config_node(tmp_path) -> None:
     node.ANCHOR_IMAGE = "auto"
     other = pf.maple.CustomCLIP(pf.make_cfg("maple", n_ctx=2), pf.BASE, maple_clip)
     assert maple.wrap(other.prompt_learner, clip_model=maple_clip, classnames=pf.BASE, cfg=cfg).anchor_image == "vanilla"
+
+
+def test_documented_load_model_fix_reads_a_dassl_checkpoint_on_new_torch(tmp_path) -> None:
+    """Dassl's checkpoints pickle the scheduler's successor (a CosineAnnealingLR holding the SGD optimizer):
+    torch >= 2.6 refuses them with its default weights_only=True; the docs' fix reads the state_dict without
+    running pickled code (anchoropt.official.read_dassl_state_dict)."""
+    from anchoropt.official import read_dassl_state_dict
+
+    with coop.patch(pf.coop, anchors=torch.randn(1, 64)):
+        _, optim, registered = pf.build_model("coop", pf.make_cfg("coop"), pf.BASE, pf.tiny_clip())
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optim, 10)
+    path = tmp_path / "model.pth.tar-1"
+    torch.save({"state_dict": registered.state_dict(), "epoch": 1, "optimizer": optim.state_dict(),
+                "scheduler": {"successor": scheduler, "warmup_epoch": 1}, "val_result": None}, path)
+    with pytest.raises(Exception, match="weights_only"):
+        torch.load(path, map_location="cpu")  # what Dassl's load_checkpoint does: fails on torch >= 2.6
+    with coop.patch(pf.coop, anchors=torch.randn(1, 64)):
+        _, _, novel_registered = pf.build_model("coop", pf.make_cfg("coop", subsample="new"), pf.NOVEL,
+                                                    pf.tiny_clip())
+    pf.dassl_load(novel_registered, read_dassl_state_dict(path))  # the fixed load_model
+    assert torch.equal(novel_registered.anchoropt.position.logits, registered.anchoropt.position.logits)
+    assert torch.equal(novel_registered.ctx, registered.ctx)

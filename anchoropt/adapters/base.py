@@ -268,6 +268,20 @@ class AnchorOPTInjection(nn.Module):
         """Slot -> source of the evaluation arrangement, e.g. ``['soft1', 'anchor1', 'soft2', ...]``."""
         return self.position.describe()
 
+    def arrangement(self) -> dict[str, list[str]]:
+        """The evaluation arrangement (row-wise argmax of the position logits) and what it leaves out.
+
+        ``{"slots": describe(), "missing": sources no slot picks, "repeated": sources in several slots}``;
+        the argmax rows are independent, so an anchor may be ``missing`` or a soft token ``repeated``.
+        """
+        slots = self.describe()
+        sources = [self.position.source_name(j) for j in range(self.position.size)]
+        return {
+            "slots": slots,
+            "missing": [name for name in sources if name not in slots],
+            "repeated": [name for name in sources if slots.count(name) > 1],
+        }
+
     def set_mode(self, mode: str) -> "AnchorOPTInjection":
         """``"base"``: :meth:`predict` returns the normal prompt's logits; ``"novel"``: the ensemble."""
         self.mode = check_mode(mode)
