@@ -234,3 +234,16 @@ def test_maple_text_encoder_features_and_input_gradients(shim):
     for g, w in zip(got[2], want[2]):
         _close(g, w, 2e-3, "gradient of a compound prompt")
         assert g.abs().sum() > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="documents the CPU behaviour of the peers' amp")
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_peers_amp_on_cpu_trains_in_fp32():
+    """The peers' amp is torch.cuda.amp.autocast + GradScaler: both switch themselves off without CUDA, so PREC amp
+    on a CPU is the fp32 run (documented in docs/integrations)."""
+    model, clip_model, h = _peer_model("coop", "amp", shim=True)
+    with adapters.accelerate(model.text_encoder, clip_model), torch.cuda.amp.autocast():
+        features = model.text_encoder(model.prompt_learner(), model.tokenized_prompts)
+        logits = model(pf.images(2))
+    assert features.dtype == torch.float32 and logits.dtype == torch.float32
+    assert not torch.cuda.amp.GradScaler().is_enabled()
