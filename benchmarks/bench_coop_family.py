@@ -22,6 +22,7 @@ the wait for a core; with one thread CPU time is the pass's own cost), ``--clock
 
     python benchmarks/bench_coop_family.py [--classes 100] [--repeats 2] [--batch 4] [--memory] [--only coop maple]
     python benchmarks/bench_coop_family.py --only cocoop --batch 4 --memory --no-peers   # ours alone
+    python benchmarks/bench_coop_family.py --exactness-only --batch 1   # fp32 gradients vs a float64 reference
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import peer_fakes as pf  # noqa: E402  (the contract fakes: the peers' code paths)
 
 from anchoropt.adapters import accelerate  # noqa: E402
-from anchoropt.testing import tiny_openai_clip  # noqa: E402
+from anchoropt.testing import LayerNormFp32, tiny_openai_clip  # noqa: E402
 
 CASES = ("coop", "dept", "cocoop", "maple", "cocoop_step")
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -68,8 +69,10 @@ def with_vit_b16_image_tower(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build(case: str, classes: int, seed: int):
-    """``(model, clip_model, step)`` for one case; ``step()`` runs forward + backward (+ SGD for the whole step)."""
+def build(case: str, classes: int, seed: int, dtype: torch.dtype = torch.float32):
+    """``(model, clip_model, step)`` for one case; ``step()`` runs forward + backward (+ SGD for the whole step).
+
+    ``dtype=torch.float64``: the same weights and inputs in double precision (the exactness reference)."""
     names = common.classnames(classes)
     method = {"coop": "coop", "dept": "dept", "cocoop": "cocoop", "maple": "maple", "cocoop_step": "cocoop"}[case]
     clip_model = text_clip(seed, maple=method == "maple")
@@ -86,6 +89,11 @@ def build(case: str, classes: int, seed: int):
     pl, encoder = model.prompt_learner, model.text_encoder
     if method == "maple":
         pl.proj.float()  # MaPLe's proj.half() (fp32 would fail in proj(ctx); the text pass does not use it)
+    if dtype != torch.float32:
+        model.to(dtype)
+        clip_model.to(dtype)
+        model.dtype = encoder.dtype = dtype  # the peers read clip_model.dtype once, at construction
+        image_features = image_features.to(dtype)
 
     def coop_step():
         text = F.normalize(encoder(pl(), model.tokenized_prompts), dim=-1)
@@ -130,6 +138,8 @@ def run_case(case: str, args) -> dict:
         with accelerate(model.text_encoder, clip_model):
             peers()
 
+    if args.exactness_only:
+        return _exactness_vs_float64(case, args, model, peers, accelerated)
     if args.no_peers:  # the peer's pass does not fit this machine's memory: time ours alone
         times = common.time_interleaved({"accelerated": accelerated}, args.repeats, "cpu", clock=CLOCKS[args.clock])
         return {"seconds": times, "median_seconds": {k: common.median(v) for k, v in times.items()}}
@@ -146,14 +156,33 @@ def run_case(case: str, args) -> dict:
 
 def _exactness(model, peers, accelerated) -> dict[str, float]:
     """``||g_fast - g_peer|| / ||g_peer||`` of every trained parameter after one pass of each contender."""
-    grads = []
-    for fn in (peers, accelerated):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(0)
-        fn()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    want, got = _grads(model, peers), _grads(model, accelerated)
+    return {n: float((got[n] - g).norm() / g.norm()) for n, g in want.items()}
+
+
+def _exactness_vs_float64(case: str, args, model, peers, accelerated) -> dict:
+    """Each fp32 contender's gradients against the peer's path run in float64 on the same weights and inputs."""
+    ref_model, _, ref_step = build(case, args.classes, args.seed, dtype=torch.float64)
+    fp32_layer_norm = LayerNormFp32.forward
+    LayerNormFp32.forward = torch.nn.LayerNorm.forward  # OpenAI clip's LayerNorm computes in fp32: not here
+    try:
+        reference = _grads(ref_model, (lambda: ref_step(args.batch)) if case.startswith("cocoop") else ref_step)
+    finally:
+        LayerNormFp32.forward = fp32_layer_norm
+    result = {}
+    for name, fn in (("peers", peers), ("accelerated", accelerated)):
+        grads = _grads(model, fn)
+        result[name] = {n: float((g.double() - reference[n]).norm() / reference[n].norm()) for n, g in grads.items()}
+    return {"rel_error_vs_float64": result}
+
+
+def _grads(model, fn) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    return {n: float((grads[1][n] - g).norm() / g.norm()) for n, g in grads[0].items()}
+    torch.manual_seed(0)
+    fn()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
 
 
 def memory_child(case: str, contender: str, args) -> None:
@@ -179,6 +208,8 @@ def main() -> None:
     p.add_argument("--no-peers", action="store_true",
                    help="time and measure only the accelerated contender (where the peer's pass needs more memory "
                         "than the machine has)")
+    p.add_argument("--exactness-only", action="store_true",
+                   help="no timing: each fp32 contender's gradients vs the peer's path in float64 (same weights)")
     p.add_argument("--memory-child", nargs=2, default=None, help=common.hidden_help())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,6 +220,11 @@ def main() -> None:
     for case in args.only:
         result = run_case(case, args)
         results["cases"][case] = result
+        if args.exactness_only:
+            worst = {k: max(v.items(), key=lambda item: item[1]) for k, v in result["rel_error_vs_float64"].items()}
+            print(f"{case:>11} C={args.classes} gradients vs float64: " + " | ".join(
+                f"{k} max {e:.1e} ({n})" for k, (n, e) in worst.items()), flush=True)
+            continue
         m = result["median_seconds"]
         if args.no_peers:
             print(f"{case:>11} C={args.classes} B={args.batch}, {args.threads} thread(s), {args.clock} time: "
@@ -217,7 +253,8 @@ def main() -> None:
             memory["ratio"] = memory["peers"]["pass_mb"] / max(memory["accelerated"]["pass_mb"], 1e-9)
             ours = f"peers +{memory['peers']['pass_mb']:.0f} MB | {ours} | {memory['ratio']:.1f}x lower"
         print(f"CoCoOp B={args.batch} C={args.classes} peak memory of the pass: {ours}")
-    name = "bench_coop_family" + ("_accelerated_only" if args.no_peers else "") + f"_b{args.batch}_c{args.classes}"
+    tag = "_exactness" if args.exactness_only else "_accelerated_only" if args.no_peers else ""
+    name = f"bench_coop_family{tag}_b{args.batch}_c{args.classes}"
     path = common.write_results(name, args, results)
     print(f"wrote {path.relative_to(path.parents[2])}")
 
