@@ -1,7 +1,8 @@
 """Opt-in: the shims against the peers' real code (not shipped, not run in CI).
 
 Set ``ANCHOROPT_PEERS_DIR`` to a folder holding checkouts named ``CoOp`` (KaiyangZhou/CoOp),
-``multimodal-prompt-learning`` (MaPLe) and/or ``DePT`` (Koorye/DePT); each missing checkout skips its tests.
+``multimodal-prompt-learning`` (MaPLe), ``DePT`` (Koorye/DePT) and/or ``Dassl.pytorch`` (only its
+``dassl/optim/lr_scheduler.py`` is read, for the documented torch fix); each missing checkout skips its tests.
 Dassl is not needed: when it is not importable, the few names the trainer modules import are stubbed (the
 tests build ``CustomCLIP`` directly, as ``build_model`` does, from a tiny random CLIP made with the repo's own
 ``clip.model.CLIP`` and ``build_model`` - fp16 conversion included); ``plotnine`` (imported unused by DePT's
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import types
@@ -341,3 +343,27 @@ def test_real_coop_csc_reload_for_other_classes_names_csc() -> None:
             del state[key]
         with pytest.raises(ValueError, match="CSC=True"):
             novel.prompt_learner.load_state_dict(state, strict=False)
+
+
+def test_documented_dassl_scheduler_fix_on_this_torch() -> None:
+    """docs/integrations: Dassl's warm-up scheduler passes ``verbose`` to torch's LRScheduler, which no longer takes
+    it; the one-line fix the docs give makes it build (needs ``$ANCHOROPT_PEERS_DIR/Dassl.pytorch``)."""
+    path = Path(PEERS) / "Dassl.pytorch" / "dassl" / "optim" / "lr_scheduler.py"
+    if not path.is_file():
+        pytest.skip(f"no Dassl.pytorch checkout at {path.parents[2]}")
+    source = path.read_text(encoding="utf-8")
+    broken, fixed = "super().__init__(optimizer, last_epoch, verbose)", "super().__init__(optimizer, last_epoch)"
+    assert broken in source  # the line the docs' diff removes
+
+    def warmup_scheduler(text: str):
+        module = types.ModuleType("dassl_lr_scheduler")
+        exec(compile(text, str(path), "exec"), module.__dict__)  # the user's own checkout, as the trainers import it
+        optim = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.002)
+        successor = torch.optim.lr_scheduler.CosineAnnealingLR(optim, 10)
+        return module.ConstantWarmupScheduler(optim, successor, 1, 1e-5)
+
+    if "verbose" not in inspect.signature(torch.optim.lr_scheduler.LRScheduler.__init__).parameters:
+        with pytest.raises(TypeError, match="positional arguments"):
+            warmup_scheduler(source)
+    scheduler = warmup_scheduler(source.replace(broken, fixed))
+    assert scheduler.get_last_lr() == [1e-5]
