@@ -43,6 +43,7 @@ __all__ = [
     "energy_pool",
     "propagate",
     "zero_shot_classifier",
+    "zero_shot_text_features",
     "random_head_classifier",
 ]
 
@@ -170,6 +171,22 @@ def zero_shot_classifier(
         return float(logit_scale) * features @ text.to(features.device).t()
 
     return classify
+
+
+@torch.no_grad()
+def zero_shot_text_features(
+    model: nn.Module, classnames: Sequence[str], tokenizer: Callable | None = None, template: str = "a photo of a {}."
+) -> torch.Tensor:
+    """Class-name text features ``(C, E)`` of a CLIP model (``model.encode_text``) for :func:`zero_shot_classifier`."""
+    if not classnames:
+        raise ValueError("zero-shot text features need at least one class name")
+    if tokenizer is None:
+        from .template import default_tokenizer
+
+        tokenizer = default_tokenizer()
+    ids = tokenizer([template.format(name.replace("_", " ")) for name in classnames])
+    device = next(model.parameters()).device
+    return model.encode_text(ids.to(device)).float()
 
 
 def random_head_classifier(visual: nn.Module, n_classes: int, seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -100,6 +100,17 @@ def test_mpa_init_on_a_clip_tower(visual):
     assert released.prompts.shape == (1, 3, 64) and torch.isfinite(released.losses).all()
 
 
+def test_zero_shot_text_features_are_the_models():
+    model = tiny_open_clip(image_size=H).requires_grad_(False).eval()
+    from anchoropt.template import default_tokenizer
+
+    features = mpa.zero_shot_text_features(model, ["red_fox", "cat"])
+    expected = model.encode_text(default_tokenizer()(["a photo of a red fox.", "a photo of a cat."]))
+    torch.testing.assert_close(features, expected)
+    with pytest.raises(ValueError, match="class name"):
+        mpa.zero_shot_text_features(model, [])
+
+
 def test_mpa_init_bad_input(visual):
     images, labels, _ = _band_batch(n=4)
     with pytest.raises(ValueError, match="text_features"):
