@@ -60,7 +60,8 @@ def test_sdist_holds_tests_examples_docs_and_benchmarks(sdist_names):
 def test_wheel_is_the_package_with_its_demo(sdist, tmp_path):
     """The wheel built from the unpacked sdist (as pip does; no stale build/ of the checkout can leak in)."""
     with tarfile.open(sdist) as tar:
-        tar.extractall(tmp_path / "src", filter="data")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4 / 3.12
+        tar.extractall(tmp_path / "src", **safe)
     (source,) = (tmp_path / "src").iterdir()
     with zipfile.ZipFile(_build("wheel", tmp_path / "dist", source)) as wheel:
         names = set(wheel.namelist())
