@@ -13,26 +13,13 @@ from pathlib import Path
 import pytest
 
 from anchoropt import cli, viz
-from anchoropt import data as D
 from anchoropt._progress import Progress
 from anchoropt.runner import models, reports
+from test_cli import descriptions, folder  # noqa: F401  (the runner tests' synthetic ImageFolder + descriptions)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--shots", "4", "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "8", "--stage1-steps", "20",
         "--seed", "1"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return D.make_synthetic_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class=12, size=32)
-
-
-@pytest.fixture(scope="module")
-def descriptions(tmp_path_factory, folder) -> Path:
-    path = tmp_path_factory.mktemp("desc") / "shapes.json"
-    names = D.read_image_folder(folder)[1]
-    path.write_text(json.dumps({n: [f"a picture of a {n}.", f"a {n} drawn in one colour."] for n in names}))
-    return path
 
 
 @pytest.fixture()
