@@ -17,7 +17,9 @@ each), the rest the novel classes (never seen), as in Dassl's base-to-novel prot
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import sys
 import time
 
 import torch
@@ -91,16 +93,18 @@ def load_setup(args):
         classes = sorted(FACTS)
         data = synthetic_images(24, len(classes), seed=args.seed)
         return model, None, classes, data, data, data.tensors[1].tolist(), synthetic_descriptions(classes)
-    import open_clip
     from torchvision.datasets import ImageFolder
+
+    from anchoropt.runner.models import build_model
 
     if args.data is None or args.descriptions is None:
         raise SystemExit("--model needs --data (an ImageFolder directory) and --descriptions (a JSON file)")
-    pretrained = None if args.pretrained in (None, "none") else args.pretrained
-    model, preprocess_train, preprocess_test = open_clip.create_model_and_transforms(args.model, pretrained=pretrained)
-    train_set, test_set = ImageFolder(args.data, preprocess_train), ImageFolder(args.data, preprocess_test)
-    tokenizer = open_clip.get_tokenizer(args.model)
-    return model.eval(), tokenizer, train_set.classes, train_set, test_set, train_set.targets, args.descriptions
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"dataset directory not found: {args.data} (--data)")
+    # the runner's loader: model-name suggestions, a one-line error at once when a tag cannot be downloaded
+    bundle = build_model(args.model, args.pretrained, args.device)
+    train_set, test_set = ImageFolder(args.data, bundle.train_transform), ImageFolder(args.data, bundle.test_transform)
+    return bundle.model, bundle.tokenizer, train_set.classes, train_set, test_set, train_set.targets, args.descriptions
 
 
 def few_shot_split(labels: list[int], n_base: int, shots: int, seed: int):
@@ -215,7 +219,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="anchoropt demo", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as err:  # bad input: one line, as the anchoropt commands
+        print(f"anchoropt demo: error: {err}", file=sys.stderr)
+        return 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -244,3 +244,17 @@ def test_python_dash_m_anchoropt_demo():
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[RANDOM WEIGHTS]" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_demo_on_a_real_model_name_checks_like_the_runner(folder, descriptions, capsys, monkeypatch):
+    from anchoropt import demo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "_cached", lambda cfg: False)
+    args = ["--data", str(folder), "--descriptions", str(descriptions)]
+    assert demo.main(["--model", "ViT-B-16", "--pretrained", "openai", *args]) == 2
+    assert "--pretrained none" in _error_line(capsys)
+    assert cli.main(["demo", "--model", "ViT-B/16", *args]) == 2
+    assert "did you mean 'ViT-B-16'?" in capsys.readouterr().err
+    assert demo.main(["--model", "ViT-B-16", "--data", "nowhere", "--descriptions", str(descriptions)]) == 2
+    assert _error_line(capsys) == "anchoropt demo: error: dataset directory not found: nowhere (--data)"
