@@ -178,15 +178,18 @@ def plot_hm(records: Sequence[dict], path: str | os.PathLike, methods: Sequence[
                       for s in sources] for m in methods}
         ylabel = "target accuracy (mean over targets), %"
     width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(groups) * max(1, len(methods)) * 0.5), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(groups) * max(1, len(methods))) + 2.5, 3.6))
     for i, m in enumerate(methods):
         stats = [mean_std(v) if v else (float("nan"), 0.0) for v in values[m]]
         xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=m)
+    finite = [mean_std(v)[0] - mean_std(v)[1] for m in methods for v in values[m] if v]
+    if finite:  # start the axis below the lowest bar, so differences of a few points stay visible
+        ax.set_ylim(bottom=max(0.0, 5 * math.floor((min(finite) - 5) / 5)))
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
