@@ -203,7 +203,7 @@ def load_prompt_learner(
 ) -> AnchorOPTPromptLearner:
     """Rebuild a saved prompt learner on ``tower`` for ``classnames`` (any class list, e.g. novel classes)."""
     directory = Path(directory)
-    config, files = _read_saved_set(directory, "prompt_learner", with_weights=True)
+    config, files, mismatch = _read_saved_set(directory, "prompt_learner", with_weights=True)
     tower = TextTower.from_model(tower)
     _check_width(config["width"], tower.width, directory)
     weights_path = directory / WEIGHTS_NAME
@@ -233,6 +233,8 @@ def load_prompt_learner(
             )
     for name, tensor in tensors.items():
         _check_finite(name, tensor, weights_path)
+    if mismatch is not None:
+        raise mismatch
     learner = AnchorOPTPromptLearner(
         tower,
         classnames,
@@ -255,7 +257,10 @@ def load_prompt_learner(
 
 def read_config(directory: str | os.PathLike, kind: str) -> dict:
     """The validated JSON config of a saved ``kind`` in ``directory`` (checked against its manifest)."""
-    return _read_saved_set(Path(directory), kind, with_weights=False)[0]
+    config, _, mismatch = _read_saved_set(Path(directory), kind, with_weights=False)
+    if mismatch is not None:
+        raise mismatch
+    return config
 
 
 def read_manifest(directory: str | os.PathLike) -> dict | None:
@@ -265,11 +270,20 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
     return None if committed is None else committed[0]
 
 
-def _read_saved_set(directory: Path, kind: str, with_weights: bool) -> tuple[dict, dict[str, bytes]]:
-    """``(validated config, {file name: bytes})`` of a saved directory, complete per its manifest."""
+def _read_saved_set(directory: Path, kind: str, with_weights: bool) -> tuple[dict, dict[str, bytes], Exception | None]:
+    """``(validated config, {file name: bytes}, mismatch)`` of a saved directory.
+
+    ``mismatch`` is the :class:`IncompleteSaveError` of files that differ from the manifest (interrupted, mixed
+    or edited); the files are then read as they are, so that a specific problem (a missing key, a NaN tensor)
+    is reported by name first; the caller raises ``mismatch`` when nothing more specific was found.
+    """
     names = (CONFIG_NAME, WEIGHTS_NAME) if with_weights else (CONFIG_NAME,)
     config_path = directory / CONFIG_NAME
-    committed = _files.read_committed(directory, names=names)
+    mismatch: Exception | None = None
+    try:
+        committed = _files.read_committed(directory, names=names)
+    except IncompleteSaveError as err:
+        committed, mismatch = None, err
     if committed is not None:
         files = committed[1]
         missing = [n for n in names if n not in files]
@@ -277,22 +291,25 @@ def _read_saved_set(directory: Path, kind: str, with_weights: bool) -> tuple[dic
             raise IncompleteSaveError(f"{directory}: its manifest lists no {missing[0]}: not a saved anchoropt {kind}")
     else:
         if not config_path.is_file():
+            if mismatch is not None:
+                raise mismatch
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a saved anchoropt {kind.replace('_', ' ')}")
-        warnings.warn(
-            f"{directory} has no {_files.MANIFEST_NAME} (saved by an anchoropt before 0.2, or copied without it): "
-            "its files cannot be checked for completeness; save it again to add one",
-            stacklevel=3,
-        )
+        if mismatch is None:
+            warnings.warn(
+                f"{directory} has no {_files.MANIFEST_NAME} (saved by an anchoropt before 0.2, or copied without "
+                "it): its files cannot be checked for completeness; save it again to add one",
+                stacklevel=3,
+            )
         files = {CONFIG_NAME: config_path.read_bytes()}
         if with_weights:
             if not (directory / WEIGHTS_NAME).is_file():
-                raise FileNotFoundError(f"weights file not found: {directory / WEIGHTS_NAME}")
+                raise mismatch or FileNotFoundError(f"weights file not found: {directory / WEIGHTS_NAME}")
             files[WEIGHTS_NAME] = (directory / WEIGHTS_NAME).read_bytes()
     try:
         text = files[CONFIG_NAME].decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{config_path} is not UTF-8 text") from None
-    return _validated_config(parse_json(text, str(config_path)), config_path, kind), files
+    return _validated_config(parse_json(text, str(config_path)), config_path, kind), files, mismatch
 
 
 def _validated_config(config: Any, path: Path, kind: str) -> dict:

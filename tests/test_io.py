@@ -85,8 +85,14 @@ def test_load_reports_missing_or_tampered_files(model, trained, tmp_path):
     tensors = load_file(str(tmp_path / WEIGHTS_NAME))
     tensors["soft"] = tensors["soft"][:2]
     save_file(tensors, str(tmp_path / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="'soft' has shape \\(2, 64\\), but the config says \\(4, 64\\)"):
+        load_prompt_learner(tmp_path, model, BASE)  # the specific problem first, not only "differs from manifest"
+    tensors["soft"] = torch.zeros(4, 64)
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME))
     with pytest.raises(IncompleteSaveError, match="does not match .*anchoropt_manifest.json"):
         load_prompt_learner(tmp_path, model, BASE)
+    tensors["soft"] = tensors["soft"][:2]
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME))
     (tmp_path / MANIFEST_NAME).unlink()  # a directory saved before manifests: the shapes are still checked
     with pytest.warns(UserWarning, match="no anchoropt_manifest.json"), \
             pytest.raises(ValueError, match="'soft' has shape \\(2, 64\\), but the config says \\(4, 64\\)"):
