@@ -182,3 +182,29 @@ def test_a_datasets_own_descriptions_serve_stage1(tmp_path):
     assert _run_config(RunConfig(), run).descriptions == str(tmp_path / "d" / "descriptions.json")
     assert _run_config(RunConfig(descriptions="mine.json"), run).descriptions == "mine.json"
     assert _run_config(RunConfig(augment="none"), run).cache_image_features is True
+
+
+def test_feature_store_reencodes_a_rewritten_image(tmp_path):
+    import os
+
+    from anchoropt.runner import build_model
+    from anchoropt.runner.features import FeatureStore
+
+    folder = D.make_synthetic_image_folder(tmp_path / "imgs", ["a", "b"], per_class=2, size=32, seed=3)
+    records = D.read_image_folder(folder)[0]
+    store = FeatureStore(build_model("tiny-test"), tmp_path / "f.safetensors")
+    first = store.table(records)
+    store.save()
+    again = FeatureStore(store.bundle, tmp_path / "f.safetensors")
+    assert torch_equal(again.table(records), first) and again.encoded == 0  # read back, nothing encoded
+    other = D.make_synthetic_image_folder(tmp_path / "other", ["a"], per_class=1, size=32, seed=9)
+    new_image = D.read_image_folder(other)[0][0].path
+    os.replace(new_image, records[0].path)  # the same path, another picture
+    refreshed = again.table(records)
+    assert again.encoded == 1 and not torch_equal(refreshed[0], first[0]) and torch_equal(refreshed[1:], first[1:])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -317,7 +317,8 @@ def _cmd_grid(args) -> int:
     if missing:
         raise ValueError(f"anchoropt grid needs {', '.join(missing)} (or --report OUT to only write the report)")
     base = _config(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("data", "output", "seeds")}))
-    done = run_grid(base, args.methods, args.data, args.seeds, args.output, jobs=args.jobs, shard=args.shard)
+    done = run_grid(base, args.methods, args.data, args.seeds, args.output, jobs=args.jobs, shard=args.shard,
+                    threads=getattr(args, "threads", None))
     print(f"grid: {len(done['ran'])} run(s) done, {len(done['skipped'])} already finished", flush=True)
     return 0
 

@@ -3,7 +3,9 @@
 With ``--augment none`` an image's feature depends only on the model and the test transform, so a grid
 (methods x datasets x seeds) encodes each image once: :class:`FeatureStore` keeps ``path -> (E,)`` features,
 encodes the images it has not seen in batches, and persists them to one safetensors file per model
-(``OUT/features/<key>.safetensors``, written atomically) that the grid's worker processes read.
+(``OUT/features/<key>.safetensors``, written atomically) that the grid's worker processes read.  Each
+feature remembers its file's size and modification time: an image rewritten since (a dataset made again in
+the same folder) is encoded again.
 
 Axes: ``N`` images, ``E`` joint-embedding width.
 """
@@ -51,6 +53,7 @@ class FeatureStore:
         self.file = Path(file) if file else None
         self._index: dict[str, int] = {}
         self._rows: list[torch.Tensor] = []
+        self._stamps: list[list[int]] = []  # [size, mtime_ns] of each row's file when it was encoded
         self.encoded = 0  # images this store ran through the image tower (the rest came from the file)
         if self.file is not None and self.file.is_file():
             self._load(self.file)
@@ -77,7 +80,10 @@ class FeatureStore:
         missing, seen = [], set()
         for record in records:
             key = str(record.path)
-            if key not in self._index and key not in seen:
+            if key in seen:
+                continue
+            row = self._index.get(key)
+            if row is None or self._stamps[row] != _stamp(key):
                 missing.append(record)
                 seen.add(key)
         if not missing:
@@ -86,8 +92,13 @@ class FeatureStore:
                             num_workers=self.workers, generator=torch.Generator())
         chunks = [encode_images(self.bundle.model, images.to(self._device())).cpu() for images, _, _ in loader]
         for record, row in zip(missing, torch.cat(chunks)):
-            self._index[str(record.path)] = len(self._rows)
+            key = str(record.path)
+            if key in self._index:  # rewritten since: replace in place
+                self._rows[self._index[key]], self._stamps[self._index[key]] = row, _stamp(key)
+                continue
+            self._index[key] = len(self._rows)
             self._rows.append(row)
+            self._stamps.append(_stamp(key))
         self.encoded += len(missing)
         return len(missing)
 
@@ -102,7 +113,9 @@ class FeatureStore:
         paths = sorted(self._index, key=self._index.get)
         features = torch.stack(self._rows) if self._rows else torch.zeros(0, 0)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        save_file({"features": features.contiguous()}, str(partial), metadata={"paths": json.dumps(paths)})
+        stamps = [self._stamps[self._index[p]] for p in paths]
+        save_file({"features": features.contiguous()}, str(partial),
+                  metadata={"paths": json.dumps(paths), "stamps": json.dumps(stamps)})
         os.replace(partial, target)
         return target
 
@@ -110,13 +123,16 @@ class FeatureStore:
         from safetensors import safe_open
 
         with safe_open(str(file), framework="pt") as handle:
-            paths = json.loads((handle.metadata() or {}).get("paths", "[]"))
+            metadata = handle.metadata() or {}
             features = handle.get_tensor("features")
-        if len(paths) != features.shape[0]:
+        paths = json.loads(metadata.get("paths", "[]"))
+        stamps = json.loads(metadata.get("stamps", "null")) or [[-1, -1]] * len(paths)
+        if not len(paths) == len(stamps) == features.shape[0]:
             raise ValueError(f"{file}: {len(paths)} paths but {features.shape[0]} features; delete the file")
-        for path, row in zip(paths, features):
+        for path, stamp, row in zip(paths, stamps, features):
             self._index[path] = len(self._rows)
             self._rows.append(row.float())
+            self._stamps.append(list(stamp))
 
     def _device(self) -> torch.device:
         return next(self.bundle.model.parameters()).device
@@ -127,3 +143,12 @@ class FeatureStore:
         from ..towers import TextTower
 
         return TextTower.from_model(self.bundle.model).output_dim
+
+
+def _stamp(path: str) -> list[int]:
+    """``[size, mtime_ns]`` of an image file (``[-1, -1]`` when it cannot be read: it is then re-encoded)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return [-1, -1]
+    return [int(stat.st_size), int(stat.st_mtime_ns)]

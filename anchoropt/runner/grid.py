@@ -153,11 +153,13 @@ def run_grid(
     jobs: int = 1,
     shard: str | None = None,
     plot: bool = True,
+    threads: int | None = None,
 ) -> dict:
     """Run (the shard of) the grid, skipping finished runs, then write the report of everything in ``output``.
 
     ``base`` holds ``anchoropt train``'s options (protocol, targets, model, epochs ...); each run gets its
-    method, dataset, seed and run directory.  Returns ``{"ran": [...], "skipped": [...], "report": {...}}``.
+    method, dataset, seed and run directory.  ``threads``: torch threads of each ``--jobs`` worker (default:
+    the cores divided by ``jobs``).  Returns ``{"ran": [...], "skipped": [...], "report": {...}}``.
     """
     from .. import distributed as dist_utils
 
@@ -192,7 +194,7 @@ def run_grid(
     if jobs == 1 or len(todo) <= 1:
         _run_sequential(base, todo, store_file, ctx)
     else:
-        _run_pool(base, todo, store_file, jobs)
+        _run_pool(base, todo, store_file, jobs, threads)
     report = report_grid(output, plot=plot) if ctx.is_main else {}
     if ctx.distributed:
         dist_utils.cleanup(ctx)
@@ -298,7 +300,8 @@ def _worker(base_json: dict, run: GridRun, store_file: str | None, device: str |
     return _run_one(RunConfig.from_json(base_json), run, Path(store_file) if store_file else None, device=device)
 
 
-def _run_pool(base: RunConfig, todo: Sequence[GridRun], store_file: Path | None, jobs: int) -> None:
+def _run_pool(base: RunConfig, todo: Sequence[GridRun], store_file: Path | None, jobs: int,
+              threads: int | None = None) -> None:
     """``jobs`` local processes (spawned); with several GPUs run ``i`` goes to GPU ``i % count``."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -306,11 +309,11 @@ def _run_pool(base: RunConfig, todo: Sequence[GridRun], store_file: Path | None,
     import torch
 
     gpus = torch.cuda.device_count() if base.device in (None, "cuda") else 0
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {
             pool.submit(_worker, base.to_json(), run, str(store_file) if store_file else None,
-                        f"cuda:{i % gpus}" if gpus > 1 else None, getattr(base, "threads", None) or threads): run
+                        f"cuda:{i % gpus}" if gpus > 1 else None, threads): run
             for i, run in enumerate(todo)
         }
         failures = []
