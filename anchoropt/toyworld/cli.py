@@ -1,4 +1,4 @@
-"""``anchoropt toyworld make | pretrain | info``: the toy world's command line (also ``python -m anchoropt.toyworld``)."""
+"""``anchoropt toyworld make | pretrain | zeroshot | info``: the toy world's command line (also ``python -m anchoropt.toyworld``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _fill(p: argparse.ArgumentParser) -> None:
     from .concepts import GROUP_SIZE, N_GROUPS
     from .render import DOMAINS
 
-    sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="{make,pretrain,info}")
+    sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="{make,pretrain,zeroshot,info}")
     m = sub.add_parser("make", help="write a toy-world dataset (PNG folders, split.json, classes.txt, descriptions.json)")
     m.add_argument("dir", help="output directory (must be new or empty; --overwrite replaces an old toy world)")
     m.add_argument("--seed", type=int, default=0, help="seed of the images (the classes never change) (0)")
@@ -50,6 +50,14 @@ def _fill(p: argparse.ArgumentParser) -> None:
                    help="probability that a caption names a neighbouring class instead (recipe default)")
     t.add_argument("--threads", type=int, default=1, help="torch threads; results are deterministic per count (1)")
     t.set_defaults(toyworld_func=_pretrain)
+
+    z = sub.add_parser("zeroshot", help="zero-shot top-1 of the toy CLIP on a dataset directory")
+    z.add_argument("dir", help="a dataset directory (e.g. written by 'toyworld make')")
+    z.add_argument("--weights", help="a checkpoint from 'toyworld pretrain' (default: the shipped one)")
+    z.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (test)")
+    z.add_argument("--template", default="a photo of a {}.", help="prompt template ('a photo of a {}.')")
+    z.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    z.set_defaults(toyworld_func=_zeroshot)
 
     i = sub.add_parser("info", help="print the shipped checkpoint's record (sha256, command, calibration)")
     i.set_defaults(toyworld_func=_info)
@@ -78,13 +86,37 @@ def _pretrain(args) -> int:
     if args.name_noise is not None:
         cfg = replace(cfg, mix=replace(cfg.mix, name_noise=args.name_noise))
     model, record = pretrain(cfg, log=lambda line: print(line, flush=True))
-    record["command"] = "anchoropt toyworld pretrain " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["toyworld", "pretrain"]
-                                                                 else sys.argv[1:])
+    record["command"] = _pretrain_command(args)
     path = save_checkpoint(model, args.output, record)
     from .model import sha256_file
 
     print(f"wrote {path} (sha256 {sha256_file(path)}) and {path.with_suffix('.json')}")
     return 0
+
+
+def _zeroshot(args) -> int:
+    import torch
+
+    from .model import load_model
+    from .zeroshot import dataset_accuracy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if "{}" not in args.template:
+        raise ValueError(f"--template must contain '{{}}' for the class name, got {args.template!r}")
+    model, preprocess, tokenizer = load_model(args.weights)
+    acc = dataset_accuracy(args.dir, model, preprocess, tokenizer, args.split, args.template)
+    print(f"zero-shot top-1 on {args.dir} ({args.split}): {100 * acc:.2f}%  (toy-world figure)")
+    return 0
+
+
+def _pretrain_command(args) -> str:
+    """The command line that reproduces this run (options as given)."""
+    words = ["anchoropt toyworld pretrain", f"--output {args.output}", f"--seed {args.seed}", f"--threads {args.threads}"]
+    for flag in ("steps", "batch_size", "lr", "name_noise"):
+        if getattr(args, flag) is not None:
+            words.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}")
+    return " ".join(words)
 
 
 def _info(args) -> int:

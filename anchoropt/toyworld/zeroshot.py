@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PROMPT", "class_text_features", "image_features", "accuracy", "to_model_input"]
+__all__ = ["PROMPT", "class_text_features", "image_features", "accuracy", "to_model_input", "dataset_accuracy"]
 
 PROMPT = "a photo of a {}."
 
@@ -49,3 +49,22 @@ def accuracy(image_feats: torch.Tensor, text_feats: torch.Tensor, labels: torch.
     """Top-1 accuracy (a fraction) of nearest-text classification: ``(N, E)``, ``(C, E)``, ``(N,)``."""
     labels = torch.as_tensor(labels, device=image_feats.device)
     return float(((image_feats @ text_feats.T).argmax(dim=-1) == labels).float().mean())
+
+
+def dataset_accuracy(root, model: nn.Module, preprocess: Callable, tokenizer: Callable, split: str = "test",
+                     template: str = PROMPT) -> float:
+    """Zero-shot top-1 accuracy (a fraction) on ``split`` of the dataset directory ``root``.
+
+    Images go through ``preprocess`` (a PIL -> tensor transform) and the data path of the runner
+    (:func:`anchoropt.data.open_dataset`), as a real dataset would.
+    """
+    from ..data import ImageDataset, open_dataset
+
+    dataset = open_dataset(root)
+    records = dataset.split(split)
+    if not records:
+        raise ValueError(f"{root} has no {split!r} images")
+    loader = torch.utils.data.DataLoader(ImageDataset(records, preprocess), batch_size=512)
+    feats = torch.cat([image_features(model, images) for images, _, _ in loader])
+    texts = class_text_features(model, tokenizer, dataset.classnames, template)
+    return accuracy(feats, texts, [r.label for r in records])
