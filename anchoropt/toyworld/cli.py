@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Sequence
 
-__all__ = ["add_parser", "build_parser", "main"]
+__all__ = ["add_parser", "build_parser", "run", "main"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -126,10 +126,15 @@ def _info(args) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed ``toyworld`` command; a user error prints one line and returns 2."""
     try:
         return args.toyworld_func(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"anchoropt toyworld: error: {err}", file=sys.stderr)
+        print(f"anchoropt toyworld {args.toyworld_command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m anchoropt.toyworld``: the same commands as ``anchoropt toyworld``."""
+    return run(build_parser().parse_args(argv))

@@ -39,10 +39,10 @@ class PretrainConfig:
     """Settings of one pretraining run (all of them are recorded next to the checkpoint)."""
 
     seed: int = 0
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 256
     lr: float = 1e-3
-    warmup_steps: int = 60
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     pool_per_class: int = 48
     mix: CaptionMix = field(default_factory=CaptionMix)

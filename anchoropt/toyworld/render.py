@@ -8,9 +8,9 @@ angle, pixel noise.  Drawn at twice the output size and box-downsampled (anti-al
 Domains (for domain generalisation; the shipped model saw only ``photo``):
 
 * ``photo``   - as rendered;
-* ``sketch``  - a grey-scale edge drawing (dark lines on white): colour and texture are gone;
+* ``sketch``  - a line drawing on white paper, lines in the object's colours: fills and background are gone;
 * ``noisy``   - heavy pixel noise and a blur;
-* ``shifted`` - every hue rotated by 50 degrees (red looks orange, blue looks purple ...).
+* ``shifted`` - every hue rotated by :data:`SHIFT_DEGREES` (red drifts to orange, blue to purple ...).
 
 Arrays are ``(H, W, 3)`` float32 in [0, 1] until :func:`to_uint8`.
 """
@@ -27,6 +27,7 @@ __all__ = ["DOMAINS", "HABITAT_PROB", "IMAGE_SIZE", "render", "pick_background",
 DOMAINS = ("photo", "sketch", "noisy", "shifted")
 HABITAT_PROB = 0.7
 IMAGE_SIZE = 32
+SHIFT_DEGREES = 20.0
 _SIZE_RADIUS = {"small": 0.17, "large": 0.30}  # object radius as a fraction of the image side (one object)
 _COUNT_SCALE = {"one": 1.0, "two": 0.72, "three": 0.6}
 
@@ -70,14 +71,14 @@ def apply_domain(image: np.ndarray, domain: str, rng: np.random.Generator) -> np
     if domain == "sketch":
         grey = image.mean(axis=-1)
         gy, gx = np.gradient(grey)
-        edges = np.clip(np.hypot(gx, gy) * 6.0, 0.0, 1.0)
-        paper = 0.95 - 0.85 * edges + rng.normal(0.0, 0.02, grey.shape)
-        return np.repeat(np.clip(paper, 0, 1)[..., None], 3, axis=-1).astype(np.float32)
+        edges = np.clip(np.hypot(gx, gy) * 6.0, 0.0, 1.0)[..., None]
+        paper = np.full_like(image, 0.95) + rng.normal(0.0, 0.02, image.shape)
+        return np.clip(paper * (1 - edges) + 0.8 * image * edges, 0, 1).astype(np.float32)
     if domain == "noisy":
         blurred = (image + np.roll(image, 1, 0) + np.roll(image, 1, 1) + np.roll(image, (1, 1), (0, 1))) / 4
         return np.clip(blurred + rng.normal(0.0, 0.22, image.shape), 0, 1).astype(np.float32)
     if domain == "shifted":
-        return _rotate_hue(image, 50.0)
+        return _rotate_hue(image, SHIFT_DEGREES)
     raise ValueError(f"unknown domain {domain!r}; choose one of {DOMAINS}")
 
 
