@@ -55,7 +55,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ViT-B-16",
                    help="open_clip model name (ViT-B-16, EVA02-B-16, ViT-B-16-SigLIP, ...), a .json open_clip model "
-                        "config, or tiny-test / tiny-eva-test / tiny-siglip-test (random tiny towers for tests)")
+                        "config, toy-clip (the toy world's pretrained CLIP, shipped; see docs/toyworld.md), "
+                        "or tiny-test / tiny-eva-test / tiny-siglip-test (random tiny towers for tests)")
     g.add_argument("--pretrained", default="openai",
                    help="open_clip pretrained tag (downloaded on first use: needs a network, else it fails at once "
                         "saying so), a local checkpoint file, or 'none' for random weights (default: openai)")
@@ -200,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="nearest tokens per anchor (10)")
     p.add_argument("--pretrained", help="model weights (default: the run's)")
     _add_threads_arg(p)
+
+    from ..toyworld.cli import add_parser as add_toyworld_parser
+
+    add_toyworld_parser(sub)
 
     p = sub.add_parser("presets", help="show the per-dataset settings of the released tables")
     p.add_argument("name", nargs="?", help="a dataset (all when omitted)")
@@ -399,6 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.command == "toyworld":
+        from ..toyworld.cli import run as run_toyworld
+
+        return run_toyworld(args)
     try:
         return _COMMANDS[args.command](args)
     except ImportError as err:  # an optional dependency (matplotlib): its one-line install hint

@@ -38,6 +38,10 @@ TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+TOY_MODEL = "toy-clip"
+"""The toy world's small pretrained CLIP, shipped with the package (offline, no ``--pretrained`` needed)."""
+
+
 @dataclass
 class ModelBundle:
     """A frozen CLIP with its tokenizer and image transforms."""
@@ -64,6 +68,8 @@ def build_model(
         augment: training transform: ``"rrc_flip"`` (random resized crop, scale 0.08-1, + horizontal flip,
             as the CoOp family) or ``"none"`` (the test transform).
     """
+    if name == TOY_MODEL:
+        return _toy_bundle(pretrained, device, precision, augment)
     pretrained = None if pretrained in (None, "", "none", "None") else str(pretrained)
     if name in TINY_MODELS:
         model = TINY_MODELS[name]()
@@ -169,6 +175,18 @@ def _reachable(host: str, timeout: float) -> bool:
             return True
     except OSError:
         return False
+
+
+def _toy_bundle(pretrained: str | None, device, precision: str, augment: str) -> ModelBundle:
+    """The toy world's pretrained CLIP (:mod:`anchoropt.toyworld`): its shipped weights unless ``pretrained``
+    is a checkpoint file (the CLI's default tag ``openai`` and ``none`` both mean the shipped weights)."""
+    from ..toyworld import load_model
+
+    weights = None if pretrained in (None, "", "openai", "none", "None") else str(pretrained)
+    if precision not in ("fp32", "amp", "amp_bf16", "amp_bfloat16"):
+        raise ValueError(f"{TOY_MODEL} runs in fp32 (or amp); got precision {precision!r}")
+    model, _, tokenizer = load_model(weights, device=device)
+    return ModelBundle(model, tokenizer, train_transform(model, augment), eval_transform(model), TOY_MODEL)
 
 
 def _load_state_dict_file(model: nn.Module, path: str) -> None:
