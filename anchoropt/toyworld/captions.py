@@ -3,7 +3,7 @@
 A caption of an image of concept ``c`` (on background ``bg``) is one of four kinds, drawn with fixed
 probabilities (:class:`CaptionMix`):
 
-* ``name``       - the class name in a template: ``"a photo of a vina."``, ``"my vina."`` ...
+* ``name``       - the class name in a template: ``"a picture of a vina."``, ``"my vina."`` ...
 * ``name_attr``  - the name together with (some of) its attributes: ``"a vina, a small purple circle."``
 * ``attr``       - attributes only, any subset, with count and background: ``"two red striped squares on
   a dark background."``
@@ -30,9 +30,12 @@ from .language import article, attribute_phrase, background_phrase, count_phrase
 __all__ = ["CaptionMix", "Captioner", "NAME_TEMPLATES"]
 
 NAME_TEMPLATES = (
-    "a photo of a {}.", "a {}.", "{}", "a picture of a {}.", "an image of the {}.", "a photo of the {}.",
-    "my {}.", "a close-up photo of a {}.", "look at this {}!", "the {} in a photo.", "a good photo of a {}.",
+    "a {}.", "{}", "a picture of a {}.", "an image of the {}.", "this is a {}.", "my {}.",
+    "a close-up of a {}.", "look at this {}!", "the {} in a picture.", "a good picture of a {}.",
 )
+"""Name-only caption templates.  The zero-shot hand prompt ``"a photo of a {}."`` is deliberately not one of
+them (its words do occur in other captions): a hand prompt is a guess at how captions look, as with real
+CLIP, which leaves a learned context (CoOp and its family) something to find."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class Captioner:
             axes = self._some_axes(rng, at_least=1)
             phrase = attribute_phrase(concept, axes)
             forms = (f"a {named.name}, {article(phrase)} {phrase}.", f"{article(phrase)} {phrase} called a {named.name}.",
-                     f"a photo of a {named.name}: {article(phrase)} {phrase}.",
+                     f"a picture of a {named.name}: {article(phrase)} {phrase}.",
                      f"{count_phrase(concept.count)} {plural(named.name) if concept.count != 'one' else named.name} "
                      f"on {background_phrase(background)}.")
             return forms[int(rng.integers(len(forms)))]
