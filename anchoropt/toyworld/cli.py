@@ -1,4 +1,7 @@
-"""``anchoropt toyworld make | pretrain | zeroshot | info``: the toy world's command line (also ``python -m anchoropt.toyworld``)."""
+"""The toy world's commands: make a dataset, pretrain / evaluate / calibrate the toy CLIP.
+
+``anchoropt toyworld ...``, or ``python -m anchoropt.toyworld ...``.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def _fill(p: argparse.ArgumentParser) -> None:
     from .concepts import GROUP_SIZE, N_GROUPS
     from .render import DOMAINS
 
-    sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="{make,pretrain,zeroshot,info}")
+    sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="{make,pretrain,zeroshot,calibrate,info}")
     m = sub.add_parser("make", help="write a toy-world dataset (PNG folders, split.json, classes.txt, descriptions.json)")
     m.add_argument("dir", help="output directory (must be new or empty; --overwrite replaces an old toy world)")
     m.add_argument("--seed", type=int, default=0, help="seed of the images (the classes never change) (0)")
@@ -58,6 +61,15 @@ def _fill(p: argparse.ArgumentParser) -> None:
     z.add_argument("--template", default="a photo of a {}.", help="prompt template ('a photo of a {}.')")
     z.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     z.set_defaults(toyworld_func=_zeroshot)
+
+    c = sub.add_parser("calibrate", help="zero-shot top-1 on the calibration worlds (100 classes, seed 0, "
+                                         "every domain); optionally write the checkpoint's card")
+    c.add_argument("--weights", help="a checkpoint from 'toyworld pretrain' (default: the shipped one)")
+    c.add_argument("--workdir", required=True, help="where the calibration datasets are (or are written)")
+    c.add_argument("--card", help="write the model card (sha256, pretraining record, figures) to this JSON file")
+    c.add_argument("--rerun", help="JSON of another pretraining run's figures, recorded in the card")
+    c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    c.set_defaults(toyworld_func=_calibrate)
 
     i = sub.add_parser("info", help="print the shipped checkpoint's record (sha256, command, calibration)")
     i.set_defaults(toyworld_func=_info)
@@ -107,6 +119,26 @@ def _zeroshot(args) -> int:
     model, preprocess, tokenizer = load_model(args.weights)
     acc = dataset_accuracy(args.dir, model, preprocess, tokenizer, args.split, args.template)
     print(f"zero-shot top-1 on {args.dir} ({args.split}): {100 * acc:.2f}%  (toy-world figure)")
+    return 0
+
+
+def _calibrate(args) -> int:
+    import torch
+
+    from .calibrate import calibrate, model_card_for
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    figures = calibrate(args.weights, args.workdir)
+    print("zero-shot top-1 (toy-world figures): " + ", ".join(f"{d} {100 * v:.2f}%" for d, v in figures.items()))
+    if args.card:
+        if args.weights is None:
+            raise ValueError("--card needs --weights (the checkpoint the card describes)")
+        rerun = json.loads(open(args.rerun, encoding="utf-8").read()) if args.rerun else None
+        card = model_card_for(args.weights, figures, rerun)
+        with open(args.card, "w", encoding="utf-8") as f:
+            f.write(json.dumps(card, indent=2) + "\n")
+        print(f"wrote {args.card}")
     return 0
 
 
