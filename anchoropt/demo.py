@@ -1,8 +1,11 @@
 """AnchorOPT end to end: Stage I anchors -> Stage II prompts -> base / novel accuracy and harmonic mean.
 
-Offline demo (tiny random-weight CLIP, synthetic images and descriptions; the accuracy means nothing)::
+Offline default: the toy world (``anchoropt.toyworld``) with its shipped pretrained toy CLIP - zero-shot
+accuracy first, then AnchorOPT's base / novel / HM; toy-world figures, meaningful inside the toy world and
+not comparable with the paper's::
 
     anchoropt demo                     # or: python -m anchoropt demo, python examples/quickstart.py
+    anchoropt demo --random            # the tiny random-weight tower on synthetic images (means nothing)
 
 The real thing (an open_clip model, an ImageFolder dataset, a {class: [sentences]} descriptions JSON)::
 
@@ -86,8 +89,47 @@ def synthetic_images(n_per_class: int, n_classes: int, size: int = 32, seed: int
     return TensorDataset((torch.stack(images) - mean) / std, torch.tensor(labels))
 
 
+TOY_NOTE = ("NOTE: toy-world figures (procedural images, a small CLIP pretrained on them; docs/toyworld.md): "
+            "meaningful inside the toy world, not comparable with the paper's.")
+
+
+def toy_setup(args):
+    """The toy world: ``args.toy_classes`` classes written to a temporary directory, the shipped toy CLIP."""
+    import tempfile
+
+    from anchoropt.toyworld import load_model
+    from anchoropt.toyworld.make import make
+
+    model, preprocess, tokenizer = load_model()
+    root = tempfile.mkdtemp(prefix="anchoropt-toyworld-")
+    make(root, seed=args.seed, classes=args.toy_classes, per_class=40)
+    dataset = anchoropt.data.open_dataset(root)
+    records = dataset.train + dataset.test
+    images = anchoropt.data.ImageDataset(records, preprocess)
+    tensors = TensorDataset(torch.stack([images[i][0] for i in range(len(images))]),
+                            torch.tensor([r.label for r in records]))
+    labels = tensors.tensors[1].tolist()
+    return model, tokenizer, dataset.classnames, tensors, tensors, labels, f"{root}/descriptions.json"
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, classnames, dataset, label_offset: int, args) -> float:
+    """Top-1 accuracy (%) of the hand prompt "a photo of a {class}." on ``dataset``."""
+    from anchoropt.toyworld.zeroshot import class_text_features
+
+    texts = class_text_features(model, tokenizer, classnames).to(args.device)
+    correct = total = 0
+    for images, labels in DataLoader(dataset, batch_size=256):
+        logits = image_features(model, images.to(args.device)) @ texts.T
+        correct += int((logits.argmax(-1).cpu() == labels - label_offset).sum())
+        total += len(labels)
+    return 100.0 * correct / max(total, 1)
+
+
 def load_setup(args):
     """Model, tokenizer, sorted class names, train / test datasets (same indexing), labels, descriptions."""
+    if args.model is None and not args.random:
+        return toy_setup(args)
     if args.model is None:
         model = tiny_open_clip(image_size=32, seed=args.seed)
         classes = sorted(FACTS)
@@ -173,9 +215,12 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    synthetic = args.model is None
+    synthetic = args.model is None and args.random
+    toy = args.model is None and not args.random
     if synthetic:
         print(RANDOM_NOTE)
+    elif toy:
+        print(TOY_NOTE)
     elif args.pretrained in (None, "none"):
         print(f"NOTE: {args.model} with RANDOM weights (no --pretrained): the accuracy means nothing.")
     start = time.perf_counter()
@@ -184,8 +229,14 @@ def run(args: argparse.Namespace) -> int:
     n_base = len(anchoropt.data.base_novel_split(len(classes))[0])  # first ceil(C/2) classes, as Dassl
     base, novel = classes[:n_base], classes[n_base:]
     train_idx, base_idx, novel_idx = few_shot_split(labels, n_base, args.shots, args.seed)
-    print(f"{len(classes)} classes: base {base}, novel {novel}; {len(train_idx)} training images "
+    listed = (lambda names: f"{names[:4]} ..." if len(names) > 6 else names)
+    print(f"{len(classes)} classes: base {listed(base)}, novel {listed(novel)}; {len(train_idx)} training images "
           f"({args.shots} shots), {len(base_idx)} base / {len(novel_idx)} novel test images")
+    if toy:
+        zs_base = zero_shot_accuracy(model, tokenizer, base, Subset(test_set, base_idx), 0, args)
+        zs_novel = zero_shot_accuracy(model, tokenizer, novel, Subset(test_set, novel_idx), n_base, args)
+        zs_hm = 2 * zs_base * zs_novel / (zs_base + zs_novel) if zs_base + zs_novel else 0.0
+        print(f"zero-shot ('a photo of a {{class}}.'): base {zs_base:.1f}% | novel {zs_novel:.1f}% | HM {zs_hm:.1f}%")
 
     stage1 = anchoropt.AnchorLearner(model, base, n_anchor=1, tokenizer=tokenizer)
     history = stage1.fit(descriptions, steps=args.stage1_steps, progress=False)
@@ -203,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
     learner.set_classnames(novel)
     acc_novel = accuracy(learner, model, Subset(test_set, novel_idx), "novel", n_base, args)
     hm = 2 * acc_base * acc_novel / (acc_base + acc_novel) if acc_base + acc_novel else 0.0
-    flag = "  [RANDOM WEIGHTS]" if synthetic or args.pretrained in (None, "none") else ""
+    flag = "  [RANDOM WEIGHTS]" if synthetic or (not toy and args.pretrained in (None, "none")) else (
+        "  [toy world]" if toy else "")
     print(f"base {acc_base:.1f}% | novel {acc_novel:.1f}% | HM {hm:.1f}%  ({time.perf_counter() - start:.1f} s)"
           + flag)
     if args.save:
@@ -211,6 +263,8 @@ def run(args: argparse.Namespace) -> int:
         save(stage1.frozen_anchors(), learner, base, args.save)
     if synthetic:
         print(RANDOM_NOTE)
+    elif toy:
+        print(TOY_NOTE)
     return 0
 
 
@@ -229,7 +283,11 @@ def main(argv=None) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The demo's options, on ``p`` (its own parser, or the ``anchoropt demo`` sub-command)."""
-    p.add_argument("--model", help="open_clip model name (e.g. ViT-B-16); omit for the offline synthetic demo")
+    p.add_argument("--model", help="open_clip model name (e.g. ViT-B-16); omit for the offline toy-world demo")
+    p.add_argument("--random", action="store_true",
+                   help="without --model: the tiny random-weight tower on synthetic images instead of the toy world")
+    p.add_argument("--toy-classes", type=int, default=40,
+                   help="toy world: number of classes (half base, half novel; default 40)")
     p.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai) or a local checkpoint file;\n"
                                         "'none' or omitted: random weights")
     p.add_argument("--data", help="ImageFolder directory (one sub-directory per class)")
