@@ -15,7 +15,7 @@ from anchoropt.toyworld import concepts as C
 from anchoropt.toyworld.captions import CaptionMix, Captioner
 from anchoropt.toyworld.descriptions import descriptions
 from anchoropt.toyworld.make import make, split_sizes
-from anchoropt.toyworld.render import DOMAINS, image_rng, render
+from anchoropt.toyworld.render import DOMAINS, apply_domain, image_rng, render
 
 
 def _tree_digest(root) -> str:
@@ -76,9 +76,11 @@ def test_render_is_deterministic_and_domains_differ():
     assert not np.array_equal(a, render(concept, image_rng(0, 0, concept, 1)))
     images = {d: render(concept, image_rng(0, 0, concept, 0), domain=d) for d in DOMAINS}
     for d in DOMAINS[1:]:
-        assert np.abs(images[d] - images["photo"]).mean() > 0.02, d
-    sketch = images["sketch"]
-    np.testing.assert_allclose(sketch[..., 0], sketch[..., 2])  # grey-scale
+        assert np.abs(images[d] - images["photo"]).mean() > 0.005, d
+    red = np.full((4, 4, 3), (0.9, 0.1, 0.1), np.float32)
+    shifted = apply_domain(red, "shifted", np.random.default_rng(0))
+    assert shifted[..., 1].mean() > red[..., 1].mean() + 0.05  # red drifts towards orange
+    assert images["sketch"].mean() > images["photo"].mean()  # lines on white paper
     with pytest.raises(ValueError, match="unknown domain"):
         render(concept, image_rng(0, 0, concept, 0), domain="cartoon")
 
@@ -97,8 +99,8 @@ def test_make_layout_goes_through_the_data_path(tiny_world):
     dataset = open_dataset(tiny_world)
     assert dataset.layout == "split_json" and dataset.classnames == names
     assert len(dataset.train) == 30 and len(dataset.test) == 18
-    base = subsample_classes(sample_few_shot(dataset, 4, seed=1), "base")
-    assert base.classnames == names[:3] and len(base.train) == 12
+    base = subsample_classes(sample_few_shot(dataset, 2, seed=1), "base")
+    assert base.classnames == names[:3] and len(base.train) == 6
     from PIL import Image
 
     with Image.open(dataset.test[0].path) as image:
