@@ -20,10 +20,12 @@ each), the rest the novel classes (never seen), as in Dassl's base-to-novel prot
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -101,15 +103,16 @@ def toy_setup(args):
     from anchoropt.toyworld.make import make
 
     model, preprocess, tokenizer = load_model()
-    root = tempfile.mkdtemp(prefix="anchoropt-toyworld-")
-    make(root, seed=args.seed, classes=args.toy_classes, per_class=40)
-    dataset = anchoropt.data.open_dataset(root)
-    records = dataset.train + dataset.test
-    images = anchoropt.data.ImageDataset(records, preprocess)
-    tensors = TensorDataset(torch.stack([images[i][0] for i in range(len(images))]),
-                            torch.tensor([r.label for r in records]))
+    with tempfile.TemporaryDirectory(prefix="anchoropt-toyworld-") as root:
+        make(root, seed=args.seed, classes=args.toy_classes, per_class=40)
+        dataset = anchoropt.data.open_dataset(root)
+        records = dataset.train + dataset.test
+        images = anchoropt.data.ImageDataset(records, preprocess)
+        tensors = TensorDataset(torch.stack([images[i][0] for i in range(len(images))]),
+                                torch.tensor([r.label for r in records]))
+        descriptions = json.loads(Path(root, "descriptions.json").read_text(encoding="utf-8"))
     labels = tensors.tensors[1].tolist()
-    return model, tokenizer, dataset.classnames, tensors, tensors, labels, f"{root}/descriptions.json"
+    return model, tokenizer, dataset.classnames, tensors, tensors, labels, descriptions
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ EXAMPLES = ROOT / "examples"
 
 # script -> (argv, a line it must print)
 CASES = {
-    "quickstart.py": (["--stage1-steps", "5", "--epochs", "1", "--shots", "4"], r"base .*% \| novel .*% \| HM .*RANDOM WEIGHTS"),
+    "quickstart.py": (["--stage1-steps", "5", "--epochs", "1", "--shots", "4", "--toy-classes", "6"],
+                      r"zero-shot .*: base .*% \| novel .*%(.|\n)*\nbase .*% \| novel .*% \| HM .*toy world"),
     "open_clip_training.py": (["--epochs", "1", "--stage1-steps", "3"], r"base .*% \| novel .*% on 16 test images"),
     "coop_wrap.py": ([], r"predictions \(base / novel\): \[.*\] \[.*\]"),
     "building_blocks.py": ([], r"arrangement \(slot -> source\): \['\w+', '\w+', '\w+'\]"),
@@ -49,7 +50,15 @@ def test_example_runs_offline(name, monkeypatch, tmp_path, capsys):
     argv, expected = CASES[name]
     out = _run(EXAMPLES / name, argv, monkeypatch, tmp_path, capsys)
     assert re.search(expected, out), out[-2000:]
-    assert "RANDOM WEIGHTS" in out or "skipped" in out  # every offline example says its numbers mean nothing
+    # every offline example says what its numbers mean: nothing (random weights) or only inside the toy world
+    assert "RANDOM WEIGHTS" in out or "toy-world figures" in out or "skipped" in out
+
+
+def test_quickstart_random_flag_runs_the_random_tower(monkeypatch, tmp_path, capsys):
+    out = _run(EXAMPLES / "quickstart.py", ["--random", "--stage1-steps", "5", "--epochs", "1", "--shots", "4"],
+               monkeypatch, tmp_path, capsys)
+    assert re.search(r"base .*% \| novel .*% \| HM .*RANDOM WEIGHTS", out), out[-2000:]
+    assert "zero-shot" not in out
 
 
 def test_released_anchors_example_skips_cleanly_without_the_data(monkeypatch, tmp_path, capsys):
