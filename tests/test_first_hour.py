@@ -231,16 +231,16 @@ def test_learn_anchors_prints_a_dataset_summary(folder, descriptions, tmp_path, 
 # ---------------------------------------------------------------------- the demo
 def test_demo_command_runs_in_process(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["demo", "--stage1-steps", "3", "--epochs", "1", "--shots", "2"]) == 0
+    assert cli.main(["demo", "--stage1-steps", "3", "--epochs", "1", "--shots", "2", "--toy-classes", "4"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("NOTE: RANDOM WEIGHTS")
-    assert "base " in out and "| HM " in out and "[RANDOM WEIGHTS]" in out
+    assert out.startswith("NOTE: toy-world figures")  # the default: the toy world with the shipped toy CLIP
+    assert "zero-shot" in out and "| HM " in out and "[toy world]" in out
 
 
 def test_python_dash_m_anchoropt_demo():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "anchoropt", "demo", "--stage1-steps", "2", "--epochs", "1",
-                           "--shots", "2", "--threads", "1"], capture_output=True, text=True, env=env, timeout=300,
+    done = subprocess.run([sys.executable, "-m", "anchoropt", "demo", "--random", "--stage1-steps", "2", "--epochs",
+                           "1", "--shots", "2", "--threads", "1"], capture_output=True, text=True, env=env, timeout=300,
                           cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[RANDOM WEIGHTS]" in done.stdout and "Traceback" not in done.stderr

@@ -107,6 +107,8 @@ def test_runner_builds_toy_clip_offline_with_the_cli_default_tag():
     assert bundle.name == "toy-clip" and bundle.tokenizer is not None
     shipped = toy_model.load_model()[0]
     torch.testing.assert_close(bundle.model.visual.conv1.weight, shipped.visual.conv1.weight)
+    random = build_model("toy-clip", "none").model  # 'none' is random weights, as for every model
+    assert not torch.equal(random.visual.conv1.weight, shipped.visual.conv1.weight)
     with pytest.raises(ValueError, match="fp32"):
         build_model("toy-clip", None, precision="fp16")
 

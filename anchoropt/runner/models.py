@@ -178,14 +178,17 @@ def _reachable(host: str, timeout: float) -> bool:
 
 
 def _toy_bundle(pretrained: str | None, device, precision: str, augment: str) -> ModelBundle:
-    """The toy world's pretrained CLIP (:mod:`anchoropt.toyworld`): its shipped weights unless ``pretrained``
-    is a checkpoint file (the CLI's default tag ``openai`` and ``none`` both mean the shipped weights)."""
+    """The toy world's CLIP (:mod:`anchoropt.toyworld`): the shipped weights (no ``pretrained``, or the CLI's
+    default tag ``openai``), a checkpoint file, or random weights for ``none``."""
     from ..toyworld import load_model
+    from ..toyworld.model import build_model as build_toy_model
 
-    weights = None if pretrained in (None, "", "openai", "none", "None") else str(pretrained)
     if precision not in ("fp32", "amp", "amp_bf16", "amp_bfloat16"):
         raise ValueError(f"{TOY_MODEL} runs in fp32 (or amp); got precision {precision!r}")
-    model, _, tokenizer = load_model(weights, device=device)
+    model, _, tokenizer = load_model(None if pretrained in (None, "", "openai", "none", "None") else str(pretrained),
+                                     device=device)
+    if pretrained in ("none", "None"):
+        model = build_toy_model(seed=0).to(device).eval().requires_grad_(False)
     return ModelBundle(model, tokenizer, train_transform(model, augment), eval_transform(model), TOY_MODEL)
 
 
