@@ -12,7 +12,7 @@ SGD step on the trainable prompts, images in (the image tower runs in both conte
   ``CLIP`` holding the same weights;
 * DePT (ELP-CoOp), batch 4: the peer's ``CustomCLIP(image, label)``; ours ``DePT(model).loss(...)``.
 
-    ANCHOROPT_PEERS_DIR=... python benchmarks/bench_methods_vs_peers.py [--classes 100] [--repeats 3]
+    ANCHOROPT_PEERS_DIR=... python benchmarks/bench_methods_vs_peers.py [--classes 100] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--peers", default=os.environ.get("ANCHOROPT_PEERS_DIR"), help="folder with the peer checkouts")
     p.add_argument("--methods", nargs="+", default=["cocoop", "maple", "dept"], choices=["cocoop", "maple", "dept"])
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if not args.peers:
         raise SystemExit("give --peers DIR (or ANCHOROPT_PEERS_DIR): CoOp / multimodal-prompt-learning / DePT checkouts")
     os.environ["ANCHOROPT_PEERS_DIR"] = args.peers
