@@ -1,0 +1,45 @@
+"""The method modules through the runner: ``anchoropt train --method cocoop | maple | dept (+atprompt, +anchoropt)``
+trains, scores every head, saves, and ``anchoropt eval`` reloads the same numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from anchoropt import cli
+from anchoropt import data as D
+from anchoropt.runner import RunConfig, run_training
+
+FAST = dict(model="tiny-test", pretrained=None, shots=2, epochs=1, warmup_epochs=0, batch_size=4, stage1_steps=2,
+            progress=False, plots=False, augment="none", n_soft=2)
+NAMES = [f"{base}{suffix}" for base in ("cocoop", "maple", "dept") for suffix in ("", "+atprompt", "+anchoropt")]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return D.make_synthetic_image_folder(tmp_path_factory.mktemp("methods_data") / "shapes", per_class=6, size=32,
+                                         seed=1)
+
+
+@pytest.fixture(scope="module")
+def descriptions(tmp_path_factory, folder) -> Path:
+    path = tmp_path_factory.mktemp("methods_desc") / "desc.json"
+    path.write_text(json.dumps({n: [f"a picture of a {n}.", f"a {n} thing."] for n in D.read_image_folder(folder)[1]}))
+    return path
+
+
+@pytest.mark.parametrize("method", NAMES)
+def test_train_and_eval_every_method(method, tmp_path, folder, descriptions) -> None:
+    cfg = RunConfig(method=method, data=str(folder), output=str(tmp_path / "run"), attributes=["playfulness"],
+                    descriptions=str(descriptions), cache_image_features=True, **FAST)
+    results = run_training(cfg).results
+    assert results["method"] == method
+    base, novel = results["results"]["base"], results["results"]["novel"]
+    unseen = "ensemble" if method.endswith("+anchoropt") else ("similarity" if method.startswith("dept") else "normal")
+    assert (base["head"], novel["head"]) == ("normal", unseen)
+    assert results["stage2"]["epoch_losses"]
+    assert cli.main(["eval", str(tmp_path / "run"), "--no-progress"]) == 0
+    again = json.loads((tmp_path / "run" / "eval_results.json").read_text())["results"]
+    assert again["base"]["accuracy"] == base["accuracy"] and again["novel"]["accuracy"] == novel["accuracy"]
