@@ -43,3 +43,15 @@ def test_train_and_eval_every_method(method, tmp_path, folder, descriptions) -> 
     assert cli.main(["eval", str(tmp_path / "run"), "--no-progress"]) == 0
     again = json.loads((tmp_path / "run" / "eval_results.json").read_text())["results"]
     assert again["base"]["accuracy"] == base["accuracy"] and again["novel"]["accuracy"] == novel["accuracy"]
+
+
+def test_presets_follow_the_methods_tables() -> None:
+    pets = RunConfig(method="cocoop+anchoropt", preset="oxford_pets", data="x").resolve()
+    assert (pets.n_soft, pets.epochs, pets.ce_weight, pets.kd_weight, pets.kd_temperature, pets.batch_size) == \
+        (4, 20, 10.0, 100.0, 2.0, 1)  # the authors' CoCoOp+AnchorOPT row, not CoOp+AnchorOPT's (4/100/100/1000/1.0)
+    maple = RunConfig(method="maple+atprompt", preset="ucf101", data="x").resolve()
+    assert (maple.n_soft, maple.epochs, maple.lr, maple.attributes) == (2, 5, 0.0035, ["precision"])
+    coop = RunConfig(method="coop+anchoropt", preset="oxford_pets", data="x").resolve()
+    assert (coop.epochs, coop.ce_weight) == (100, 100.0)
+    explicit = RunConfig(method="dept", preset="dtd", data="x", epochs=3).resolve()
+    assert explicit.epochs == 3 and explicit.lr == 0.0035

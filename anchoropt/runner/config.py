@@ -101,7 +101,7 @@ class RunConfig:
     def resolve(self) -> "RunConfig":
         """A copy with every ``None`` hyperparameter filled (explicit > preset > defaults), validated."""
         values = dataclasses.asdict(self)
-        chosen = get_preset(self.preset).to_dict() if self.preset else {}
+        chosen = _preset_values(self.method, self.preset) if self.preset else {}
         for key, default in self._DEFAULTS.items():
             if values[key] is None:
                 values[key] = chosen.get(key, default)
@@ -301,3 +301,15 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
         classnames_file=absolute(cfg.classnames_file), targets=[absolute(t) for t in cfg.targets],
         descriptions=absolute(cfg.descriptions), anchors=absolute(cfg.anchors), model=model, pretrained=pretrained,
     )
+
+
+def _preset_values(method: str, name: str) -> dict:
+    """The released settings ``--preset name`` stands for under ``method``: the method modules' own tables for
+    CoCoOp / MaPLe / DePT (:func:`anchoropt.methods.entries.released_settings`), else the CoOp+AnchorOPT table."""
+    from ..methods.entries import PRESET_METHOD, released_settings
+
+    values = get_preset(name).to_dict()
+    base = (method or "").partition(":")[0].strip()
+    if base in PRESET_METHOD:
+        values.update(released_settings(base, name))
+    return values
