@@ -47,6 +47,7 @@ def _args(argv=None):
     p.add_argument("--pae-alpha", type=float, default=0.5)
     p.add_argument("--pae-beta", type=float, default=0.2)
     p.add_argument("--pae-dim", type=int, default=256)
+    p.add_argument("--pae-reading", choices=("released", "paper"), default="released")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "pae_toyworld.json"))
     return p.parse_args(argv)
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
                                shots=args.shots, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                deep_depth=args.deep_depth, augment="none", cache_image_features=True,
                                stage1_steps=args.stage1_steps, progress=False, plots=False,
-                               pae_alpha=args.pae_alpha, pae_beta=args.pae_beta, pae_dim=args.pae_dim).resolve()
+                               pae_alpha=args.pae_alpha, pae_beta=args.pae_beta, pae_dim=args.pae_dim,
+                               pae_reading=args.pae_reading).resolve()
         source = protocols._source_dataset(cfg)
         train_view, novel_view = protocols._training_view(source, cfg)
         runner.seed_everything(seed)
