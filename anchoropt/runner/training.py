@@ -245,7 +245,12 @@ def train_stage2(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if regularizer is not None:
-                    regularizer.clip_grad_(PAE_MAX_GRAD_NORM)  # its own clipping, as PAE's trainer
+                    pae_norm = regularizer.clip_grad_(PAE_MAX_GRAD_NORM)  # its own clipping, as PAE's trainer
+                    if not torch.isfinite(pae_norm):
+                        raise FloatingPointError(
+                            f"PAE's gradients are not finite at epoch {epoch}: lower --lr, --pae-alpha or --pae-beta, "
+                            "or use --pae-reading released (bounded terms)"
+                        )
                 optimizer.step()
             total, seen = total + loss.item() * len(labels), seen + len(labels)
             if bar is not None:
