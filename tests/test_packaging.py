@@ -23,6 +23,18 @@ def _build(kind: str, out: Path, source: Path = ROOT) -> Path:
     return out / done.stdout.strip().splitlines()[-1]
 
 
+def _git_ignored(paths: set[str]) -> set[str]:
+    """The paths git ignores in a checkout (local results, caches); none outside one (an unpacked sdist)."""
+    if not (ROOT / ".git").exists() or not paths:
+        return set()
+    try:
+        done = subprocess.run(["git", "check-ignore", "--stdin"], cwd=ROOT, input="\n".join(sorted(paths)),
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return set(done.stdout.split())
+
+
 def _source_files(*folders: str) -> set[str]:
     files = set()
     for folder in folders:
@@ -30,7 +42,7 @@ def _source_files(*folders: str) -> set[str]:
             rel = path.relative_to(ROOT)
             if path.is_file() and not SKIP_PARTS & set(rel.parts) and path.suffix != ".pyc":
                 files.add(rel.as_posix())
-    return files
+    return files - _git_ignored(files)
 
 
 @pytest.fixture(scope="module")
