@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports open_cli
 
 from pathlib import Path
 
+import json
+
 import pytest
 import torch
 
@@ -88,3 +90,22 @@ _FP32_FIXTURES = {"open_clip": "open_clip_model", "custom_text": "custom_text_mo
 def fp32_model(request) -> torch.nn.Module:
     """Each of the three fp32 layouts in turn (open_clip CLIP, CustomTextCLIP, OpenAI-style)."""
     return request.getfixturevalue(_FP32_FIXTURES[request.param])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """The runner tests' data: 4 synthetic classes x 12 images (ImageFolder), 6 train / 2 val / 4 test per class."""
+    from anchoropt import data
+
+    return data.make_synthetic_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class=12, size=32)
+
+
+@pytest.fixture(scope="module")
+def descriptions(tmp_path_factory, folder) -> Path:
+    """CuPL-style descriptions of ``folder``'s classes (two sentences and one letterless entry each)."""
+    from anchoropt import data
+
+    path = tmp_path_factory.mktemp("desc") / "shapes.json"
+    names = data.read_image_folder(folder)[1]
+    path.write_text(json.dumps({n: [f"a picture of a {n}.", f"a {n} drawn in one colour.", "."] for n in names}))
+    return path

@@ -22,20 +22,6 @@ FAST = ["--pretrained", "none", "--shots", "4", "--epochs", "2", "--warmup-epoch
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """4 synthetic classes x 12 images (ImageFolder): 6 train / 2 val / 4 test per class after the split."""
-    return D.make_synthetic_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class=12, size=32)
-
-
-@pytest.fixture(scope="module")
-def descriptions(tmp_path_factory, folder) -> Path:
-    path = tmp_path_factory.mktemp("desc") / "shapes.json"
-    names = D.read_image_folder(folder)[1]
-    path.write_text(json.dumps({n: [f"a picture of a {n}.", f"a {n} drawn in one colour.", "."] for n in names}))
-    return path
-
-
-@pytest.fixture(scope="module")
 def b2n_run(tmp_path_factory, folder, descriptions):
     """One base-to-novel run of the CLI (tiny open_clip CLIP), shared by several tests."""
     out = tmp_path_factory.mktemp("runs") / "b2n"

@@ -15,7 +15,6 @@ import pytest
 from anchoropt import cli, viz
 from anchoropt._progress import Progress
 from anchoropt.runner import models, reports
-from test_cli import descriptions, folder  # noqa: F401  (the runner tests' synthetic ImageFolder + descriptions)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--shots", "4", "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "8", "--stage1-steps", "20",

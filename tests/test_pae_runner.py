@@ -7,15 +7,9 @@ import json
 import pytest
 import torch
 
-from anchoropt import data as D
 from anchoropt import runner
 from anchoropt.runner import cli as runner_cli
 from anchoropt.testing import tiny_open_clip
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return D.make_synthetic_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class=12, size=32)
 
 
 @pytest.fixture(scope="module")

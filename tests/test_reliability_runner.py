@@ -25,19 +25,6 @@ FAST = ["--model", "tiny-test", "--pretrained", "none", "--shots", "2", "--epoch
         "--batch-size", "8", "--stage1-steps", "2", "--no-progress", "--no-plots"]
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return D.make_synthetic_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class=12, size=32)
-
-
-@pytest.fixture(scope="module")
-def descriptions(tmp_path_factory, folder) -> Path:
-    path = tmp_path_factory.mktemp("desc") / "shapes.json"
-    names = D.read_image_folder(folder)[1]
-    path.write_text(json.dumps({n: [f"a picture of a {n}.", f"a {n} in one colour."] for n in names}))
-    return path
-
-
 def _cfg(folder, descriptions, out, **changes) -> RunConfig:
     return RunConfig(data=str(folder), descriptions=str(descriptions), output=str(out), **{**TINY, **changes})
 
