@@ -39,6 +39,13 @@ __all__ = ["PromptMethod", "MethodOutput", "MODES"]
 MODES = ("base", "novel")
 
 
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`MODES`, else a ``ValueError`` naming the choices."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    return mode
+
+
 class MethodOutput(tuple):
     """A batch's ``(logits, logits_anchor)`` (a pair, so it unpacks as one) that also knows its training loss.
 
@@ -155,8 +162,7 @@ class PromptMethod(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor, mode: str = "base") -> torch.Tensor:
         """Inference switch: ``"base"`` -> the learned prompt, ``"novel"`` -> the anchor ensemble (if anchors)."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        check_mode(mode)
         heads = self.heads(x)
         return heads["ensemble"] if mode == "novel" and "ensemble" in heads else heads["normal"]
 

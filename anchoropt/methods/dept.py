@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import functional
 from ..losses import StageIILossConfig
-from .base import MODES, MethodOutput, PromptMethod
+from .base import MethodOutput, PromptMethod, check_mode
 from .text import ContextPrompt
 
 __all__ = ["DePT", "FiLM", "BASES"]
@@ -160,8 +160,7 @@ class DePT(PromptMethod):
     @torch.no_grad()
     def predict(self, x: torch.Tensor, mode: str = "base") -> torch.Tensor:
         """``"base"``: fused logits; ``"novel"``: the anchor ensemble with anchors, else the similarity logits."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        check_mode(mode)
         heads = self.heads(x)
         return heads.get("ensemble", heads["similarity"]) if mode == "novel" else heads["normal"]
 
