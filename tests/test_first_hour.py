@@ -194,6 +194,18 @@ def test_summary_line_without_the_flag_for_trained_weights():
     assert not reports.random_weights("openai") and reports.random_weights("none") and reports.random_weights(None)
 
 
+def test_the_flag_follows_the_weights_the_model_was_built_with():
+    shipped = models.build_model("toy-clip", None)  # from Python: no --pretrained, the shipped weights
+    assert shipped.weights == "toy-clip (shipped)" and not reports.random_weights(None, shipped)
+    assert reports.weights_record("openai", shipped) == {"pretrained": "toy-clip (shipped)", "random_weights": False}
+    random_toy = models.build_model("toy-clip", "none")
+    assert random_toy.weights == models.RANDOM and reports.random_weights("none", random_toy)
+    tiny = models.build_model("tiny-test", None)
+    assert reports.weights_record(None, tiny) == {"pretrained": models.RANDOM, "random_weights": True}
+    by_hand = models.ModelBundle(tiny.model, None, tiny.test_transform, tiny.test_transform)
+    assert reports.random_weights("openai", by_hand) is False and reports.random_weights(None, by_hand) is True
+
+
 def _without_matplotlib(monkeypatch):
     def missing(**kwargs):
         raise ImportError(viz.MATPLOTLIB_HINT)

@@ -353,7 +353,7 @@ def _cmd_plot(args) -> int:
     learner = load_prompt_learner(run / "prompt_learner", bundle.model, saved["trained_classnames"],
                                   tokenizer=bundle.tokenizer)
     out = Path(args.output) if args.output else run / "plots"
-    note = "\nRANDOM WEIGHTS: this picture means nothing" if random_weights(pretrained) else ""
+    note = "\nRANDOM WEIGHTS: this picture means nothing" if random_weights(pretrained, bundle) else ""
     heatmap = viz.save_position_matrix(learner, out / "position_matrix.png", title="AnchorOPT position matrix" + note)
     neighbours = viz.nearest_tokens(learner.anchors, bundle.model, bundle.tokenizer, k=args.k)
     _files.write_json(out / "anchor_tokens.json", neighbours)

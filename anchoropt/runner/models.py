@@ -38,6 +38,9 @@ TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+RANDOM = "random"
+""":attr:`ModelBundle.weights` of a model without trained weights."""
+
 TOY_MODEL = "toy-clip"
 """The toy world's small pretrained CLIP, shipped with the package (offline, no ``--pretrained`` needed)."""
 
@@ -51,6 +54,9 @@ class ModelBundle:
     train_transform: Callable
     test_transform: Callable
     name: str = "custom"
+    weights: str | None = None
+    """What the weights are, as built: ``"random"``, an open_clip tag, a file, ``"toy-clip (shipped)"``;
+    ``None`` for a bundle built by hand (then the run's ``--pretrained`` decides the random-weights flag)."""
 
 
 def build_model(
@@ -108,7 +114,7 @@ def build_model(
     model = model.to(device).eval().requires_grad_(False)
     test_tf = eval_transform(model)
     train_tf = train_transform(model, augment)
-    return ModelBundle(model, tokenizer, train_tf, test_tf, name)
+    return ModelBundle(model, tokenizer, train_tf, test_tf, name, weights=pretrained or RANDOM)
 
 
 _PRETRAINED_CHOICES = ("pass --pretrained none (random weights, to try the code), --pretrained FILE (a local "
@@ -185,11 +191,12 @@ def _toy_bundle(pretrained: str | None, device, precision: str, augment: str) ->
 
     if precision not in ("fp32", "amp", "amp_bf16", "amp_bfloat16"):
         raise ValueError(f"{TOY_MODEL} runs in fp32 (or amp); got precision {precision!r}")
-    model, _, tokenizer = load_model(None if pretrained in (None, "", "openai", "none", "None") else str(pretrained),
-                                     device=device)
+    shipped = pretrained in (None, "", "openai", "none", "None")
+    model, _, tokenizer = load_model(None if shipped else str(pretrained), device=device)
+    weights = f"{TOY_MODEL} (shipped)" if shipped else str(pretrained)
     if pretrained in ("none", "None"):
-        model = build_toy_model(seed=0).to(device).eval().requires_grad_(False)
-    return ModelBundle(model, tokenizer, train_transform(model, augment), eval_transform(model), TOY_MODEL)
+        model, weights = build_toy_model(seed=0).to(device).eval().requires_grad_(False), RANDOM
+    return ModelBundle(model, tokenizer, train_transform(model, augment), eval_transform(model), TOY_MODEL, weights)
 
 
 def _load_state_dict_file(model: nn.Module, path: str) -> None:

@@ -5,15 +5,26 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .models import ModelBundle
+from .models import RANDOM, ModelBundle
 
 
 RANDOM_FLAG = "RANDOM WEIGHTS"
 
 
-def random_weights(pretrained: str | None) -> bool:
-    """Whether a run's model has no trained weights (``--pretrained none``; a test tower without a file)."""
+def random_weights(pretrained: str | None, bundle: ModelBundle | None = None) -> bool:
+    """Whether a run's model has no trained weights: as :func:`build_model` recorded it in ``bundle.weights``
+    (toy-clip without ``--pretrained`` has its shipped weights), else from ``pretrained`` (``none``; a test
+    tower without a file)."""
+    if bundle is not None and bundle.weights is not None:
+        return bundle.weights == RANDOM
     return pretrained in (None, "", "none", "None")
+
+
+def weights_record(pretrained: str | None, bundle: ModelBundle | None) -> dict:
+    """``{"pretrained": the weights the model has (the bundle's record, else the option), "random_weights": bool}``
+    for ``results.json`` / ``stage1.json``."""
+    known = bundle.weights if bundle is not None and bundle.weights is not None else pretrained
+    return {"pretrained": known, "random_weights": random_weights(pretrained, bundle)}
 
 
 def summary_line(results: dict) -> str:

@@ -23,7 +23,7 @@ from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_co
 from .console import _log
 from .models import ModelBundle, _text_width, build_model
 from .protocols import _evaluations, _open_targets, _source_dataset, _training_view
-from .reports import RANDOM_FLAG, _plots, random_weights, summary_line
+from .reports import RANDOM_FLAG, _plots, summary_line, weights_record
 from .training import learn_anchors, seed_everything, train_stage2
 
 # options that may differ between an interrupted run and its --resume (they do not change the results)
@@ -83,13 +83,12 @@ def run_learn_anchors(cfg: RunConfig, bundle: ModelBundle | None = None, classna
         seed_everything(cfg.seed)
         bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
         anchors, info = learn_anchors(bundle, classnames, cfg.descriptions, cfg, ctx)
-        info.update(classnames=list(classnames), model=cfg.model, pretrained=cfg.pretrained,
-                    random_weights=random_weights(cfg.pretrained),
+        info.update(classnames=list(classnames), model=cfg.model, **weights_record(cfg.pretrained, bundle),
                     descriptions=cfg.descriptions, anchor_norms=[round(float(x), 4) for x in anchors.norm(dim=-1)])
         if ctx.is_main:
             save_anchors(anchors, out / "anchors.safetensors", classnames=list(classnames))
             _files.write_json(out / R.STAGE1, info)
-            flag = f" | {RANDOM_FLAG}" if random_weights(cfg.pretrained) else ""
+            flag = f" | {RANDOM_FLAG}" if info["random_weights"] else ""
             print(f"stage1 {len(classnames)} classes | {info['steps']} steps | loss {info['loss_first']:.4f} -> "
                   f"{info['loss_last']:.4f} | anchors -> {out / 'anchors.safetensors'}{flag}", flush=True)
     dist_utils.cleanup(ctx)
@@ -225,8 +224,8 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
             save_run_learner(learner, choice, settings, out, run_id)
         results: dict[str, Any] = {
             "run_id": run_id, "method": choice.label,
-            "protocol": cfg.protocol, "dataset": source.name, "model": cfg.model, "pretrained": cfg.pretrained,
-            "random_weights": random_weights(cfg.pretrained), "preset": cfg.preset, "seed": cfg.seed,
+            "protocol": cfg.protocol, "dataset": source.name, "model": cfg.model,
+            **weights_record(cfg.pretrained, bundle), "preset": cfg.preset, "seed": cfg.seed,
             "shots": cfg.shots, "trained_classes": list(trained),
             "world_size": ctx.world_size, "stage1": stage1, "stage2": stage2,
         }
@@ -307,7 +306,7 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
         bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, "none")
         learner = load_run_learner(run_dir, bundle, train_view.classnames)
         results = {"protocol": cfg.protocol, "dataset": source.name, "model": cfg.model,
-                   "pretrained": cfg.pretrained, "random_weights": random_weights(cfg.pretrained), "seed": cfg.seed, "shots": cfg.shots, "run": str(run_dir),
+                   **weights_record(cfg.pretrained, bundle), "seed": cfg.seed, "shots": cfg.shots, "run": str(run_dir),
                    "run_id": run_id, "method": cfg.method,
                    "results": _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained,
                                            cfg.method_choice().method)}
