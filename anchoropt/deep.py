@@ -174,11 +174,21 @@ class DeepAnchorHooks:
         for i in range(1, depth + 1):
             self._handles.append(blocks[i].register_forward_pre_hook(partial(self._pre_hook, i), with_kwargs=True))
             self._handles.append(blocks[i].register_forward_hook(_restore_maple_list))
+        shared_prefix.register_gated_hooks(self)  # outside active() these hooks leave the fast path open
 
     # ------------------------------------------------------------------ handle
     @property
     def installed(self) -> bool:
         return bool(self._handles)
+
+    def hook_ids(self) -> set[int]:
+        """Ids of the installed hook handles."""
+        return {handle.id for handle in self._handles}
+
+    def acting(self) -> bool:
+        """Whether a forward run now would be changed by these hooks (this handle owns the innermost context)."""
+        record = getattr(_ACTIVE, "record", None)
+        return record is not None and record.owner is self
 
     def remove(self) -> None:
         """Take all hooks off the blocks (idempotent)."""
@@ -289,7 +299,7 @@ class DeepAnchorHooks:
         blocks = list(tower.blocks)
         if len(blocks) != len(self.blocks) or any(a is not b for a, b in zip(blocks, self.blocks)):
             return False
-        return tower.can_share_prefix(prefix_length, pool_index, allowed_hook_ids={h.id for h in self._handles})
+        return tower.can_share_prefix(prefix_length, pool_index, allowed_hook_ids=self.hook_ids())
 
     # ------------------------------------------------------------------ the hook
     def _current(self, hidden: torch.Tensor) -> DeepForward | None:

@@ -15,6 +15,7 @@ length, ``H`` heads, ``h`` head width, ``D`` width, ``E`` output width.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Collection
 
 import torch
@@ -22,14 +23,29 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-__all__ = ["supports", "encode_with_shared_prefix"]
+__all__ = ["supports", "encode_with_shared_prefix", "register_gated_hooks", "dormant_hook_ids"]
+
+_GATED: "weakref.WeakSet" = weakref.WeakSet()  # owners of context-gated block hooks (deep.DeepAnchorHooks)
+
+
+def register_gated_hooks(owner) -> None:
+    """Let the block hooks of ``owner`` (``owner.hook_ids() -> set[int]``) stop blocking the fast path while
+    ``owner.acting()`` is False: context-gated hooks that do nothing then (a finished run's deep hooks)."""
+    _GATED.add(owner)
+
+
+def dormant_hook_ids() -> set[int]:
+    """Ids of the registered gated hooks that would do nothing in a forward run now."""
+    return {i for owner in list(_GATED) if not owner.acting() for i in owner.hook_ids()}
 
 
 def supports(blocks, allowed_hook_ids: Collection[int] = ()) -> bool:
-    """Whether the blocks are plain CLIP blocks this module computes exactly (and nobody hooks them).
+    """Whether the blocks are plain CLIP blocks this module computes exactly (and no acting hook is on them).
 
-    ``allowed_hook_ids``: ids of hook handles whose effect the caller reproduces itself (the deep variant's).
+    ``allowed_hook_ids``: ids of hook handles whose effect the caller reproduces itself (the deep variant's);
+    dormant gated hooks (:func:`dormant_hook_ids`) are allowed too.
     """
+    allowed = set(allowed_hook_ids) | dormant_hook_ids()
     for block in blocks:
         attn = getattr(block, "attn", None)
         if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
@@ -39,7 +55,7 @@ def supports(blocks, allowed_hook_ids: Collection[int] = ()) -> bool:
         if not all(hasattr(block, name) for name in ("ln_1", "ln_2", "mlp")) or hasattr(block, "ln_1_kv"):
             return False
         hooks = set(block._forward_hooks) | set(block._forward_pre_hooks)
-        if not hooks <= set(allowed_hook_ids) or type(block).__name__ not in _CLIP_BLOCKS:
+        if not hooks <= allowed or type(block).__name__ not in _CLIP_BLOCKS:
             return False
     return True
 

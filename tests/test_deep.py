@@ -232,7 +232,10 @@ def test_shared_prefix_predicate_matches_the_towers(towers):
     expected = [tower.can_share_prefix(n, p) for n, p in cases]
     with attach_deep(tower, 2) as hooks:
         assert [hooks.can_share_prefix(tower, n, p) for n, p in cases] == expected == [True, False, False]
-        assert not tower.can_share_prefix(6, pool)  # the tower itself refuses hooked blocks
+        assert tower.can_share_prefix(6, pool)  # outside active() the hooks do nothing: plain passes stay fast
+        with hooks.active(torch.eye(K), M, N):
+            assert not tower.can_share_prefix(6, pool)  # ... but inside it they act: the tower refuses
+            assert hooks.can_share_prefix(tower, 6, pool)  # (their owner reproduces them itself)
         model.set_grad_checkpointing(True)
         try:
             assert not hooks.can_share_prefix(tower, 6, pool)
@@ -322,7 +325,6 @@ def test_remove_restores_the_tower_and_other_passes_are_untouched(towers):
     ids = default_tokenizer()(["a photo of a cat.", "X X X X X golden retriever."])
     before_model, before_tower = model.encode_text(ids), tower.encode_text(ids)
     shallow = _learner(model, 0)
-    shallow.tower.share_prefix = False  # hooked blocks make the tower take its full path: compare like with like
     anchor_before = shallow.anchor_features()
     learner = _learner(model, 2).train()
     assert all(len(b._forward_pre_hooks) == 1 for b in list(tower.blocks)[1:])
@@ -336,6 +338,27 @@ def test_remove_restores_the_tower_and_other_passes_are_untouched(towers):
     torch.testing.assert_close(model.encode_text(ids), before_model, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="removed"):
         learner.normal_features()
+
+
+def test_a_finished_learners_hooks_leave_the_next_learner_exact_and_fast(towers):
+    """A run that leaves its (dormant) deep hooks on the tower changes nothing for the next one on it."""
+    model = towers["open_clip"]
+    first = _learner(model, 2, seed=0)
+    try:
+        second = _learner(model, 2, seed=5)
+        matrix = _fixed(second, [1, 0, 4, 3, 2])
+        assert second.deep_hooks.can_share_prefix(second.tower, S0 + K, second.template.normal.pool_index)
+        with torch.no_grad():
+            beside = second.normal_features(matrix)
+        _remove(second)
+    finally:
+        _remove(first)
+    alone = _learner(model, 2, seed=5)
+    try:
+        with torch.no_grad():
+            assert torch.equal(alone.normal_features(_fixed(alone, [1, 0, 4, 3, 2])), beside)
+    finally:
+        _remove(alone)
 
 
 def test_two_deep_learners_on_one_tower_do_not_interfere(towers):
