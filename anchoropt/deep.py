@@ -20,7 +20,9 @@ and a slot that repeats an anchor receives a copy of that anchor's (first slot's
 
 Hooks only act inside :meth:`DeepAnchorHooks.active` (the prompt learner enters it around its
 normal-prompt pass), so plain ``encode_text`` and the frozen anchor-prompt pass through the same tower are
-untouched; with nested contexts (two learners on one tower) only the innermost one's hooks act.  The hooks keep no state between calls: the forward's record (``P``, prompts, slot layout) is
+untouched; with nested contexts (two learners on one tower) only the innermost one's hooks act.  Hooks outside
+their context are dormant and do not stop other passes from taking the exact shared-prefix path
+(:func:`anchoropt.shared_prefix.dormant_hook_ids`), so a finished run's hooks change nothing for the next run.  The hooks keep no state between calls: the forward's record (``P``, prompts, slot layout) is
 read from the active context and attached to the hidden-state tensor a block receives, so a gradient
 checkpoint's recompute (run later, during backward, outside the context) replays exactly the same
 replacement - also when several forwards ran before one backward.
