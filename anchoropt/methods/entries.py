@@ -34,6 +34,7 @@ from ..registry import Method, MethodSettings, get_method, register_method
 from .cocoop import CoCoOp
 from .dept import DePT
 from .maple import MaPLe
+from .vision import vision_blocks
 
 __all__ = ["PRESET_METHOD", "method_output_loss", "register_all", "released_settings"]
 
@@ -126,7 +127,8 @@ def _prompt_depth(model: nn.Module, s: MethodSettings) -> int:
         return s.deep_depth + 1
     from ..towers import TextTower
 
-    vision = len(getattr(getattr(getattr(model, "visual", None), "transformer", None), "resblocks", ()))
+    visual = getattr(model, "visual", None)
+    vision = vision_blocks(visual) if isinstance(visual, nn.Module) else 0
     return max(1, min(9, len(TextTower.from_model(model).blocks), vision or 9))
 
 

@@ -34,7 +34,7 @@ from ..losses import StageIILossConfig
 from ..towers import TextTower
 from .base import MethodOutput, PromptMethod
 from .text import ContextPrompt
-from .vision import VisionPrompts, vision_width
+from .vision import VisionPrompts, vision_blocks
 
 __all__ = ["MaPLe", "ANCHOR_IMAGE"]
 
@@ -79,7 +79,7 @@ class MaPLe(PromptMethod):
         if isinstance(model, TextTower) or not isinstance(visual, nn.Module):
             raise TypeError("MaPLe prompts both towers: pass the CLIP model itself (with .visual), not a text tower")
         depth = prompt_depth - 1
-        blocks = len(getattr(getattr(visual, "transformer", None), "resblocks", ()))
+        blocks = vision_blocks(visual)
         if blocks and depth > blocks - 1:
             raise ValueError(f"prompt_depth {prompt_depth} needs {prompt_depth} vision blocks; this tower has {blocks}")
         super().__init__(None, loss)
@@ -90,7 +90,7 @@ class MaPLe(PromptMethod):
             self.vision.remove()
             raise
         self.prompt_depth, self.anchor_image = prompt_depth, anchor_image
-        width, device = vision_width(visual), self.text.tower.device
+        width, device = self.vision.tower.width, self.text.tower.device
         self.proj = nn.Linear(self.text.tower.width, width, device=device)
         single = nn.Linear(self.text.tower.width, width, device=device)  # MaPLe clones one layer J times
         self.compound_prompt_projections = nn.ModuleList([copy.deepcopy(single) for _ in range(depth)])
@@ -112,7 +112,7 @@ class MaPLe(PromptMethod):
         """Image features ``(B, E)`` (not normalised), with MaPLe's vision prompts unless ``prompted=False``."""
         if images.dim() != 4:
             raise ValueError(f"MaPLe takes images (B, 3, H, W), got a tensor of shape {tuple(images.shape)}")
-        images = images.to(device=self.proj.weight.device, dtype=self.visual.conv1.weight.dtype)
+        images = images.to(device=self.proj.weight.device, dtype=self.vision.tower.dtype)
         if not prompted:
             with torch.no_grad():
                 return self.visual(images)

@@ -1,19 +1,27 @@
-"""MaPLe's vision prompts on an open_clip ``VisionTransformer``: appended tokens, replaced at the deep blocks.
+"""MaPLe's vision prompts on an image tower: appended tokens, replaced at the deep blocks, stripped before pooling.
 
 Inside :meth:`VisionPrompts.active`:
 
-* the ``M`` shared vision prompts ``(M, Dv)`` are appended after the class + patch tokens, once the positional
-  embedding is added and before ``ln_pre`` (a forward hook on the tower's ``patch_dropout``), as MaPLe's
+* the ``M`` shared vision prompts ``(M, Dv)`` are appended after the tower's own tokens (class / register +
+  patches), once the positional embedding is added and before the pre-norm, as MaPLe's
   ``VisionTransformer_MaPLe`` does;
 * before vision blocks ``1 .. depth`` the last ``M`` rows are replaced by that block's deep prompt
   (:mod:`anchoropt.deep`'s hooks with the identity arrangement and no anchors), MaPLe's
-  ``ResidualAttentionBlock_MaPLe`` for ``text_layer=False``.
+  ``ResidualAttentionBlock_MaPLe`` for ``text_layer=False``;
+* after the last block the ``M`` prompt rows are stripped, before the final norm and the pooling, so the
+  pooling (class token, average, attention / MAP pooling) sees only the tower's own tokens.
 
-Outside the context the tower is untouched (plain ``encode_image`` gives CLIP's own features).  The pooled
-feature is the class token's (``pool_type="tok"``), so the prompts act through attention only; towers that
-pool otherwise (average, attention pooling) or are timm models (open_clip's EVA / SigLIP configs) are refused.
+For class-token pooling the strip changes nothing (MaPLe's prompts never reach the class token's pooled
+row: the prompts act through attention only), so the features are MaPLe's exactly.  For towers that pool
+otherwise (average, attention pooling, timm's SigLIP MAP head) the strip is **our extension**: MaPLe's paper
+only had CLS pooling; we pool the tower's own tokens, which the prompts changed through attention.
 
-Axes: ``B`` images, ``T`` tokens (class + patches), ``M`` prompts, ``Dv`` vision width.
+Where these sites are on each tower (open_clip ``VisionTransformer``, timm ``VisionTransformer`` / ``Eva``
+trunks of open_clip's SigLIP / EVA configs, Eva's rotary embedding) is
+:mod:`anchoropt.methods.image_towers`'s job.  Outside the context the tower is untouched (plain
+``encode_image`` gives CLIP's own features).
+
+Axes: ``B`` images, ``T`` tower tokens, ``M`` prompts, ``Dv`` vision width.
 """
 
 from __future__ import annotations
@@ -24,19 +32,28 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..deep import DeepAnchorHooks, attach_deep
+from ..deep import DeepAnchorHooks
 from ..towers import UnsupportedTowerError
+from .image_towers import ImageTower, image_tower
 
-__all__ = ["VisionPrompts", "vision_width"]
+__all__ = ["VisionPrompts", "vision_width", "vision_blocks"]
 
 
 def vision_width(visual: nn.Module) -> int:
-    """Width ``Dv`` of an open_clip ``VisionTransformer``'s tokens."""
-    return int(visual.positional_embedding.shape[-1])
+    """Width ``Dv`` of a supported image tower's tokens."""
+    return image_tower(visual).width
+
+
+def vision_blocks(visual: nn.Module) -> int:
+    """Number of blocks of a supported image tower; 0 for towers MaPLe's vision prompts do not support."""
+    try:
+        return len(image_tower(visual).blocks)
+    except UnsupportedTowerError:
+        return 0
 
 
 class VisionPrompts:
-    """Removable, context-gated MaPLe prompt hooks on ``visual`` (an open_clip ``VisionTransformer``).
+    """Removable, context-gated MaPLe prompt hooks on ``visual`` (see :func:`~anchoropt.methods.image_towers.image_tower`).
 
     Args:
         visual: ``model.visual``.
@@ -45,22 +62,29 @@ class VisionPrompts:
     """
 
     def __init__(self, visual: nn.Module, n_prompts: int, depth: int):
-        _check_visual(visual)
+        self.tower: ImageTower = image_tower(visual)
         self.visual, self.n_prompts, self.depth = visual, int(n_prompts), int(depth)
-        self.n_tokens = int(visual.positional_embedding.shape[0])  # class + patch tokens
+        self.n_tokens = self.tower.n_tokens
         self._shared: torch.Tensor | None = None
-        self._append = visual.patch_dropout.register_forward_hook(self._append_hook)
-        self.deep: DeepAnchorHooks | None = attach_deep(visual.transformer, depth) if depth else None
+        self.deep: DeepAnchorHooks | None = None
+        # the block hooks first: they must see a block's own input before a deep hook replaces it
+        self._handles = [*self.tower.block_hooks(self.n_prompts, lambda: self._shared is not None),
+                         self.tower.on_embeddings(self._append), self.tower.on_blocks_out(self._strip)]
+        try:
+            self.deep = self.tower.attach_deep(depth) if depth else None
+        except BaseException:
+            self.remove()
+            raise
 
     @property
     def installed(self) -> bool:
-        return self._append is not None
+        return bool(self._handles)
 
     def remove(self) -> None:
         """Take every hook off the tower (idempotent)."""
-        if self._append is not None:
-            self._append.remove()
-            self._append = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         if self.deep is not None:
             self.deep.remove()
 
@@ -69,7 +93,7 @@ class VisionPrompts:
         """Image passes inside get ``shared`` ``(M, Dv)`` appended and ``deep`` ``(depth, M, Dv)`` at the deep blocks."""
         if not self.installed:
             raise RuntimeError("these vision prompt hooks were removed")
-        width = vision_width(self.visual)
+        width = self.tower.width
         if tuple(shared.shape) != (self.n_prompts, width):
             raise ValueError(f"shared vision prompts must be ({self.n_prompts}, {width}), got {tuple(shared.shape)}")
         previous, self._shared = self._shared, shared
@@ -83,30 +107,23 @@ class VisionPrompts:
         finally:
             self._shared = previous
 
-    def _append_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
+    def _append(self, tokens: torch.Tensor) -> torch.Tensor:
         shared = self._shared
         if shared is None:
-            return None
-        if output.shape[1] != self.n_tokens:
+            return tokens
+        self._check_tokens(tokens, self.n_tokens, "embedding produced")
+        prompts = shared.to(device=tokens.device, dtype=tokens.dtype).expand(tokens.shape[0], -1, -1)
+        return torch.cat([tokens, prompts], dim=1)
+
+    def _strip(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._shared is None:
+            return tokens
+        self._check_tokens(tokens, self.n_tokens + self.n_prompts, "blocks handed on")
+        return tokens[:, : self.n_tokens]
+
+    def _check_tokens(self, tokens: torch.Tensor, expected: int, where: str) -> None:
+        if tokens.dim() != 3 or tokens.shape[1] != expected:
             raise RuntimeError(
-                f"the vision tower produced {output.shape[1]} tokens, not its {self.n_tokens}: MaPLe's vision "
-                "prompts need patch dropout off and the tower's own image size"
+                f"the {self.tower.kind} {where} tokens of shape {tuple(tokens.shape)}, not (B, {expected}, Dv): MaPLe's "
+                "vision prompts need patch dropout off and the tower's own image size"
             )
-        prompts = shared.to(device=output.device, dtype=output.dtype).expand(output.shape[0], -1, -1)
-        return torch.cat([output, prompts], dim=1)
-
-
-def _check_visual(visual: nn.Module) -> None:
-    needed = ("conv1", "class_embedding", "positional_embedding", "patch_dropout", "transformer")
-    missing = [name for name in needed if not hasattr(visual, name)]
-    if missing or not hasattr(getattr(visual, "transformer", None), "resblocks"):
-        raise UnsupportedTowerError(
-            f"MaPLe's vision prompts need an open_clip VisionTransformer image tower; this one is a "
-            f"{type(visual).__name__} (missing {', '.join(missing) or 'transformer.resblocks'}). timm towers "
-            "(open_clip's EVA / SigLIP configs) are not supported: use CoCoOp or DePT there"
-        )
-    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
-        raise UnsupportedTowerError(
-            f"this VisionTransformer pools {getattr(visual, 'pool_type', '?')!r} (or by attention): MaPLe's appended "
-            "prompts would enter the pooled feature; MaPLe needs class-token pooling (pool_type='tok')"
-        )
