@@ -3,6 +3,10 @@
 * :func:`tiny_open_clip`          - an open_clip ``CLIP`` (batch-first, model-level causal mask);
 * :func:`tiny_custom_text_clip`   - an open_clip ``CustomTextCLIP`` (tower under ``.text``; can be made
                                     SigLIP-like: bidirectional, last-token pooling);
+* :func:`tiny_timm_clip`          - an open_clip ``CustomTextCLIP`` whose image tower is a ``TimmModel`` around a
+                                    tiny timm trunk: ``"siglip"`` (timm ``VisionTransformer``, no class token, MAP
+                                    pooling, SigLIP-like text) or ``"eva"`` (timm ``Eva`` EVA02 trunk with rope,
+                                    class-token pooling), as open_clip's SigLIP / EVA configs build them;
 * :func:`tiny_openai_clip`        - an OpenAI-``clip``-shaped model as vendored by CoOp / MaPLe / DePT
                                     (sequence-first blocks, per-block ``attn_mask``, fp16 weights).
 
@@ -20,6 +24,8 @@ from torch import nn
 __all__ = [
     "tiny_open_clip",
     "tiny_custom_text_clip",
+    "tiny_timm_clip",
+    "TIMM_TOWERS",
     "tiny_openai_clip",
     "OpenAIStyleCLIP",
     "CoOpStyleTextEncoder",
@@ -66,6 +72,45 @@ def tiny_custom_text_clip(
     torch.manual_seed(seed)
     vision, text = _configs(width, layers, heads, image_size, {"proj_bias": True, **text_overrides}, vision_layers)
     return open_clip.CustomTextCLIP(embed_dim, vision, text).eval()
+
+
+# open_clip config -> (timm model name, timm_pool, timm_proj, text tower overrides), as open_clip's JSON configs
+TIMM_TOWERS = {
+    "siglip": ("vit_base_patch16_siglip_224", "map", "none", {"no_causal_mask": True, "pool_type": "last"}),  # ViT-B-16-SigLIP
+    "eva": ("eva02_base_patch16_clip_224", "token", None, {}),  # EVA02-B-16
+}
+
+
+def tiny_timm_clip(
+    kind: str = "siglip", width: int = 64, layers: int = 3, heads: int = 2, embed_dim: int = 32, image_size: int = 32,
+    seed: int = 0, vision_layers: int = 3, **trunk_overrides,
+) -> nn.Module:
+    """A random open_clip ``CustomTextCLIP`` with a timm image tower (``TimmModel``), shaped like ``kind``'s config.
+
+    The trunk is ``timm.create_model(<the config's timm model>, img_size=image_size, patch_size=8, embed_dim=64,
+    depth=vision_layers, num_heads=2, **trunk_overrides)`` with open_clip's pooling / head for that config
+    (e.g. ``reg_tokens=1`` or ``global_pool="avg"`` as overrides).  ``"siglip"`` has no projection
+    (``timm_proj: "none"``), so its ``embed_dim`` is the trunk width.  No weights are downloaded.
+    """
+    import open_clip
+    import timm
+
+    if kind not in TIMM_TOWERS:
+        raise ValueError(f"kind must be one of {sorted(TIMM_TOWERS)}, got {kind!r}")
+    name, pool, proj, text_overrides = TIMM_TOWERS[kind]
+    vision_width = int(trunk_overrides.get("embed_dim", 64))
+    if proj == "none":  # the trunk's pooled feature is the image feature (SigLIP: embed_dim == vision width)
+        embed_dim = vision_width
+    torch.manual_seed(seed)
+    _, text = _configs(width, layers, heads, image_size, {"proj_bias": True, **text_overrides})
+    # a tiny registered timm model stands in for the config's while open_clip builds its TimmModel
+    vision = open_clip.CLIPVisionCfg(image_size=image_size, timm_model_name="test_vit", timm_pool=pool, timm_proj=proj)
+    model = open_clip.CustomTextCLIP(embed_dim, vision, text)
+    trunk = dict(img_size=image_size, patch_size=8, embed_dim=vision_width, depth=vision_layers, num_heads=2,
+                 num_classes=0 if proj == "none" else embed_dim)  # as TimmModel: no extra proj -> timm's head
+    trunk.update(trunk_overrides)
+    model.visual.trunk = timm.create_model(name, pretrained=False, global_pool=trunk.pop("global_pool", pool), **trunk)
+    return model.eval()
 
 
 def vit_b16_text_clip(seed: int = 0) -> nn.Module:
