@@ -3,7 +3,7 @@
 * :class:`PromptMethod` on its own is CoOp (the learned prompt, the same for every image);
 * :class:`CoCoOp` (:mod:`~anchoropt.methods.cocoop`) - meta-net bias on the context, one prompt per image;
 * :class:`MaPLe` (:mod:`~anchoropt.methods.maple`) - deep text prompts coupled to deep vision prompts on open_clip's
-  text and vision transformers (images in);
+  text transformers and ViT image towers (open_clip's own, timm ViT / Eva trunks; images in);
 * :class:`DePT` (:mod:`~anchoropt.methods.dept`) - channel-wise transformation + linear-probe head fused with a
   base method (CoOp, CoCoOp or MaPLe);
 

@@ -16,8 +16,13 @@ Fig. S4, the released MaPLe+AnchorOPT).  The vision side is :class:`~anchoropt.m
 Anchor logits (with anchors) use CLIP's **vanilla** image features (no vision prompts), as the authors' second,
 unprompted CLIP does (``anchor_image="model"`` uses the prompted ones: no extra image pass).
 
+Image towers (:mod:`~anchoropt.methods.image_towers`): open_clip's ``VisionTransformer`` and open_clip's timm
+towers with a timm ``VisionTransformer`` (SigLIP / SigLIP2, MAP pooling) or ``Eva`` (EVA02, rope) trunk.  The
+prompts are stripped before the final norm / pooling: exactly MaPLe for class-token pooling, our extension for
+average / attention / MAP pooling (MaPLe only had CLS pooling).
+
 Not (yet) as released: the context is random ``N(0, 0.02^2)`` (released MaPLe initialises it from "a photo"
-and keeps "of a" in the text), and timm image towers (open_clip's EVA / SigLIP configs) are refused.
+and keeps "of a" in the text).
 
 Axes: ``B`` images, ``C`` classes, ``M`` context tokens, ``J`` deep layers, ``D`` text width, ``Dv`` vision width.
 """
@@ -45,7 +50,8 @@ class MaPLe(PromptMethod):
     """MaPLe over a frozen open_clip model: ``forward(images (B, 3, H, W)) -> (logits (B, C), logits_anchor | None)``.
 
     Args:
-        model: the frozen open_clip ``CLIP`` / ``CustomTextCLIP`` (with an open_clip ``VisionTransformer``).
+        model: the frozen open_clip ``CLIP`` / ``CustomTextCLIP`` (image tower: an open_clip ``VisionTransformer``,
+            or a ``TimmModel`` around a timm ``VisionTransformer`` / ``Eva``).
         classnames: the class set.
         template: ``"coop"`` (MaPLe) or ``"anchoropt"`` (MaPLe + AnchorOPT, deep variant; needs ``anchors``).
         n_ctx: ``M`` context tokens (2 as released).
