@@ -15,10 +15,14 @@ CUDA = torch.device("cuda")
 NAMES = ["dog", "cat", "golden retriever", "aircraft carrier"]
 
 
-@pytest.mark.parametrize("method", ["cocoop", "maple", "dept"])
+@pytest.mark.parametrize("method", ["cocoop", "maple", "dept", "maple_timm_eva", "maple_timm_siglip"])
 @pytest.mark.parametrize("prec", ["fp32", "bf16", "amp"])
 def test_one_step_on_cuda(method, prec) -> None:
-    model = testing.tiny_open_clip(layers=3, vision_layers=3).requires_grad_(False).to(CUDA)
+    if method.startswith("maple_timm"):  # MaPLe on a timm image tower (EVA02 rope / SigLIP MAP)
+        model, method = testing.tiny_timm_clip(method.rsplit("_", 1)[1], embed_dim=64), "maple"
+    else:
+        model = testing.tiny_open_clip(layers=3, vision_layers=3)
+    model = model.requires_grad_(False).to(CUDA)
     if prec == "bf16":
         model = model.to(torch.bfloat16)
     anchors = torch.randn(1, 64, device=CUDA)

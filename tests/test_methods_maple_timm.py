@@ -206,6 +206,20 @@ def test_trains_on_timm_towers(case, template) -> None:
 
 
 @pytest.mark.parametrize("case", ["siglip_map", "eva_token"])
+@pytest.mark.parametrize("mode", ["bf16", "amp"])
+def test_bf16_and_autocast(case, mode) -> None:
+    model = _tower(case)
+    if mode == "bf16":
+        model = model.to(torch.bfloat16)
+    ours = MaPLe(model, pf.BASE, n_ctx=M, prompt_depth=3).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "amp"):
+        loss = ours.loss(pf.images(B), torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert torch.isfinite(loss) and ours.proj.weight.grad.abs().sum() > 0
+    assert ours.proj.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", ["siglip_map", "eva_token"])
 def test_gradient_checkpointing_replays_the_prompts(case) -> None:
     grads = []
     for checkpointing in (False, True):
