@@ -24,7 +24,7 @@ from torch import nn
 
 from . import functional
 from ._cache import TensorSnapshot
-from .prompts import model_logit_scale, word_embeddings
+from .prompts import context_init, model_logit_scale
 from .template import PromptTemplate, Tokenizer, _clean_classnames, attribute_segments, default_tokenizer
 from .towers import TextTower
 
@@ -105,8 +105,11 @@ class SoftPromptLearner(nn.Module):
         tower: the frozen CLIP (or its :class:`TextTower`).
         classnames: the class set to build prompts for (:meth:`set_classnames` changes it).
         n_soft: ``M``, the class soft tokens right before the class name.
-        soft_init: words whose token embeddings initialise the class soft tokens (exactly ``M`` tokens),
-            else ``N(0, soft_init_std^2)`` (0.02, as CoOp and ATPrompt).
+        soft_init: words whose token embeddings initialise the class soft tokens, else ``N(0, soft_init_std^2)``
+            (0.02, as CoOp and ATPrompt).  Exactly ``M`` tokens: all of them; more (released MaPLe's
+            ``"a photo of a"`` with ``M = 2``): the first ``M`` initialise the context and the words after
+            them stay as fixed text between the context and the class name (:attr:`context_words`, e.g.
+            ``[SOS] ctx_1 ctx_2 of a {class} . [EOT]``); fewer is an error.
         class_specific: CoOp's class-specific context (``soft`` is ``(C, M, D)``); such a learner can only
             score the classes it was trained on.
         attributes: ATPrompt's attribute words; each follows its own ``n_attr_soft`` soft tokens
@@ -140,10 +143,14 @@ class SoftPromptLearner(nn.Module):
         self.class_specific, self.legacy_single_token = bool(class_specific), bool(legacy_single_token)
         self._tokenizer, self._n_class_soft = tokenizer, n_soft
         self._trained_classnames: list[str] | None = None
+        words = None
+        self.context_words = ""  # fixed words between the class context and the class name (MaPLe's "of a")
+        if soft_init is not None:
+            self._tokenizer = tokenizer or default_tokenizer(self.tower.context_length)
+            words, self.context_words = context_init(self.tower, self._tokenizer, soft_init, n_soft)
         self.set_classnames(classnames)
         width, device = self.tower.width, self.tower.device
-        if soft_init is not None:
-            words = word_embeddings(self.tower, self.template.tokenizer, soft_init, n_soft, "soft_init", "n_soft")
+        if words is not None:
             soft = words.expand(self.template.n_classes, -1, -1).clone() if class_specific else words
         else:
             shape = (self.template.n_classes, n_soft, width) if class_specific else (n_soft, width)
@@ -170,6 +177,8 @@ class SoftPromptLearner(nn.Module):
                 f"classes; it was trained on {len(self._trained_classnames)} classes"
             )
         segments = attribute_segments(self.attributes, self.n_attr_soft, self._n_class_soft)
+        if self.context_words:
+            segments.append(self.context_words)
         self.template = PromptTemplate(self.tower, classnames, segments, self._tokenizer, self.legacy_single_token)
         self._cache: tuple[PromptTemplate, TensorSnapshot, torch.Tensor] | None = None  # eval-time features
 

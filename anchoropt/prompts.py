@@ -29,7 +29,7 @@ from .position import PositionMatrix
 from .template import AnchorPromptTemplate, Tokenizer
 from .towers import TextTower
 
-__all__ = ["AnchorOPTPromptLearner", "model_logit_scale", "word_embeddings"]
+__all__ = ["AnchorOPTPromptLearner", "context_init", "model_logit_scale", "word_embeddings"]
 
 
 class AnchorOPTPromptLearner(nn.Module):
@@ -287,11 +287,50 @@ def word_embeddings(
 ) -> torch.Tensor:
     """Token embeddings ``(n, D)`` (float32 copy) of ``words``, which must be exactly ``n`` tokens."""
     ids = tokenizer([words])
-    pool = int(tower.pool_index(ids)[0])
-    tokens = ids[0, 1:pool]  # between SOS and EOT
+    tokens = ids[0, 1:_eot(tower, ids)]  # between SOS and EOT
     if tokens.numel() != n:
         raise ValueError(f"{what} {words!r} gives {tokens.numel()} tokens but {count} is {n}")
     return tower.embed(tokens[None])[0].float().clone()
+
+
+def context_init(tower: TextTower, tokenizer: Tokenizer, words: str, n: int) -> tuple[torch.Tensor, str]:
+    """``(embeddings (n, D), rest)``: the first ``n`` tokens of ``words`` initialise ``n`` context tokens and
+    the words after them (``rest``, ``""`` when there are none) stay as fixed text before the class name.
+
+    Released MaPLe's ``CTX_INIT`` with ``N_CTX`` 2: ``"a photo of a"`` -> ``ctx`` from ``"a photo"``, prompt
+    ``[SOS] ctx_1 ctx_2 of a {class} . [EOT]``.  The split must fall between words (CLIP's BPE tokenises
+    word by word, so the rest keeps its tokens); ``words`` must give at least ``n`` tokens.
+    """
+    if not isinstance(words, str) or not words.split():
+        raise ValueError(f"soft_init must be non-empty words such as 'a photo of a', got {words!r}")
+    parts = words.split()
+    total = _n_tokens(tower, tokenizer, words)
+    if total < n:
+        raise ValueError(f"soft_init {words!r} gives {total} tokens but n_soft is {n}: the phrase needs at least "
+                         f"n_soft tokens (its first n_soft initialise the context, any words after them are kept "
+                         f"as fixed text before the class name)")
+    if total == n:
+        return word_embeddings(tower, tokenizer, words, n, "soft_init", "n_soft"), ""
+    for k in range(1, len(parts)):
+        head = " ".join(parts[:k])
+        count = _n_tokens(tower, tokenizer, head)
+        if count == n:
+            return word_embeddings(tower, tokenizer, head, n, "soft_init", "n_soft"), " ".join(parts[k:])
+        if count > n:
+            break
+    raise ValueError(f"the first {n} tokens of soft_init {words!r} end inside a word: choose n_soft so that "
+                     f"the context covers whole words (or init words that split there)")
+
+
+def _n_tokens(tower: TextTower, tokenizer: Tokenizer, words: str) -> int:
+    return _eot(tower, tokenizer([words])) - 1  # between SOS and EOT
+
+
+def _eot(tower: TextTower, ids: torch.Tensor) -> int:
+    """Position of the first text's EOT token (towers pooling elsewhere: CLIP BPE's EOT has the largest id)."""
+    if tower.pool_type in ("argmax", "eos"):
+        return int(tower.pool_index(ids)[0])
+    return int(ids[0].argmax())
 
 
 def _check_text_features(features: torch.Tensor, prompt: str, learner: AnchorOPTPromptLearner) -> None:

@@ -244,3 +244,58 @@ def test_save_and_load_any_method(model, tok, tmp_path, spec):
     features = torch.randn(3, TextTower(model).output_dim)
     for name, logits in learner.heads(features).items():
         _close(loaded.eval().heads(features)[name], logits)
+
+
+# ---------------------------------------------------------------------- an init phrase longer than M (MaPLe)
+def _full_pass(model, embeddings: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``encode_text`` on given token embeddings ``(C, 77, D)``: all 77 positions, pooled at EOT."""
+    with torch.no_grad():
+        x = embeddings + model.positional_embedding
+        for block in model.transformer.resblocks:
+            x = block(x, attn_mask=model.attn_mask)
+        x = model.ln_final(x)
+        return x[torch.arange(x.shape[0]), ids.argmax(dim=-1)] @ model.text_projection
+
+
+def test_a_longer_init_phrase_keeps_its_other_words_before_the_class(model, tok) -> None:
+    """Released MaPLe's CTX_INIT "a photo of a" with N_CTX 2: [SOS] ctx ctx of a {class} . [EOT]."""
+    tower = TextTower.from_model(model)
+    learner = SoftPromptLearner(model, CLASSES, n_soft=2, soft_init="a photo of a")
+    assert learner.context_words == "of a" and learner.n_soft == 2
+    torch.testing.assert_close(learner.soft.detach(), _words(tower, tok, "a photo", 2), rtol=0, atol=0)
+    layout = learner.template.prompt
+    assert layout.slot_positions == (1, 2)
+    ids = tok([f"a photo of a {name}." for name in CLASSES])  # the hand-built reference sentences
+    filled = learner.template.fill(layout, learner.soft.detach())
+    L = filled.shape[1]
+    assert torch.equal(layout.token_ids[:, 3:], ids[:, 3:L]) and torch.equal(layout.pool_index, ids.argmax(-1))
+    with torch.no_grad():  # at init the prompt is the sentence itself
+        torch.testing.assert_close(filled, model.token_embedding(ids)[:, :L], rtol=0, atol=0)
+        torch.testing.assert_close(learner.text_features(), F.normalize(model.encode_text(ids).float(), dim=-1),
+                                   atol=1e-5, rtol=1e-5)
+        learner.soft.add_(torch.randn_like(learner.soft))  # a trained context: still [SOS] ctx ctx of a {class} .
+        reference = model.token_embedding(ids).clone()
+        reference[:, 1:3] = learner.soft
+        torch.testing.assert_close(learner.text_features(), F.normalize(_full_pass(model, reference, ids), dim=-1),
+                                   atol=1e-5, rtol=1e-4)
+    learner.train()
+    learner(torch.randn(2, tower.output_dim)).sum().backward()
+    assert learner.soft.grad is not None and learner.soft.grad.abs().sum() > 0
+    assert [n for n, p in learner.named_parameters() if p.grad is not None] == ["soft"]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_longer_init_phrase_on_atprompt_and_class_specific(model, tok) -> None:
+    at = SoftPromptLearner(model, CLASSES, n_soft=2, soft_init="a photo of a", attributes=["color"], n_attr_soft=1)
+    assert at.template.layout_texts(at.template.prompt)[0] == "X color X X of a cat."
+    csc = SoftPromptLearner(model, CLASSES, n_soft=2, soft_init="a photo of a", class_specific=True)
+    assert csc.soft.shape[:2] == (3, 2) and csc.text_features().shape == (3, model.text_projection.shape[1])
+
+
+def test_an_init_phrase_shorter_than_m_or_split_inside_a_word_is_refused(model) -> None:
+    with pytest.raises(ValueError, match="gives 4 tokens but n_soft is 5: the phrase needs at least n_soft"):
+        SoftPromptLearner(model, CLASSES, n_soft=5, soft_init="a photo of a")
+    with pytest.raises(ValueError, match="end inside a word"):
+        SoftPromptLearner(model, CLASSES, n_soft=2, soft_init="a playfulness")  # "play" + "fulness"
+    with pytest.raises(ValueError, match="non-empty words"):
+        SoftPromptLearner(model, CLASSES, n_soft=2, soft_init="  ")

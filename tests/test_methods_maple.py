@@ -25,11 +25,11 @@ def _quantised(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.randint(-1, 2, tensor.shape, generator=generator).float() / 8
 
 
-def _peer_and_ours(anchors=None):
+def _peer_and_ours(anchors=None, ctx_init=""):
     model = _open_clip()
     fake = pf.MaPLeCLIP(width=64, layers=3, heads=2, embed_dim=32, image_size=32, vision_width=64, n_ctx=M).eval()
     fake.load_state_dict(model.state_dict())  # the same weights: open_clip keeps OpenAI's parameter names
-    peer = pf.maple.CustomCLIP(pf.make_cfg("maple", n_ctx=M, depth=2), pf.BASE, fake).eval()
+    peer = pf.maple.CustomCLIP(pf.make_cfg("maple", n_ctx=M, depth=2, ctx_init=ctx_init), pf.BASE, fake).eval()
     learner = peer.prompt_learner
     handle = None
     if anchors is None:
@@ -37,7 +37,13 @@ def _peer_and_ours(anchors=None):
     else:
         handle = maple_shim.wrap(learner, clip_model=fake, classnames=pf.BASE, anchors=anchors, owner=peer)
     template = {"template": "anchoropt", "anchors": anchors} if anchors is not None else {}
-    ours = MaPLe(model, pf.BASE, n_ctx=M, prompt_depth=2, tokenizer=pf.tokenize, **template).eval()
+    init = {"ctx_init": ctx_init} if ctx_init else {}
+    ours = MaPLe(model, pf.BASE, n_ctx=M, prompt_depth=2, tokenizer=pf.tokenize, **template, **init).eval()
+    if ctx_init:  # the released init: ctx from the phrase's first M tokens, the peer's token_suffix holds the rest
+        torch.testing.assert_close(ours.text.ctx.detach(), learner.ctx.detach().float())
+        ids, layout = learner.tokenized_prompts, ours.text.layout  # ours holds placeholders in the M slot rows
+        fixed = [i for i in range(layout.token_ids.shape[1]) if i not in layout.slot_positions]
+        assert layout.slot_positions == (1, 2) and torch.equal(layout.token_ids[:, fixed], ids[:, fixed].to(layout.token_ids))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in (learner.ctx, learner.compound_prompts_text[0], learner.proj.weight,
@@ -53,8 +59,9 @@ def _peer_and_ours(anchors=None):
     return model, peer, handle, ours
 
 
-def test_logits_equal_the_peers_maple() -> None:
-    _, peer, _, ours = _peer_and_ours()
+@pytest.mark.parametrize("ctx_init", ["", "a photo of a"], ids=["random", "released-init"])
+def test_logits_equal_the_peers_maple(ctx_init) -> None:
+    _, peer, _, ours = _peer_and_ours(ctx_init=ctx_init)
     images = pf.images(B)
     with torch.no_grad():
         expected = peer(images)

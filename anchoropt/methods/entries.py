@@ -47,7 +47,7 @@ PRESET_METHOD = {f"{base}{suffix}": base for base in ("cocoop", "maple", "dept")
 # DePT vit_b16_ep10_bs4_lr35 over CoOp): context length, epochs, batch, lr, (MaPLe) prompt depth, (DePT) w.
 _ALONE = {
     "cocoop": dict(n_soft=4, epochs=10, batch_size=1, lr=0.002, soft_init="a photo of a"),
-    "maple": dict(n_soft=2, epochs=5, batch_size=4, lr=0.0035, deep_depth=8),
+    "maple": dict(n_soft=2, epochs=5, batch_size=4, lr=0.0035, deep_depth=8, soft_init="a photo of a"),
     "dept": dict(n_soft=4, epochs=10, batch_size=4, lr=0.0035, lp_weight=0.7),
 }
 # ATPrompt's tables for these methods (docs/ATPrompt.md, base-to-novel): (n_soft, epochs[, DePT's w]).

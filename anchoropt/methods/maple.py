@@ -21,8 +21,10 @@ towers with a timm ``VisionTransformer`` (SigLIP / SigLIP2, MAP pooling) or ``Ev
 prompts are stripped before the final norm / pooling: exactly MaPLe for class-token pooling, our extension for
 average / attention / MAP pooling (MaPLe only had CLS pooling).
 
-Not (yet) as released: the context is random ``N(0, 0.02^2)`` (released MaPLe initialises it from "a photo"
-and keeps "of a" in the text).
+Context init: random ``N(0, 0.02^2)`` unless ``ctx_init``; released MaPLe's ``ctx_init="a photo of a"`` with
+``n_ctx=2`` initialises the context from "a photo" and keeps "of a" as fixed words,
+``[SOS] ctx_1 ctx_2 of a {class} . [EOT]`` (the registry's ``maple`` under ``released_settings`` / ``--preset``;
+the released ``+anchoropt`` trainer ignores ``CTX_INIT``).
 
 Axes: ``B`` images, ``C`` classes, ``M`` context tokens, ``J`` deep layers, ``D`` text width, ``Dv`` vision width.
 """

@@ -45,7 +45,11 @@ class ContextPrompt(nn.Module):
         model: the frozen CLIP (open_clip ``CLIP`` / ``CustomTextCLIP``, OpenAI-``clip``) or its :class:`TextTower`.
         classnames: the class set (change it with :meth:`set_classnames`).
         template: ``"coop"``, ``"atprompt"`` or ``"anchoropt"`` (see the module docstring).
-        n_ctx: ``M`` class context tokens; ``N(0, 0.02^2)`` unless ``ctx_init`` gives ``M`` words.
+        n_ctx: ``M`` class context tokens; ``N(0, 0.02^2)`` unless ``ctx_init``.
+        ctx_init: init words: exactly ``M`` tokens initialise the context; a longer phrase (released MaPLe's
+            ``"a photo of a"`` with ``M = 2``) initialises it from its first ``M`` tokens and keeps the words
+            after them as fixed text before the class name (``"coop"`` / ``"atprompt"`` templates;
+            :class:`~anchoropt.SoftPromptLearner`); ``"anchoropt"`` takes exactly ``M`` tokens.
         anchors: ``(N, D)`` Stage I anchors; required by ``"anchoropt"``.
         attributes, n_attr_ctx, legacy: ATPrompt's attribute words (required by ``"atprompt"``, optional for
             ``"anchoropt"``), soft tokens per attribute (``M`` when ``None``), the released one-token slice.
