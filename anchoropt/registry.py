@@ -10,7 +10,7 @@
 
 A *method spec* is a name with options after a colon, e.g. ``coop+anchoropt:pooling=released``,
 ``coop:csc=true``, ``zeroshot:ensemble=true``, ``coop+atprompt:attributes=color|shape,legacy=true``
-(list values separated by ``|``).  The options a method accepts are fields of :class:`MethodSettings`.
+(list values separated by ``|``; options separated by ``,`` or ``:``, e.g. ``dept:lp_weight=0.6:head_lr_scale=6.5``).  The options a method accepts are fields of :class:`MethodSettings`.
 
 Every learner answers ``set_classnames(names)``, ``forward(inputs)`` (what its loss takes) and
 ``heads(inputs) -> {head: (B, C) logits}``; a method names the head that scores classes seen in
@@ -21,7 +21,8 @@ A new method (CoCoOp, MaPLe, DePT, ...) is one :func:`register_method` call::
                            options=("n_soft",)))
 
 ``image_input="images"`` marks a method whose learner runs the image tower itself (visual prompts), so the
-runner passes images and never caches image features for it.
+runner passes images and never caches image features for it; ``image_input="raw_features"`` one that takes
+the frozen image features without the L2 normalisation the others get (DePT).
 
 Axes: ``B`` images, ``C`` classes.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -58,7 +60,9 @@ __all__ = [
     "load_learner",
 ]
 
-IMAGE_INPUTS = ("features", "images")
+IMAGE_INPUTS = ("features", "raw_features", "images")
+FEATURE_INPUTS = ("features", "raw_features")
+"""The ``image_input`` values whose learner takes frozen image features (the runner may cache them)."""
 
 
 @dataclass
@@ -70,6 +74,8 @@ class MethodSettings:
     released one-token slice).  AnchorOPT: ``anchors`` ``(N, D)``, ``tau``, ``preposition``, ``deep_depth``,
     ``pooling`` (``"eot"`` or ``"released"``: EOT - N).  Zero-shot: ``templates``, ``ensemble`` (CLIP's seven
     ImageNet templates).  Loss: ``ce_weight``, ``kd_weight``, ``kd_temperature``, ``kd_normalization``.
+    DePT: ``lp_weight`` (its fusion weight ``w``, in [0, 1]) and ``head_lr_scale`` (the head's learning-rate
+    multiplier, DePT's ``LR_EXP``, > 0).
     """
 
     n_soft: int = 4
@@ -89,6 +95,8 @@ class MethodSettings:
     kd_weight: float = 10.0
     kd_temperature: float = 1.0
     kd_normalization: str = "batchmean"
+    lp_weight: float = 0.7
+    head_lr_scale: float = 6.5
     tokenizer: Callable | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -119,7 +127,8 @@ class Method:
         loss: ``loss(settings) -> fn(outputs, labels)``; ``None`` when nothing is trained (zero-shot).
         seen_head / unseen_head: the ``heads()`` entry scoring classes seen / not seen in training.
         needs_anchors: the runner runs Stage I (or loads anchors) first and passes ``settings.anchors``.
-        image_input: ``"features"`` (frozen image tower, features cacheable) or ``"images"``.
+        image_input: ``"features"`` (frozen image tower, L2-normalised features, cacheable), ``"raw_features"``
+            (the same, not normalised: DePT's head reads the raw features) or ``"images"``.
         options: :class:`MethodSettings` fields a spec may set (``coop:csc=true``).
         mode_heads: head for an explicit evaluation mode (AnchorOPT: base / novel / anchor).
     """
@@ -206,7 +215,7 @@ def parse_method(spec: str) -> MethodChoice:
     method = get_method(name.strip())
     options: dict = {}
     types = {f.name: f for f in dataclasses.fields(MethodSettings)}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
+    for item in filter(None, (part.strip() for part in re.split(r"[,:]", rest))):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep:
@@ -214,8 +223,23 @@ def parse_method(spec: str) -> MethodChoice:
         if key not in method.options:
             raise ValueError(f"method {method.name!r} has no option {key!r}; its options: "
                              f"{', '.join(method.options) or 'none'}")
-        options[key] = _typed(key, value.strip(), types[key].default)
+        options[key] = _checked_option(key, _typed(key, value.strip(), types[key].default))
     return MethodChoice(method, options, spec.strip())
+
+
+# option -> (lowest, highest, lowest excluded): the numeric method options' valid ranges
+_OPTION_RANGES = {"lp_weight": (0.0, 1.0, False), "head_lr_scale": (0.0, math.inf, True)}
+
+
+def _checked_option(key: str, value):
+    bounds = _OPTION_RANGES.get(key)
+    if bounds is None:
+        return value
+    low, high, strict = bounds
+    if not math.isfinite(value) or value < low or value > high or (strict and value == low):
+        wanted = f"> {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"method option {key} must be a finite number {wanted}, got {value!r}")
+    return value
 
 
 def _typed(key: str, text: str, default):
@@ -226,7 +250,10 @@ def _typed(key: str, text: str, default):
     if isinstance(default, tuple):
         return tuple(part.strip() for part in text.split("|") if part.strip())
     if isinstance(default, float):
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"method option {key} takes a number, got {text!r}") from None
     if isinstance(default, int) or key == "n_attr_soft":
         return int(text)
     return None if text.lower() == "none" else text

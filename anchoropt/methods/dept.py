@@ -9,10 +9,11 @@ with a base method's similarity logits.  Base method CoOp (default), CoCoOp or M
     inference, base      (1 - w) sim + w lp    (test-time fusion)
     inference, novel     sim; with anchors the ensemble (sim + anchor) / 2 (paper Fig. S5, no KD)
 
-As DePT's ``ExtrasLinearProbe*`` models: the head sees the *raw* image and text features (the runner's
-cached image features are already L2-normalised - the probe then sees unit vectors), the linear probe exists
-for the classes the model was built with and applies only to them, and the head trains at
-``head_lr_scale`` (DePT's ``LR_EXP``, 6.5) times the prompt's learning rate (:meth:`optimizer_groups`).
+As DePT's ``ExtrasLinearProbe*`` models: the head sees the *raw* image and text features (the runner gives
+DePT the image tower's raw output: its registry entries ask for ``image_input="raw_features"``), the linear
+probe exists for the classes the model was built with and applies only to them, and the head trains at
+``head_lr_scale`` (DePT's ``LR_EXP``, 6.5) times the prompt's learning rate (:meth:`optimizer_groups`, which
+the runner's optimiser uses).
 DePT+AnchorOPT uses no distillation (``kd_weight`` 0 in the released tables); a non-zero ``kd_weight`` adds
 AnchorOPT's KD on the similarity logits.
 
@@ -169,7 +170,8 @@ class DePT(PromptMethod):
         head = [*self.film_lp_img.parameters(), *self.film_lp_text.parameters(), *self.linear_probe_proj.parameters()]
         ids = {id(p) for p in head}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": rest, "lr": lr}, {"params": head, "lr": lr * self.head_lr_scale}]
+        return [{"params": rest, "lr": lr, "name": "prompt"},
+                {"params": head, "lr": lr * self.head_lr_scale, "name": "head"}]
 
 
 def _base_method(base, model, classnames, template, n_ctx, loss, base_options, text_options) -> PromptMethod:

@@ -12,12 +12,19 @@
 Settings read (:class:`~anchoropt.registry.MethodSettings`): ``n_soft`` (M), ``soft_init``; ATPrompt's
 ``attributes``, ``n_attr_soft``, ``legacy``; AnchorOPT's ``anchors``, ``tau``, ``preposition``, ``pooling``;
 MaPLe's ``deep_depth`` (``PROMPT_DEPTH - 1``; 0 means the released ``PROMPT_DEPTH`` 9, capped by the towers'
-blocks); the loss weights.  DePT keeps its own loss (no KD) and its released fusion weight 0.7.
+blocks); the loss weights; DePT's ``lp_weight`` (fusion weight ``w``, 0.7 by default) and ``head_lr_scale``
+(the head's learning-rate multiplier, 6.5 as DePT's ``LR_EXP``), e.g. ``dept:lp_weight=0.6:head_lr_scale=6.5``.
+DePT keeps its own loss (no KD), its head trains in its own optimiser group (``DePT.optimizer_groups``, which
+the runner uses) and it takes the **raw** image features (``image_input="raw_features"``: the runner gives it
+the frozen image tower's output without the L2 normalisation the other methods get), as DePT's code.
 
 :func:`released_settings` gives an entry's released per-dataset settings: the AnchorOPT tables
 (:func:`anchoropt.presets.preset` with ``method="cocoop" | "maple" | "dept"``) for ``+anchoropt``, ATPrompt's
 tables (``docs/ATPrompt.md`` of the released code: context length, epochs, DePT's ``w``) and attribute words for
-``+atprompt``, and each method's released configuration for the method alone.
+``+atprompt``, and each method's released configuration for the method alone (MaPLe's ``soft_init``
+"a photo of a" with ``n_soft`` 2: "a photo" initialises the context, "of a" stays before the class).
+``--preset NAME`` of the runner applies them, DePT's per-dataset ``w`` and the init words included
+(:data:`PRESET_SETTINGS`); options in the method spec win over the preset.
 
 Importing :mod:`anchoropt.methods` registers the entries.
 """
@@ -36,7 +43,8 @@ from .dept import DePT
 from .maple import MaPLe
 from .vision import vision_blocks
 
-__all__ = ["PRESET_METHOD", "method_output_loss", "register_all", "released_settings"]
+__all__ = ["PRESET_METHOD", "PRESET_SETTINGS", "method_output_loss", "register_all", "released_settings",
+           "preset_method_settings"]
 
 PRESET_METHOD = {f"{base}{suffix}": base for base in ("cocoop", "maple", "dept")
                  for suffix in ("", "+atprompt", "+anchoropt")}
@@ -94,6 +102,23 @@ def released_settings(name: str, dataset: str | None = None) -> dict:
     return out
 
 
+PRESET_SETTINGS = ("soft_init", "lp_weight")
+"""The :class:`~anchoropt.registry.MethodSettings` fields of :func:`released_settings` that ``--preset`` fills (the
+others are run-config fields: ``n_soft``, ``epochs``, ``lr`` ...)."""
+
+
+def preset_method_settings(spec: str, dataset: str) -> dict:
+    """The released :data:`PRESET_SETTINGS` of method spec ``spec`` for ``dataset`` that its options do not set
+    (``{}`` for a method without released settings here)."""
+    from ..registry import parse_method
+
+    choice = parse_method(spec)
+    if choice.method.name not in PRESET_METHOD:
+        return {}
+    released = released_settings(choice.method.name, dataset)
+    return {k: released[k] for k in PRESET_SETTINGS if k in released and k not in choice.options}
+
+
 def method_output_loss(settings: MethodSettings) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
     """The registry loss of the method modules: their :class:`~anchoropt.methods.base.MethodOutput` knows it."""
     return lambda outputs, labels: outputs.loss(labels)
@@ -142,7 +167,8 @@ def _builder(name: str) -> Callable[[nn.Module, list, MethodSettings], nn.Module
         if base == "maple":
             return MaPLe(model, classnames, template, s.n_soft, prompt_depth=_prompt_depth(model, s), loss=_loss(s),
                          **options)
-        return DePT(model, classnames, template, s.n_soft, loss=_loss(s, kd=False), **options)
+        return DePT(model, classnames, template, s.n_soft, lp_weight=s.lp_weight, head_lr_scale=s.head_lr_scale,
+                    loss=_loss(s, kd=False), **options)
 
     return build
 
@@ -152,6 +178,7 @@ _SUMMARIES = {
     "maple": "MaPLe: deep text prompts coupled to deep vision prompts, CE (images in)",
     "dept": "DePT: CwT + linear-probe head on the base classes fused with CoOp, CE",
 }
+_IMAGE_INPUT = {"maple": "images", "dept": "raw_features"}  # CoCoOp: L2-normalised features
 _PROMPT = ("n_soft", "soft_init")
 _ATTR = ("attributes", "n_attr_soft", "legacy")
 _ANCHOR = ("tau", "pooling", "preposition")
@@ -164,13 +191,15 @@ def _entry(name: str) -> Method:
     options += ["ce_weight"] if base == "dept" else (_KD if template == "anchoropt" else ["ce_weight"])
     if base == "maple":
         options.append("deep_depth")
+    if base == "dept":
+        options += ["lp_weight", "head_lr_scale"]
     summary = _SUMMARIES[base] + {"coop": "", "atprompt": "; ATPrompt attribute template",
                                   "anchoropt": "; + AnchorOPT anchors and position matrix"}[template]
     anchored = template == "anchoropt"
     unseen = "ensemble" if anchored else ("similarity" if base == "dept" else "normal")
     modes = {"base": "normal", "novel": "ensemble", "anchor": "anchor"} if anchored else {}
     return Method(name, summary, _builder(name), method_output_loss, seen_head="normal", unseen_head=unseen,
-                  needs_anchors=anchored, image_input="images" if base == "maple" else "features",
+                  needs_anchors=anchored, image_input=_IMAGE_INPUT.get(base, "features"),
                   options=tuple(dict.fromkeys(options)), mode_heads=modes)
 
 

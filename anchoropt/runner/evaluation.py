@@ -11,7 +11,8 @@ from .. import data as D
 from .. import distributed as dist_utils
 from .config import RunConfig
 from .console import _bar
-from .models import ModelBundle, encode_images
+from ..registry import FEATURE_INPUTS
+from .models import ModelBundle, encode_images, encode_images_raw
 
 # the run's --eval-mode names for AnchorOPT's heads (kept for results written before the method registry)
 _MODE_HEADS = {"base": "normal", "novel": "ensemble", "anchor": "anchor"}
@@ -38,7 +39,8 @@ def evaluate(
     accuracy is ``accuracy`` (``"normal"``, ``"ensemble"``, ``"prompt"`` ...; AnchorOPT also takes the modes
     ``"base"`` / ``"novel"`` / ``"anchor"``).  ``features``: a :class:`~anchoropt.runner.features.FeatureStore`
     to read frozen image features from instead of running the image tower; ``image_input="images"`` passes
-    the images themselves to a learner that runs the image tower (visual prompts).  ``mode`` is recorded
+    the images themselves to a learner that runs the image tower (visual prompts), ``"raw_features"`` the
+    image features without L2 normalisation (DePT).  ``mode`` is recorded
     as the result's ``mode`` (default: ``headline``).
     """
     from torch.utils.data import DataLoader
@@ -48,7 +50,8 @@ def evaluate(
     learner.set_classnames(list(classnames))
     learner.eval()
     mine = dist_utils.shard(list(records), ctx)
-    if features is not None and image_input == "features":
+    encode = encode_images if image_input == "features" else encode_images_raw
+    if features is not None and image_input in FEATURE_INPUTS:
         table = features.table(mine)
         labels_all = torch.tensor([r.label for r in mine], dtype=torch.long)
         step = cfg.eval_batch_size
@@ -64,8 +67,8 @@ def evaluate(
     bar = _bar(n_batches, description, cfg.progress and ctx.is_main)
     for inputs, labels in batches:
         inputs = inputs.to(ctx.device)
-        if features is None and image_input == "features":
-            inputs = encode_images(bundle.model, inputs)
+        if features is None and image_input in FEATURE_INPUTS:
+            inputs = encode(bundle.model, inputs)
         heads = learner.heads(inputs)
         if names is None:
             names = list(heads)

@@ -5,7 +5,9 @@ With ``--augment none`` an image's feature depends only on the model and the tes
 encodes the images it has not seen in batches, and persists them to one safetensors file per model
 (``OUT/features/<key>.safetensors``, written atomically) that the grid's worker processes read.  Each
 feature remembers its file's size and modification time: an image rewritten since (a dataset made again in
-the same folder) is encoded again.
+the same folder) is encoded again.  A store holds L2-normalised features (``normalize=True``, what every method
+but DePT reads) or raw ones (``normalize=False``, DePT's ``image_input="raw_features"``; its own file,
+``<key>-raw.safetensors``).
 
 Axes: ``N`` images, ``E`` joint-embedding width.
 """
@@ -21,20 +23,21 @@ from typing import Sequence
 import torch
 
 from .. import data as D
-from .models import ModelBundle, encode_images
+from .models import ModelBundle, encode_images, encode_images_raw
 
 __all__ = ["FeatureStore", "feature_key"]
 
 
-def feature_key(model: str, pretrained: str | None, precision: str) -> str:
-    """A short file-name-safe key of what the features depend on (the model, its weights, the precision)."""
+def feature_key(model: str, pretrained: str | None, precision: str, normalize: bool = True) -> str:
+    """A short file-name-safe key of what the features depend on (the model, its weights, the precision, and
+    ``-raw`` for features that are not L2-normalised)."""
     weights = str(pretrained)
     if pretrained and Path(pretrained).is_file():
         stat = Path(pretrained).stat()
         weights = f"{Path(pretrained).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
     digest = hashlib.sha256(json.dumps([model, weights, precision]).encode()).hexdigest()[:16]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in Path(model).name)
-    return f"{safe}-{digest}"
+    return f"{safe}-{digest}" + ("" if normalize else "-raw")
 
 
 class FeatureStore:
@@ -45,11 +48,13 @@ class FeatureStore:
         file: a safetensors file to load from (if it exists) and :meth:`save` to; ``None`` keeps it in memory.
         batch_size: images per image-tower call.
         workers: DataLoader workers.
+        normalize: L2-normalised features (default) or the image tower's raw output.
     """
 
     def __init__(self, bundle: ModelBundle, file: str | os.PathLike | None = None, batch_size: int = 100,
-                 workers: int = 0):
+                 workers: int = 0, normalize: bool = True):
         self.bundle, self.batch_size, self.workers = bundle, batch_size, workers
+        self.normalize = bool(normalize)
         self.file = Path(file) if file else None
         self._index: dict[str, int] = {}
         self._rows: list[torch.Tensor] = []
@@ -90,7 +95,8 @@ class FeatureStore:
             return 0
         loader = DataLoader(D.ImageDataset(missing, self.bundle.test_transform), batch_size=self.batch_size,
                             num_workers=self.workers, generator=torch.Generator())
-        chunks = [encode_images(self.bundle.model, images.to(self._device())).cpu() for images, _, _ in loader]
+        encode = encode_images if self.normalize else encode_images_raw
+        chunks = [encode(self.bundle.model, images.to(self._device())).cpu() for images, _, _ in loader]
         for record, row in zip(missing, torch.cat(chunks)):
             key = str(record.path)
             if key in self._index:  # rewritten since: replace in place
@@ -115,7 +121,8 @@ class FeatureStore:
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         stamps = [self._stamps[self._index[p]] for p in paths]
         save_file({"features": features.contiguous()}, str(partial),
-                  metadata={"paths": json.dumps(paths), "stamps": json.dumps(stamps)})
+                  metadata={"paths": json.dumps(paths), "stamps": json.dumps(stamps),
+                            **({} if self.normalize else {"normalized": "false"})})
         os.replace(partial, target)
         return target
 
@@ -125,6 +132,9 @@ class FeatureStore:
         with safe_open(str(file), framework="pt") as handle:
             metadata = handle.metadata() or {}
             features = handle.get_tensor("features")
+        if (metadata.get("normalized", "true") == "true") != self.normalize:
+            kind = "L2-normalised" if self.normalize else "raw"
+            raise ValueError(f"{file} does not hold {kind} image features; use another file for this store")
         paths = json.loads(metadata.get("paths", "[]"))
         stamps = json.loads(metadata.get("stamps", "null")) or [[-1, -1]] * len(paths)
         if not len(paths) == len(stamps) == features.shape[0]:

@@ -5,6 +5,7 @@ Layout of ``OUT``::
     grid.json                    the grid's methods, datasets, seeds and protocol (the report's order)
     runs/<dataset>/<method>/seed<k>/   one ``anchoropt train`` run directory each
     features/<model key>.safetensors   frozen image features shared by all runs (``--augment none``)
+    features/<model key>-raw.safetensors   the same, not L2-normalised, for DePT's runs
     results.json  table.md  hm.png     the report (:mod:`anchoropt.runner.tables`)
 
 * **Resume**: a run whose ``results.json`` exists is skipped (its settings must match the grid's, else the
@@ -226,22 +227,40 @@ def _feature_file(base: RunConfig, output: Path) -> Path:
     return output / "features" / f"{feature_key(base.model, base.pretrained, base.precision)}.safetensors"
 
 
+def _raw_twin(file: Path) -> Path:
+    """The raw (not normalised) features' file next to the normalised ones' (:func:`feature_key`'s ``-raw``)."""
+    return file.with_name(file.name[: -len(".safetensors")] + "-raw.safetensors")
+
+
+def _wants_raw(cfg: RunConfig) -> bool:
+    return cfg.method_choice().method.image_input == "raw_features"
+
+
 def _prepare_features(base: RunConfig, todo: Sequence[GridRun], output: Path, ctx) -> Path:
-    """Encode every image the remaining runs need once (rank 0) and save the shared feature file."""
+    """Encode every image the remaining runs need once (rank 0) and save the shared feature file(s): the
+    L2-normalised features for every run (unless all are DePT's), the raw ones for DePT's runs."""
     from .. import distributed as dist_utils
     from .features import FeatureStore
 
     file = _feature_file(base, output)
     if ctx.is_main:
         bundle = _bundle(base, ctx.device)
-        store = FeatureStore(bundle, file, batch_size=base.eval_batch_size, workers=base.workers)
         records: list[D.Record] = []
+        raw_records: list[D.Record] = []
         for run in todo:
-            records += _records_needing_features(_run_config(base, run))
-        added = store.add(records)
-        if added:
-            store.save()
-        _log(ctx, f"grid: image features of {len(store)} images in {file} ({added} encoded now)")
+            cfg = _run_config(base, run)
+            needed = _records_needing_features(cfg)
+            records += needed
+            raw_records += needed if _wants_raw(cfg) else []
+        kinds = [(True, file, records)] if len(raw_records) < len(records) else []
+        kinds += [(False, _raw_twin(file), raw_records)] if raw_records else []
+        for normalize, path, wanted in kinds:
+            store = FeatureStore(bundle, path, batch_size=base.eval_batch_size, workers=base.workers,
+                                 normalize=normalize)
+            added = store.add(wanted)
+            if added:
+                store.save()
+            _log(ctx, f"grid: image features of {len(store)} images in {path} ({added} encoded now)")
     dist_utils.barrier(ctx)
     return file
 
@@ -270,9 +289,12 @@ def _run_one(base: RunConfig, run: GridRun, store_file: Path | None, ctx=None, d
     bundle = _bundle(cfg, bundle_device)
     features = None
     if store_file is not None:
-        features = _STORES.get(str(store_file))
+        raw = _wants_raw(cfg)
+        file = _raw_twin(store_file) if raw else store_file
+        features = _STORES.get(str(file))
         if features is None:
-            features = _STORES[str(store_file)] = FeatureStore(bundle, store_file, batch_size=cfg.eval_batch_size)
+            features = _STORES[str(file)] = FeatureStore(bundle, file, batch_size=cfg.eval_batch_size,
+                                                         normalize=not raw)
     run_training(cfg, bundle=bundle, ctx=ctx, features=features)
     return run.name
 

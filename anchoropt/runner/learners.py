@@ -23,12 +23,16 @@ LEARNER_DIR = "learner"
 
 
 def method_settings(cfg: RunConfig, anchors: torch.Tensor | None, tokenizer) -> MethodSettings:
-    """The run's :class:`MethodSettings` (run options, then the method spec's own options on top)."""
+    """The run's :class:`MethodSettings` (run options and ``--preset``'s released method settings, then the
+    method spec's own options on top)."""
+    from ..methods.entries import preset_method_settings
+
+    released = preset_method_settings(cfg.method, cfg.preset) if cfg.preset else {}
     base = MethodSettings(
         n_soft=cfg.n_soft, attributes=tuple(cfg.attributes), n_attr_soft=cfg.n_attr_soft, anchors=anchors,
         tau=cfg.tau, preposition=cfg.preposition, deep_depth=cfg.deep_depth, pooling=cfg.pooling,
         templates=tuple(cfg.templates) or (DEFAULT_TEMPLATE,), ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight,
-        kd_temperature=cfg.kd_temperature, kd_normalization=cfg.kd_normalization, tokenizer=tokenizer,
+        kd_temperature=cfg.kd_temperature, kd_normalization=cfg.kd_normalization, tokenizer=tokenizer, **released,
     )
     return cfg.method_choice().settings(base)
 

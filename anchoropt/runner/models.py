@@ -248,8 +248,14 @@ def train_transform(model: nn.Module, augment: str = "rrc_flip") -> Callable:
 @torch.no_grad()
 def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """L2-normalised image features ``(B, E)`` (float32) of the frozen image tower."""
+    return F.normalize(encode_images_raw(model, images), dim=-1)
+
+
+@torch.no_grad()
+def encode_images_raw(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Image features ``(B, E)`` (float32, not normalised) of the frozen image tower: DePT's head reads these."""
     dtype = next(model.visual.parameters()).dtype if hasattr(model, "visual") else torch.float32
-    return F.normalize(model.encode_image(images.to(dtype)).float(), dim=-1)
+    return model.encode_image(images.to(dtype)).float()
 
 
 def _text_width(model: nn.Module) -> int:

@@ -17,6 +17,7 @@ from .. import _files
 from .. import data as D
 from .. import distributed as dist_utils
 from .._jsonfile import read_json
+from ..registry import FEATURE_INPUTS
 from . import checks
 from . import rundir as R
 from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_config
@@ -158,6 +159,10 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
         if not (cfg.cache_image_features and cfg.augment == "none"):
             features = None
+        if features is not None and method.image_input in FEATURE_INPUTS and \
+                features.normalize != (method.image_input == "features"):
+            raise ValueError(f"{choice.label} takes {'raw' if features.normalize else 'L2-normalised'} image "
+                             "features: pass a FeatureStore(normalize=...) of that kind")
         _log(ctx, f"{source.summary()}; {choice.label}, training on {len(train_view.train)} images of {len(trained)} classes "
                   f"({cfg.shots} shots, seed {cfg.seed}, protocol {cfg.protocol}, world size {ctx.world_size}, "
                   f"run {run_id}{', resumed' if resume else ''})")
@@ -228,6 +233,7 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
             **weights_record(cfg.pretrained, bundle), "preset": cfg.preset, "seed": cfg.seed,
             "shots": cfg.shots, "trained_classes": list(trained),
             "world_size": ctx.world_size, "stage1": stage1, "stage2": stage2,
+            "method_settings": settings.to_json(),
         }
         if anchoropt_learner:
             results["position"] = {"assignment": learner.position.assignment().tolist(),

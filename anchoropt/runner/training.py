@@ -19,10 +19,11 @@ from .. import data as D
 from .. import distributed as dist_utils
 from ..losses import StageIILoss
 from ..pae import KoopmanLyapunov, optimizer_groups, prompt_chain
+from ..registry import FEATURE_INPUTS
 from ..schedules import dassl_lr
 from .config import RunConfig
 from .console import _bar
-from .models import ModelBundle, encode_images
+from .models import ModelBundle, encode_images, encode_images_raw
 
 
 PAE_MAX_GRAD_NORM = 10.0  # PAE's trainer clips the Koopman parameters' gradients at this norm
@@ -129,9 +130,16 @@ def train_stage2(
 
     ``loss_fn(outputs, labels)`` scores ``learner(inputs)`` (default: AnchorOPT's Stage II loss from ``cfg``
     on ``(logits_normal, logits_anchor)``); ``image_input="images"`` feeds the images themselves (a learner
-    with visual prompts), else frozen image features.  ``features``: a shared
-    :class:`~anchoropt.runner.features.FeatureStore` used for ``cfg.cache_image_features`` with
-    ``augment="none"``.
+    with visual prompts), ``"raw_features"`` frozen image features as the image tower gives them (DePT),
+    ``"features"`` L2-normalised ones.  ``features``: a shared
+    :class:`~anchoropt.runner.features.FeatureStore` (of the same kind of features) used for
+    ``cfg.cache_image_features`` with ``augment="none"``.
+
+    Optimiser: SGD over the learner's ``optimizer_groups(cfg.lr)`` when it has them (DePT: its head at
+    ``head_lr_scale`` times the rate), else one group at ``cfg.lr``; every group decays by ``cfg.weight_decay``
+    and follows Dassl's schedule from its own base rate (the constant warm-up rate is the same for every group,
+    as Dassl's ``ConstantWarmupScheduler``; the cosine scales each group's rate).  The summary's
+    ``param_groups`` lists each group's base rate, weight decay and size.
 
     With ``cfg.pae`` (deep variant) PAE's Koopman-Lyapunov terms on the per-layer soft prompts join the loss;
     ``U, K, L`` train in their own optimiser group (no weight decay unless ``cfg.pae_decay``) with their own
@@ -158,14 +166,15 @@ def train_stage2(
         _set_rng(resume[1], "stage2_start", device)
     stage2_start = _rng_tensors(device, "stage2_start")
     cached = None
-    if cfg.cache_image_features and image_input == "features":
+    encode = encode_images if image_input == "features" else encode_images_raw  # looked up here: tests patch them
+    if cfg.cache_image_features and image_input in FEATURE_INPUTS:
         start = time.perf_counter()
         if cfg.augment == "none" and features is not None:
             cached = features.table(records).to(device)[None]
         elif cfg.augment == "none":
-            cached = _feature_table(bundle, records, bundle.test_transform, cfg, device)[None]
+            cached = _feature_table(bundle, records, bundle.test_transform, cfg, device, encode)[None]
         else:
-            cached = torch.stack([_feature_table(bundle, records, bundle.train_transform, cfg, device)
+            cached = torch.stack([_feature_table(bundle, records, bundle.train_transform, cfg, device, encode)
                                   for _ in range(cfg.cache_views)])
         summary["cache_seconds"] = round(time.perf_counter() - start, 3)
         view_generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -177,10 +186,12 @@ def train_stage2(
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=0 if cached is not None else cfg.workers, drop_last=False,
                         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
-    params = [p for p in learner.parameters() if p.requires_grad]
     regularizer = _pae_regularizer(learner, cfg, device) if cfg.pae else None
-    groups = params if regularizer is None else optimizer_groups(params, regularizer, cfg.weight_decay, cfg.pae_decay)
+    groups = stage2_param_groups(learner, cfg, regularizer)
+    params = [p for group in groups if group.get("name") != "pae" for p in group["params"]]
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    summary["param_groups"] = [{"name": g["name"], "lr": g["base_lr"], "weight_decay": g["weight_decay"],
+                                "params": sum(p.numel() for p in g["params"])} for g in groups]
     pae_history: dict[str, list[float]] = {"koopman": [], "lyapunov": []}
     if loss_fn is None:
         stage2 = StageIILoss(ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature,
@@ -211,7 +222,7 @@ def train_stage2(
     start = time.perf_counter()
     for epoch in range(first_epoch, cfg.epochs):
         for group in optimizer.param_groups:
-            group["lr"] = epoch_lr(epoch, cfg)
+            group["lr"] = dassl_lr(epoch, group["base_lr"], cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr)
         if sampler is not None:
             sampler.set_epoch(epoch)
         total, seen, pae_sums = 0.0, 0, [0.0, 0.0]
@@ -224,7 +235,7 @@ def train_stage2(
                 inputs = batch.to(device)
             elif cached is None:
                 with timer("image_encoding"):
-                    inputs = encode_images(bundle.model, batch.to(device))
+                    inputs = encode(bundle.model, batch.to(device))
             else:  # batch holds image indices (V, N, E) table: one of each image's cached views
                 views = torch.randint(cached.shape[0], (len(batch),), generator=view_generator)
                 inputs = cached[views.to(cached.device), batch.to(cached.device)].to(device)
@@ -283,6 +294,31 @@ def train_stage2(
     return summary
 
 
+def stage2_param_groups(learner: nn.Module, cfg: RunConfig, regularizer: KoopmanLyapunov | None = None) -> list[dict]:
+    """SGD parameter groups: the learner's own ``optimizer_groups(cfg.lr)`` (DePT's head at a larger rate) or
+    one group of its trainable parameters at ``cfg.lr``, each with ``cfg.weight_decay``, then PAE's ``U, K, L``
+    (:func:`anchoropt.pae.optimizer_groups`: no weight decay unless ``cfg.pae_decay``) at ``cfg.lr``.
+
+    Every group carries ``name`` and ``base_lr`` (the rate the schedule starts from); empty groups are dropped.
+    """
+    own = getattr(learner, "optimizer_groups", None)
+    if callable(own):
+        groups = own(cfg.lr)
+    else:
+        groups = [{"params": list(learner.parameters()), "lr": cfg.lr}]
+    out = []
+    for i, group in enumerate(groups):
+        params = [p for p in group["params"] if p.requires_grad]
+        if params:
+            lr = float(group.get("lr", cfg.lr))
+            out.append({**group, "params": params, "name": group.get("name") or ("prompt" if i == 0 else f"group{i}"),
+                        "lr": lr, "base_lr": lr, "weight_decay": group.get("weight_decay", cfg.weight_decay)})
+    if regularizer is not None:
+        pae = optimizer_groups((), regularizer, cfg.weight_decay, cfg.pae_decay)[-1]
+        out.append({**pae, "lr": cfg.lr, "base_lr": cfg.lr})
+    return out
+
+
 def _pae_regularizer(learner: nn.Module, cfg: RunConfig, device) -> KoopmanLyapunov:
     """PAE's ``U, K, L`` for the deep learner's chain of per-layer soft prompts (``deep_depth`` layers)."""
     chain = prompt_chain(learner)
@@ -324,11 +360,11 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[torch.Ten
 
 @torch.no_grad()
 def _feature_table(bundle: ModelBundle, records: Sequence[D.Record], transform, cfg: RunConfig,
-                   device: torch.device) -> torch.Tensor:
-    """Image features ``(len(records), E)`` in record order."""
+                   device: torch.device, encode: Callable) -> torch.Tensor:
+    """Image features ``(len(records), E)`` in record order (``encode``: normalised or raw)."""
     from torch.utils.data import DataLoader
 
     # its own generator: creating the iterator must not draw from the global RNG (the Gumbel samples' source)
     loader = DataLoader(D.ImageDataset(records, transform), batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
                         generator=torch.Generator())
-    return torch.cat([encode_images(bundle.model, images.to(device)) for images, _, _ in loader])
+    return torch.cat([encode(bundle.model, images.to(device)) for images, _, _ in loader])
