@@ -123,6 +123,8 @@ def test_released_settings() -> None:
     from anchoropt.methods.entries import released_settings
 
     assert released_settings("maple")["deep_depth"] == 8 and released_settings("maple")["n_soft"] == 2
+    assert released_settings("maple")["soft_init"] == "a photo of a" and "soft_init" not in released_settings(
+        "maple+anchoropt")  # MaPLe's CTX_INIT; the released +AnchorOPT trainer ignores it
     pets = released_settings("cocoop+anchoropt", "OxfordPets")  # the AnchorOPT CoCoOp table: 4/20/10/100/2.0
     assert (pets["n_soft"], pets["epochs"], pets["ce_weight"], pets["kd_weight"], pets["kd_temperature"],
             pets["batch_size"]) == (4, 20, 10.0, 100.0, 2.0, 1)
