@@ -10,7 +10,8 @@
 
 A *method spec* is a name with options after a colon, e.g. ``coop+anchoropt:pooling=released``,
 ``coop:csc=true``, ``zeroshot:ensemble=true``, ``coop+atprompt:attributes=color|shape,legacy=true``
-(list values separated by ``|``; options separated by ``,`` or ``:``, e.g. ``dept:lp_weight=0.6:head_lr_scale=6.5``).  The options a method accepts are fields of :class:`MethodSettings`.
+(list values separated by ``|``; options separated by ``,`` or ``:``, e.g.
+``dept:lp_weight=0.6:head_lr_scale=6.5``).  The options a method accepts are fields of :class:`MethodSettings`.
 
 Every learner answers ``set_classnames(names)``, ``forward(inputs)`` (what its loss takes) and
 ``heads(inputs) -> {head: (B, C) logits}``; a method names the head that scores classes seen in

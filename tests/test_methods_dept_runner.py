@@ -163,6 +163,7 @@ def test_a_grid_with_dept_and_coop_keeps_two_feature_files(tmp_path, folder) -> 
     run_grid(base, ["coop", "dept"], [str(folder)], [1], tmp_path / "out", plot=False)
     files = {p.name for p in (tmp_path / "out" / "features").glob("*.safetensors")}
     unit = [f for f in files if not f.endswith("-raw.safetensors")]
-    assert len(files) == 2 and len(unit) == 1 and files == {unit[0], unit[0].replace(".safetensors", "-raw.safetensors")}
+    assert len(files) == 2 and len(unit) == 1
+    assert files == {unit[0], unit[0].replace(".safetensors", "-raw.safetensors")}
     records = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["method"] for r in records} == {"coop", "dept"}

@@ -43,7 +43,8 @@ def _peer_and_ours(anchors=None, ctx_init=""):
         torch.testing.assert_close(ours.text.ctx.detach(), learner.ctx.detach().float())
         ids, layout = learner.tokenized_prompts, ours.text.layout  # ours holds placeholders in the M slot rows
         fixed = [i for i in range(layout.token_ids.shape[1]) if i not in layout.slot_positions]
-        assert layout.slot_positions == (1, 2) and torch.equal(layout.token_ids[:, fixed], ids[:, fixed].to(layout.token_ids))
+        assert layout.slot_positions == (1, 2)
+        assert torch.equal(layout.token_ids[:, fixed], ids[:, fixed].to(layout.token_ids))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in (learner.ctx, learner.compound_prompts_text[0], learner.proj.weight,
