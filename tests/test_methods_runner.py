@@ -4,6 +4,7 @@ trains, scores every head, saves, and ``anchoropt eval`` reloads the same number
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,21 @@ def test_train_and_eval_every_method(method, tmp_path, folder, descriptions) -> 
     assert cli.main(["eval", str(tmp_path / "run"), "--no-progress"]) == 0
     again = json.loads((tmp_path / "run" / "eval_results.json").read_text())["results"]
     assert again["base"]["accuracy"] == base["accuracy"] and again["novel"]["accuracy"] == novel["accuracy"]
+
+
+@pytest.mark.parametrize("model", ["tiny-eva-test", "tiny-siglip-test"])
+@pytest.mark.parametrize("method", ["cocoop+anchoropt", "maple+anchoropt", "dept+anchoropt"])
+def test_every_base_method_trains_on_timm_image_towers(method, model, tmp_path, folder, descriptions) -> None:
+    """EVA02- and SigLIP-style models (timm image towers; causal / bidirectional text) through the whole runner."""
+    cfg = RunConfig(method=method, data=str(folder), output=str(tmp_path / "run"), descriptions=str(descriptions),
+                    cache_image_features=True, **{**FAST, "model": model})
+    results = run_training(cfg).results
+    losses = results["stage2"]["epoch_losses"]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    assert 0.0 <= results["results"]["novel"]["accuracy"] <= 100.0 and results["random_weights"] is True
+    assert cli.main(["eval", str(tmp_path / "run"), "--no-progress"]) == 0
+    again = json.loads((tmp_path / "run" / "eval_results.json").read_text())["results"]
+    assert again["base"]["accuracy"] == results["results"]["base"]["accuracy"]
 
 
 def test_presets_follow_the_methods_tables() -> None:

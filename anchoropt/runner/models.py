@@ -33,8 +33,10 @@ def _tiny(factory: str, **kwargs):
 TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
     # random-weight towers for tests and offline demos (CLIP BPE vocabulary, 32 x 32 images)
     "tiny-test": _tiny("tiny_open_clip"),
-    "tiny-eva-test": _tiny("tiny_custom_text_clip"),  # CustomTextCLIP, causal, EOT pooling (EVA-CLIP-style)
-    "tiny-siglip-test": _tiny("tiny_custom_text_clip", no_causal_mask=True, pool_type="last"),  # SigLIP-like
+    # CustomTextCLIP with a timm image tower, as open_clip's EVA02-B-16 (timm Eva, rope; causal text, EOT
+    # pooling) and ViT-B-16-SigLIP (timm ViT, MAP pooling; bidirectional text, last-token pooling) configs
+    "tiny-eva-test": _tiny("tiny_timm_clip", kind="eva"),
+    "tiny-siglip-test": _tiny("tiny_timm_clip", kind="siglip"),
 }
 
 
