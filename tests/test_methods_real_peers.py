@@ -62,7 +62,9 @@ def test_real_dept_logits_and_loss() -> None:
         torch.testing.assert_close(ours.loss(feats, labels), peer(images, labels).float(), atol=1e-5, rtol=1e-5)
 
 
-def test_real_maple_logits() -> None:
+@pytest.mark.parametrize("ctx_init", ["", "a photo of a"], ids=["random-ctx", "released-ctx-init"])
+def test_real_maple_logits(ctx_init: str) -> None:
+    """Also with MaPLe's released CTX_INIT: the context replaces "a photo", "of a" stays as fixed words."""
     with peer_repo("multimodal-prompt-learning"):
         trainers_maple = importlib.import_module("trainers.maple")
         tokenize = importlib.import_module("clip.clip").tokenize
@@ -70,11 +72,14 @@ def test_real_maple_logits() -> None:
         details = {"trainer": "MaPLe", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0,
                    "language_ctx": 0, "maple_length": n_ctx}
         maple_clip = _tiny_clip(details, prec="fp32").requires_grad_(False)
-        peer = trainers_maple.CustomCLIP(pf.make_cfg("maple", n_ctx=n_ctx, depth=depth), pf.BASE, maple_clip).eval()
+        peer = trainers_maple.CustomCLIP(pf.make_cfg("maple", n_ctx=n_ctx, depth=depth, ctx_init=ctx_init), pf.BASE, maple_clip).eval()
         learner = peer.prompt_learner
         learner.proj.float()  # MaPLe's unconditional proj.half() fails in fp32
         model = _open_clip_like(maple_clip)
-        ours = MaPLe(model, pf.BASE, n_ctx=n_ctx, prompt_depth=depth, tokenizer=tokenize).eval()
+        ours = MaPLe(model, pf.BASE, n_ctx=n_ctx, prompt_depth=depth, tokenizer=tokenize,
+                     ctx_init=ctx_init or None).eval()
+        if ctx_init:  # the same initial context: the token embeddings of "a photo"
+            torch.testing.assert_close(ours.text.ctx, learner.ctx.float(), atol=0, rtol=0)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():  # values exact in fp16: MaPLe casts the prompts it injects with .half()
             for p in (learner.ctx, learner.compound_prompts_text[0], learner.proj.weight,
