@@ -178,11 +178,14 @@ def plot_hm(records: Sequence[dict], path: str | os.PathLike, methods: Sequence[
                       for s in sources] for m in methods}
         ylabel = "target accuracy (mean over targets), %"
     width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(groups) * max(1, len(methods))) + 2.5, 3.6))
+    bars = len(groups) * max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(5.0, 0.35 * bars)) + 2.5, 3.6))
+    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors  # one colour per method
     for i, m in enumerate(methods):
         stats = [mean_std(v) if v else (float("nan"), 0.0) for v in values[m]]
         xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=3, label=m)
+        ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=2, label=m,
+               color=colours[i % len(colours)])
     finite = [mean_std(v)[0] - mean_std(v)[1] for m in methods for v in values[m] if v]
     if finite:  # start the axis below the lowest bar, so differences of a few points stay visible
         ax.set_ylim(bottom=max(0.0, 5 * math.floor((min(finite) - 5) / 5)))
