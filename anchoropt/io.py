@@ -29,6 +29,7 @@ still written as version 1 (readable by older anchoropt); files without these ke
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -177,7 +178,7 @@ def save_prompt_learner(
         config["format_version"] = DEEP_FORMAT_VERSION
         config.update(attributes=list(layout["attributes"]), n_attr_soft=learner.template.n_attr_soft,
                       pooling=layout["pooling"], legacy_single_token=layout["legacy_single_token"])
-    tensors = {name: t.detach().cpu().contiguous() for name, t in learner.state_dict().items()}
+    tensors = state_tensors(learner)
     for name, tensor in tensors.items():
         _check_finite(name, tensor, "the prompt learner to save")
     files = {
@@ -188,11 +189,27 @@ def save_prompt_learner(
     info = {
         "kind": "prompt_learner",
         "format_version": config["format_version"],
-        "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-                    for name, t in tensors.items()},
+        "tensors": tensor_shapes(tensors),
         "run_id": run_id,
     }
     return _files.commit_files(directory, files, info)
+
+
+def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` made ready for safetensors: detached, on the CPU, contiguous, each tensor its
+    own copy (safetensors refuses tensors sharing storage, and a CPU tensor's ``.cpu()`` is not a copy)."""
+    return {name: t.detach().cpu().clone().contiguous() for name, t in module.state_dict().items()}
+
+
+def tensor_shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+    """``{name: {"shape": [...], "dtype": "float32"}}``: what a manifest records of a set's tensors."""
+    return {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for name, t in tensors.items()}
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (the CPU for a module with neither)."""
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def load_prompt_learner(

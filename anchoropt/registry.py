@@ -31,7 +31,6 @@ Axes: ``B`` images, ``C`` classes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -338,38 +337,72 @@ LEARNER_WEIGHTS = "learner.safetensors"
 
 
 def save_learner(learner: nn.Module, choice: MethodChoice, settings: MethodSettings,
-                 directory: str | os.PathLike) -> Path:
-    """Write any registered method's learner: its state (safetensors) and method spec + settings (JSON)."""
-    from safetensors.torch import save_file
+                 directory: str | os.PathLike, run_id: str | None = None) -> Path:
+    """Write any registered method's learner: its state (``learner.safetensors``) and method spec + settings
+    (``learner.json``), as one complete-or-absent set (:func:`anchoropt._files.commit_files`: a manifest with
+    the files' sha256, written last; ``run_id`` recorded in it), so an interrupted save never loads and leaves
+    the previous save in place."""
+    from safetensors.torch import save as safetensors_bytes
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in learner.state_dict().items()}
-    save_file(tensors, str(directory / LEARNER_WEIGHTS), metadata={"format": "anchoropt"})
+    from . import _files
+    from .io import state_tensors, tensor_shapes
+
+    tensors = state_tensors(learner)
     config = {"format": "anchoropt", "kind": "method_learner", "method": choice.label,
               "settings": settings.to_json(), "trained_classnames": list(getattr(learner, "classnames", []))}
-    (directory / LEARNER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return directory
+    files = {LEARNER_WEIGHTS: safetensors_bytes(tensors, metadata={"format": "anchoropt"}),
+             LEARNER_CONFIG: _files.json_text(config).encode("utf-8")}
+    info = {"kind": "method_learner", "method": choice.label, "tensors": tensor_shapes(tensors), "run_id": run_id}
+    return _files.commit_files(directory, files, info)
 
 
 def load_learner(directory: str | os.PathLike, model: nn.Module, classnames: Sequence[str],
                  tokenizer: Callable | None = None) -> tuple[nn.Module, MethodChoice]:
-    """Rebuild a learner written by :func:`save_learner` for ``classnames``; returns it and its method."""
-    from safetensors.torch import load_file
+    """Rebuild a learner written by :func:`save_learner` for ``classnames``; returns it and its method.
 
-    from ._jsonfile import read_json
+    The files are checked against the save's manifest: an interrupted, mixed or edited save raises
+    :class:`~anchoropt._files.IncompleteSaveError`.  A directory without a manifest (saved by an older
+    anchoropt) is read as it is.
+    """
+    from safetensors.torch import load as load_safetensors_bytes
+
+    from . import _files
+    from ._jsonfile import parse_json
+    from .io import module_device
 
     directory = Path(directory)
-    config = read_json(directory / LEARNER_CONFIG, f"no {LEARNER_CONFIG} in {directory}: not a saved learner")
+    files = _learner_files(directory)
+    if LEARNER_CONFIG not in files:
+        raise FileNotFoundError(f"no {LEARNER_CONFIG} in {directory}: not a saved learner")
+    try:
+        config = parse_json(files[LEARNER_CONFIG].decode("utf-8-sig"), str(directory / LEARNER_CONFIG))
+    except UnicodeDecodeError:
+        raise ValueError(f"{directory / LEARNER_CONFIG} is not UTF-8 text") from None
     if not isinstance(config, dict) or config.get("kind") != "method_learner":
         raise ValueError(f"{directory / LEARNER_CONFIG} is not an anchoropt method learner config")
     choice = parse_method(config["method"])
-    tensors = load_file(str(directory / LEARNER_WEIGHTS)) if (directory / LEARNER_WEIGHTS).is_file() else {}
+    try:
+        tensors = load_safetensors_bytes(files[LEARNER_WEIGHTS]) if LEARNER_WEIGHTS in files else {}
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        raise _files.IncompleteSaveError(f"{directory / LEARNER_WEIGHTS} is not a readable safetensors file "
+                                         f"({err}); save the learner again") from err
     settings = MethodSettings.from_json(config["settings"], anchors=tensors.get("anchors"), tokenizer=tokenizer)
     learner = choice.method.build(model, list(classnames), settings)
-    device = next((b.device for b in learner.buffers()), torch.device("cpu"))
+    device = module_device(learner)
     learner.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
     return learner, choice
+
+
+def _learner_files(directory: Path) -> dict[str, bytes]:
+    """``{name: bytes}`` of a saved learner: the manifest's checked files, or (no manifest: an older save)
+    those present."""
+    from . import _files
+
+    committed = _files.read_committed(directory, names=(LEARNER_CONFIG, LEARNER_WEIGHTS))
+    if committed is not None:
+        return committed[1]
+    return {name: (directory / name).read_bytes() for name in (LEARNER_CONFIG, LEARNER_WEIGHTS)
+            if (directory / name).is_file()}
 
 
 # The method modules (CoCoOp, MaPLe, DePT and their +atprompt / +anchoropt variants) register their entries here.

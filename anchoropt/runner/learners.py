@@ -49,7 +49,7 @@ def save_run_learner(learner: nn.Module, choice: MethodChoice, settings: MethodS
         from ..io import save_prompt_learner
 
         return save_prompt_learner(learner, out / PROMPT_LEARNER_DIR, run_id=run_id)
-    return save_learner(learner, choice, settings, out / LEARNER_DIR)
+    return save_learner(learner, choice, settings, out / LEARNER_DIR, run_id=run_id)
 
 
 def trained_classnames(run_dir: Path) -> list[str]:

@@ -114,13 +114,14 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         bundle: a ready :class:`ModelBundle` (any CLIP model object); built from ``cfg.model`` otherwise.
         ctx: a distributed context (from :func:`anchoropt.distributed.init_from_env` by default).
         overwrite: replace a finished (or interrupted) run in ``cfg.output``; refused otherwise.
-        resume: continue the interrupted run in ``cfg.output`` from its last complete checkpoint (its
-            Stage I anchors are reused); the options must be the ones it was started with.
+        resume: continue the interrupted run in ``cfg.output`` from its last complete checkpoint (every
+            training method writes one after each epoch; AnchorOPT's Stage I anchors are reused); the options
+            must be the ones it was started with.
         features: a shared :class:`~anchoropt.runner.features.FeatureStore` (a grid's): with
             ``cfg.cache_image_features`` and ``augment="none"``, training and evaluation read image
             features from it instead of running the image tower.
     """
-    from ..io import load_anchors, save_anchors
+    from ..io import load_anchors, module_device, save_anchors
     from ..prompts import AnchorOPTPromptLearner
     from .learners import build_learner, method_settings, save_run_learner
 
@@ -197,21 +198,23 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
 
         settings = method_settings(cfg, anchors, bundle.tokenizer)
         learner = build_learner(choice, bundle, trained, settings)
-        anchoropt_learner = isinstance(learner, AnchorOPTPromptLearner)  # checkpoints, plots, position
+        anchoropt_learner = isinstance(learner, AnchorOPTPromptLearner)  # plots, position
         start_from = None
-        if resume and anchoropt_learner:
+        if resume and method.trains:
             found = R.latest_checkpoint(out, run_id)
             dist_utils.barrier(ctx)
             if found is not None:
                 directory, trainer_state, trainer_tensors, weights = found
-                learner.load_state_dict({k: v.to(learner.anchors.device) for k, v in weights.items()})
+                device = module_device(learner)
+                learner.load_state_dict({k: v.to(device) for k, v in weights.items()})
                 start_from = (trainer_state, trainer_tensors)
                 _log(ctx, f"resuming from {directory} ({trainer_state['epochs_done']} of {cfg.epochs} epochs done)")
             else:
-                _log(ctx, "no complete checkpoint: Stage II starts again from epoch 0 (Stage I anchors reused)")
+                _log(ctx, "no complete checkpoint: Stage II starts again from epoch 0"
+                          + (" (Stage I anchors reused)" if method.needs_anchors else ""))
 
         def checkpoint(state: dict, tensors: dict) -> None:
-            if not ctx.is_main or not anchoropt_learner:
+            if not ctx.is_main:
                 return
             done = state["epochs_done"]
             R.save_checkpoint(out / R.CHECKPOINTS / R.LAST_CHECKPOINT, learner, run_id, state, tensors)
@@ -250,7 +253,7 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         results["seconds"] = round(time.perf_counter() - wall, 3)
         if ctx.is_main:
             _files.write_json(out / RESULTS, results)
-            shutil.rmtree(out / R.CHECKPOINTS / R.LAST_CHECKPOINT, ignore_errors=True)  # prompt_learner/ has it
+            shutil.rmtree(out / R.CHECKPOINTS / R.LAST_CHECKPOINT, ignore_errors=True)  # (prompt_)learner/ has it
             if cfg.plots and anchoropt_learner:
                 note = f"{RANDOM_FLAG}: this picture means nothing" if results["random_weights"] else None
                 results["plots"] = _plots(learner, bundle, out, note)

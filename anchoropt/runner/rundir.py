@@ -6,7 +6,8 @@ Parts of a run directory and where each records the run id::
     run_config.json          "run_id"
     anchors.safetensors      metadata "run_id"
     stage1.json              "run_id"
-    prompt_learner/          manifest "run_id"
+    prompt_learner/          manifest "run_id"   (AnchorOPT's learner)
+    learner/                 manifest "run_id"   (any other method's; older anchoropt wrote none)
     checkpoints/last/        manifest "run_id"; + trainer_state.safetensors / trainer_state.json (for --resume)
     results.json             "run_id"   (written last: a directory with it holds a finished run)
     .anchoropt.lock          the pid / host of the run writing the directory (removed when it ends)
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from torch import nn
 
 from .. import _files
 from .._jsonfile import read_json
@@ -179,6 +181,10 @@ def part_run_ids(run_dir: Path) -> dict[str, str | None]:
     if (run_dir / "prompt_learner").is_dir():
         manifest = read_manifest(run_dir / "prompt_learner")
         ids["prompt_learner/"] = None if manifest is None else manifest.get("run_id")
+    if (run_dir / "learner").is_dir():
+        manifest = read_manifest(run_dir / "learner")
+        if manifest is not None:  # learner/ without a manifest: written before it had one (no run id to check)
+            ids["learner/"] = manifest.get("run_id")
     return ids
 
 
@@ -200,24 +206,40 @@ def check_one_run(run_dir: Path) -> str | None:
 
 
 # ---------------------------------------------------------------------- checkpoints for --resume
-def save_checkpoint(directory: Path, learner, run_id: str, state: dict[str, Any],
+def save_checkpoint(directory: Path, learner: nn.Module, run_id: str, state: dict[str, Any],
                     tensors: dict[str, torch.Tensor]) -> None:
     """Learner + trainer state (``state`` JSON-able, ``tensors`` e.g. optimizer buffers and RNG states) as
-    one complete-or-absent set."""
+    one complete-or-absent set whose manifest records ``run_id``.
+
+    An :class:`~anchoropt.prompts.AnchorOPTPromptLearner` is written as its ``prompt_learner/`` set
+    (:func:`anchoropt.io.save_prompt_learner`); any other learner (CoOp, ATPrompt, CoCoOp, MaPLe, DePT ...)
+    as its ``state_dict()`` in ``anchoropt.safetensors``, as :func:`anchoropt.registry.save_learner` saves it.
+    A learner's state holds only what it learns (and its Stage I anchors): the method modules keep the frozen
+    CLIP towers as plain references, not submodules (MaPLe's image tower too), so no frozen CLIP weight is
+    written into a checkpoint.
+    """
     from safetensors.torch import save as safetensors_bytes
 
-    from ..io import save_prompt_learner
+    from ..io import WEIGHTS_NAME, save_prompt_learner, state_tensors, tensor_shapes
+    from ..prompts import AnchorOPTPromptLearner
 
     extra = {
         TRAINER_TENSORS: safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}),
         TRAINER_INFO: _files.json_text({**state, "run_id": run_id}).encode("utf-8"),
     }
-    save_prompt_learner(learner, directory, run_id=run_id, extra_files=extra)
+    if isinstance(learner, AnchorOPTPromptLearner):
+        save_prompt_learner(learner, directory, run_id=run_id, extra_files=extra)
+        return
+    weights = state_tensors(learner)
+    files = {WEIGHTS_NAME: safetensors_bytes(weights, metadata={"format": "anchoropt"}), **extra}
+    _files.commit_files(directory, files, {"kind": "learner_checkpoint", "learner": type(learner).__name__,
+                                           "tensors": tensor_shapes(weights), "run_id": run_id})
 
 
 def latest_checkpoint(out: Path, run_id: str | None) -> tuple[Path, dict, dict, dict[str, torch.Tensor]] | None:
     """``(directory, state, trainer tensors, learner state dict)`` of the complete checkpoint of run ``run_id``
-    with the most epochs done; incomplete or foreign ones are skipped (with a warning)."""
+    with the most epochs done (either kind :func:`save_checkpoint` writes); incomplete or foreign ones are
+    skipped (with a warning)."""
     from safetensors.torch import load as load_safetensors_bytes
 
     from ..io import WEIGHTS_NAME
