@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from anchoropt import cli
+from anchoropt import _files, cli, registry
 from anchoropt import data as D
 from anchoropt.runner import ModelBundle, RunConfig, eval_transform, rundir, run_evaluation, run_training, train_transform
+from anchoropt.io import WEIGHTS_NAME, read_manifest
 from anchoropt.runner import run as run_module
 from anchoropt.testing import tiny_open_clip
 
@@ -35,7 +36,10 @@ def _train(folder, descriptions, out, *extra) -> int:
 
 
 def _learned(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "prompt_learner" / "anchoropt.safetensors"))
+    """The saved learner's tensors: AnchorOPT's prompt_learner/, any other method's learner/."""
+    if (out / "prompt_learner").is_dir():
+        return load_file(str(out / "prompt_learner" / "anchoropt.safetensors"))
+    return load_file(str(out / "learner" / registry.LEARNER_WEIGHTS))
 
 
 # ---------------------------------------------------------------------- run directories
@@ -54,11 +58,19 @@ class _Killed(BaseException):
     pass
 
 
-@pytest.mark.parametrize("variant", [{}, dict(deep_depth=2, pae=True, pae_dim=8, cache_image_features=True,
-                                             cache_views=2)], ids=["shallow", "deep-pae-cached-views"])
+RESUME_VARIANTS = {
+    "shallow": {},
+    "deep-pae-cached-views": dict(deep_depth=2, pae=True, pae_dim=8, cache_image_features=True, cache_views=2),
+    "coop-cached-views": dict(method="coop", cache_image_features=True, cache_views=2),
+    "dept-two-rates": dict(method="dept"),  # its head in a second optimizer group at 6.5x the rate, raw features
+    "maple-images": dict(method="maple"),  # takes images (the runner never caches features for it)
+}
+
+
+@pytest.mark.parametrize("variant", RESUME_VARIANTS.values(), ids=RESUME_VARIANTS.keys())
 def test_resume_continues_an_interrupted_run_bit_exactly(folder, descriptions, tmp_path, monkeypatch, variant):
     def bundle():  # PAE needs deep depth 2: a tower with 3 text blocks (a fresh one per run: deep hooks attach)
-        if not variant:
+        if not variant.get("pae"):
             return None
         model = tiny_open_clip(layers=3).eval().requires_grad_(False)
         return ModelBundle(model, None, train_transform(model), eval_transform(model), "tiny-3")
@@ -77,7 +89,8 @@ def test_resume_continues_an_interrupted_run_bit_exactly(folder, descriptions, t
     with pytest.raises(_Killed):
         run_training(_cfg(folder, descriptions, out, **variant), bundle=bundle())
     monkeypatch.undo()
-    assert rundir.run_state(out) == "interrupted" and not (out / rundir.LOCK_NAME).exists()
+    assert saved == [1, 2] and rundir.run_state(out) == "interrupted" and not (out / rundir.LOCK_NAME).exists()
+    _check_checkpoint_holds_only_the_learned_tensors(out / rundir.CHECKPOINTS / rundir.LAST_CHECKPOINT, whole.learner)
     with pytest.raises(rundir.RunDirectoryError, match="interrupted run .* --resume"):
         run_training(_cfg(folder, descriptions, out, **variant))
     with pytest.raises(rundir.RunDirectoryError, match="other options .*epochs: 4 -> 5"):
@@ -85,12 +98,27 @@ def test_resume_continues_an_interrupted_run_bit_exactly(folder, descriptions, t
     resumed = run_training(_cfg(folder, descriptions, out, **variant), bundle=bundle(), resume=True)
     assert resumed.results["stage2"]["resumed_at_epoch"] == 2
     assert resumed.results["stage2"]["epoch_losses"] == whole.results["stage2"]["epoch_losses"]
+    assert resumed.results["stage2"]["param_groups"] == whole.results["stage2"]["param_groups"]
     for name, tensor in _learned(whole.output).items():
         assert torch.equal(tensor, _learned(out)[name]), name
     assert resumed.results["results"] == whole.results["results"]
     assert resumed.results["stage2"].get("pae") == whole.results["stage2"].get("pae")
+    assert not (out / rundir.CHECKPOINTS / rundir.LAST_CHECKPOINT).exists()
+    if variant.get("method") == "dept":
+        head, prompt = (next(g for g in resumed.results["stage2"]["param_groups"] if g["name"] == n)
+                        for n in ("head", "prompt"))
+        assert head["lr"] == pytest.approx(6.5 * prompt["lr"])
 
 
+def _check_checkpoint_holds_only_the_learned_tensors(directory: Path, learner) -> None:
+    """A checkpoint's weights are the learner's trainable tensors (+ its Stage I anchors), no frozen CLIP weight."""
+    manifest = read_manifest(directory)
+    assert manifest is not None and manifest["run_id"] == json.loads(
+        (directory.parents[1] / "run_config.json").read_text())["run_id"]
+    weights = load_file(str(directory / WEIGHTS_NAME))
+    trainable = {name for name, p in learner.named_parameters() if p.requires_grad}
+    assert {name for name in weights if name.rsplit(".", 1)[-1] != "anchors"} == trainable
+    assert set(weights) == set(learner.state_dict())
 def test_two_runs_cannot_share_a_directory(folder, descriptions, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
