@@ -209,3 +209,98 @@ def test_bad_options_and_inputs_fail_before_the_model_is_built(folder, descripti
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "run_config.json").exists()
+
+
+# ---------------------------------------------------------------------- registry.save_learner: complete or absent
+def _coop(open_clip_model, tokenizer, shift: float = 0.0):
+    choice, settings = registry.parse_method("coop"), registry.MethodSettings(tokenizer=tokenizer)
+    learner = choice.method.build(open_clip_model, ["cat", "dog"], settings)
+    with torch.no_grad():
+        learner.soft.add_(shift)
+    return learner, choice, settings
+
+
+def _killed_at_call(n: int, real):
+    """A stand-in for ``real`` that raises :class:`_Killed` at its ``n``-th call (``real`` runs before that)."""
+    calls = []
+
+    def call(*args):
+        calls.append(args)
+        if len(calls) == n:
+            raise _Killed()
+        return real(*args)
+
+    return call
+
+
+def _load_soft(directory: Path, open_clip_model, tokenizer) -> torch.Tensor:
+    return registry.load_learner(directory, open_clip_model, ["cat", "dog"], tokenizer=tokenizer)[0].soft.detach()
+
+
+def test_an_interrupted_save_learner_leaves_the_previous_save(open_clip_model, tokenizer, tmp_path, monkeypatch):
+    directory = tmp_path / "learner"
+    old, choice, settings = _coop(open_clip_model, tokenizer)
+    registry.save_learner(old, choice, settings, directory, run_id="run-a")
+    assert read_manifest(directory)["run_id"] == "run-a"
+    new = _coop(open_clip_model, tokenizer, shift=1.0)[0]
+    monkeypatch.setattr(_files, "write_bytes", _killed_at_call(2, _files.write_bytes))  # weights staged, then killed
+    with pytest.raises(_Killed):
+        registry.save_learner(new, choice, settings, directory, run_id="run-b")
+    monkeypatch.undo()
+    assert torch.equal(_load_soft(directory, open_clip_model, tokenizer), old.soft.detach())
+    assert read_manifest(directory)["run_id"] == "run-a"
+
+    # killed once the new set was complete (staged), before it was moved in: the new save is the one read
+    monkeypatch.setattr(_files, "_finish_commit", _killed_at_call(1, None))
+    with pytest.raises(_Killed):
+        registry.save_learner(new, choice, settings, directory, run_id="run-b")
+    monkeypatch.undo()
+    assert torch.equal(_load_soft(directory, open_clip_model, tokenizer), new.soft.detach())
+
+
+def test_a_first_save_learner_interrupted_does_not_load(open_clip_model, tokenizer, tmp_path, monkeypatch):
+    learner, choice, settings = _coop(open_clip_model, tokenizer)
+    monkeypatch.setattr(_files, "write_bytes", _killed_at_call(2, _files.write_bytes))
+    with pytest.raises(_Killed):
+        registry.save_learner(learner, choice, settings, tmp_path / "learner")
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="not a saved learner"):
+        registry.load_learner(tmp_path / "learner", open_clip_model, ["cat", "dog"], tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("damage", ["flipped-byte", "truncated"])
+def test_load_learner_refuses_a_file_that_differs_from_the_manifest(open_clip_model, tokenizer, tmp_path, damage):
+    learner, choice, settings = _coop(open_clip_model, tokenizer)
+    registry.save_learner(learner, choice, settings, tmp_path / "learner")
+    weights = tmp_path / "learner" / registry.LEARNER_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    if damage == "truncated":  # a half-written file: not a safetensors parse error, the manifest's message
+        data = data[: len(data) // 2]
+    else:
+        data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(_files.IncompleteSaveError, match="does not match .*anchoropt_manifest.json .*save it again"):
+        registry.load_learner(tmp_path / "learner", open_clip_model, ["cat", "dog"], tokenizer=tokenizer)
+
+
+def test_a_learner_saved_without_a_manifest_still_loads(open_clip_model, tokenizer, tmp_path):
+    """The layout the previous anchoropt wrote: learner.safetensors + learner.json, no manifest."""
+    learner, choice, settings = _coop(open_clip_model, tokenizer, shift=0.5)
+    registry.save_learner(learner, choice, settings, tmp_path / "learner")
+    (tmp_path / "learner" / _files.MANIFEST_NAME).unlink()
+    assert sorted(p.name for p in (tmp_path / "learner").iterdir()) == [registry.LEARNER_CONFIG,
+                                                                        registry.LEARNER_WEIGHTS]
+    assert torch.equal(_load_soft(tmp_path / "learner", open_clip_model, tokenizer), learner.soft.detach())
+
+
+def test_a_run_s_learner_dir_carries_its_run_id(folder, descriptions, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    first = run_training(_cfg(folder, descriptions, a, method="coop", epochs=1)).results
+    run_training(_cfg(folder, descriptions, b, method="coop", epochs=1, seed=2))
+    assert read_manifest(a / "learner")["run_id"] == first["run_id"]
+    (a / "learner" / _files.MANIFEST_NAME).unlink()  # as an older anchoropt wrote it: still evaluates
+    assert run_evaluation(a)["results"] == first["results"]
+    shutil.rmtree(a / "learner")
+    shutil.copytree(b / "learner", a / "learner")
+    with pytest.raises(rundir.RunDirectoryError, match="mixes parts of different runs.*learner/ is from run"):
+        run_evaluation(a)
