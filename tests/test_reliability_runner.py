@@ -64,6 +64,7 @@ RESUME_VARIANTS = {
     "coop-cached-views": dict(method="coop", cache_image_features=True, cache_views=2),
     "dept-two-rates": dict(method="dept"),  # its head in a second optimizer group at 6.5x the rate, raw features
     "maple-images": dict(method="maple"),  # takes images (the runner never caches features for it)
+    "cocoop+anchoropt": dict(method="cocoop+anchoropt"),  # a method module with Stage I anchors in its state
 }
 
 
