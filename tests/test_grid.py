@@ -154,6 +154,37 @@ def test_grid_resumes_skipping_finished_runs_and_redoing_an_unfinished_one(tmp_p
         run_grid(changed, methods, [str(f) for f in folders], seeds, tmp_path / "out", plot=False)
 
 
+class _Killed(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("method", ["coop", "coop+anchoropt"])
+def test_grid_resumes_a_killed_run_from_its_checkpoint(tmp_path, folders, descriptions, monkeypatch, method):
+    from anchoropt.runner import rundir
+
+    base = RunConfig(descriptions=str(descriptions), **{**FAST, "epochs": 3})
+    whole = run_grid(base, [method], [str(folders[0])], [1], tmp_path / "whole", plot=False)
+    real = rundir.save_checkpoint
+
+    def killed_after_two_epochs(directory, learner, run_id, state, tensors):
+        real(directory, learner, run_id, state, tensors)
+        if state["epochs_done"] == 2:
+            raise _Killed()
+
+    monkeypatch.setattr(rundir, "save_checkpoint", killed_after_two_epochs)
+    with pytest.raises(_Killed):
+        run_grid(base, [method], [str(folders[0])], [1], tmp_path / "cut", plot=False)
+    monkeypatch.undo()
+    again = run_grid(base, [method], [str(folders[0])], [1], tmp_path / "cut", plot=False)
+    assert again["ran"] == [f"shapes / {method} / seed 1"]
+    run_dir = tmp_path / "cut" / "runs" / "shapes" / method / "seed1"
+    results = json.loads((run_dir / "results.json").read_text())
+    expected = json.loads((tmp_path / "whole" / "runs" / "shapes" / method / "seed1" / "results.json").read_text())
+    assert results["stage2"]["resumed_at_epoch"] == 2
+    assert results["stage2"]["epoch_losses"] == expected["stage2"]["epoch_losses"]
+    assert results["results"] == expected["results"] and whole["report"]
+
+
 def test_grid_command_and_report(tmp_path, folders, descriptions, capsys):
     out = tmp_path / "g"
     args = ["grid", "--methods", "zeroshot", "coop", "--data", str(folders[0]), "--seeds", "1", "2", "--model",

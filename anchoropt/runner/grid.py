@@ -9,8 +9,9 @@ Layout of ``OUT``::
     results.json  table.md  hm.png     the report (:mod:`anchoropt.runner.tables`)
 
 * **Resume**: a run whose ``results.json`` exists is skipped (its settings must match the grid's, else the
-  grid stops and says which setting differs); a run directory without one (an interrupted run) is cleared
-  and run again.
+  grid stops and says which setting differs); an interrupted run started with the grid's settings continues
+  from its last checkpoint (``anchoropt train --resume``); any other unfinished run directory is cleared and
+  run again.
 * **Shared image features**: with ``--augment none`` the image tower runs once per image for the whole grid.
 * **Parallel**: ``--jobs N`` runs N runs at once in local processes (each on its own GPU when there are
   several); under ``torchrun`` every run uses all processes (DDP) one after the other.
@@ -145,6 +146,23 @@ def run_state(run: GridRun, cfg: RunConfig) -> str:
     return "partial" if run.run_dir.exists() else "new"
 
 
+def resumable(run: GridRun, cfg: RunConfig) -> bool:
+    """Whether ``run``'s directory holds an interrupted run started with ``cfg`` and a complete checkpoint of it
+    (then it continues from there, bit-exactly on one process).  Without a checkpoint starting over gives the
+    fresh run's numbers, which a resume without one would not; a directory the runner refuses to resume
+    (other options, no run id, mixed parts) is not resumable either."""
+    from . import rundir as R
+    from .run import _resumed_run_id
+
+    if R.run_state(run.run_dir) != "interrupted":
+        return False
+    try:
+        run_id = _resumed_run_id(run.run_dir, _absolute_paths(cfg.resolve()))
+    except (R.RunDirectoryError, ValueError, OSError):
+        return False
+    return R.latest_checkpoint(run.run_dir, run_id) is not None
+
+
 def run_grid(
     base: RunConfig,
     methods: Sequence[str],
@@ -182,11 +200,13 @@ def run_grid(
         spec = {"methods": list(methods), "data": [str(d) for d in data], "datasets": _names(runs),
                 "seeds": list(seeds), "protocol": base.protocol, "targets": list(base.targets)}
         (output / GRID_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+        partial = [run for run in todo if states[run] == "partial"]
+        resumed = [run for run in partial if resumable(run, _run_config(base, run))]
         _log(ctx, f"grid: {len(runs)} runs ({len(mine)} in this shard): {len(skipped)} finished, "
-                  f"{len(todo)} to run" + (f" ({sum(states[r] == 'partial' for r in todo)} interrupted, redone)"
-                                           if any(states[r] == "partial" for r in todo) else ""))
-        for run in todo:
-            if states[run] == "partial":
+                  f"{len(todo)} to run" + (f" ({len(partial)} interrupted: {len(resumed)} resumed, "
+                                           f"{len(partial) - len(resumed)} redone)" if partial else ""))
+        for run in partial:
+            if run not in resumed:
                 shutil.rmtree(run.run_dir)
     dist_utils.barrier(ctx)
     store_file = None
@@ -295,7 +315,10 @@ def _run_one(base: RunConfig, run: GridRun, store_file: Path | None, ctx=None, d
         if features is None:
             features = _STORES[str(file)] = FeatureStore(bundle, file, batch_size=cfg.eval_batch_size,
                                                          normalize=not raw)
-    run_training(cfg, bundle=bundle, ctx=ctx, features=features)
+    from . import rundir as R
+
+    # run_grid cleared every unfinished directory it could not resume: what is still interrupted continues
+    run_training(cfg, bundle=bundle, ctx=ctx, features=features, resume=R.run_state(run.run_dir) == "interrupted")
     return run.name
 
 
