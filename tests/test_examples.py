@@ -24,6 +24,8 @@ CASES = {
     "building_blocks.py": ([], r"arrangement \(slot -> source\): \['\w+', '\w+', '\w+'\]"),
     "deep_variant.py": ([], r"novel logits: \(4, 2\)"),
     "base_to_novel.py": ([], r"base logits after the round trip identical: True"),
+    "methods_on_open_clip.py": (["--epochs", "1", "--stage1-steps", "5", "--classes", "6"],
+                                r"maple\+anchoropt: base .*% \| novel .*% \| HM .*toy-world figures"),
     "released_anchors.py": ([], r"(anchor-prompt features: \(3, 512\)|skipped: no released checkpoint)"),
 }
 
