@@ -24,7 +24,7 @@ from torch import nn
 
 from .descriptions import load_descriptions
 from .schedules import cosine_lr, dassl_lr
-from .template import AnchorPromptTemplate, Tokenizer
+from .template import AnchorPromptTemplate, Tokenizer, pad_id
 from .towers import TextTower
 
 __all__ = ["AnchorLearner", "DescriptionTargets", "description_mse", "stage1_learning_rates", "STAGE1_SCHEDULES"]
@@ -64,10 +64,10 @@ class DescriptionTargets:
         for class_idx, texts in enumerate(descriptions.values()):
             sentences.extend(texts)
             owners.extend([class_idx] * len(texts))
-        chunks, cut = [], []
+        chunks, cut, pad = [], [], pad_id(tokenizer)
         for start in range(0, len(sentences), batch_size):
             ids = tokenizer(sentences[start : start + batch_size])
-            cut += [start + i for i in (ids[:, -1] != 0).nonzero().flatten().tolist()]  # no padding left: cut
+            cut += [start + i for i in (ids[:, -1] != pad).nonzero().flatten().tolist()]  # no padding left: cut
             chunks.append(F.normalize(tower.encode_text(ids).float(), dim=-1))
         if cut:
             names = list(descriptions)

@@ -26,7 +26,7 @@ from . import functional
 from ._cache import TensorSnapshot
 from .deep import DeepAnchorHooks, DeepPrompts, attach_deep
 from .position import PositionMatrix
-from .template import AnchorPromptTemplate, Tokenizer
+from .template import AnchorPromptTemplate, Tokenizer, text_tokens
 from .towers import TextTower
 
 __all__ = ["AnchorOPTPromptLearner", "context_init", "model_logit_scale", "word_embeddings"]
@@ -286,8 +286,7 @@ def word_embeddings(
     tower: TextTower, tokenizer: Tokenizer, words: str, n: int, what: str = "words", count: str = "n"
 ) -> torch.Tensor:
     """Token embeddings ``(n, D)`` (float32 copy) of ``words``, which must be exactly ``n`` tokens."""
-    ids = tokenizer([words])
-    tokens = ids[0, 1:_eot(tower, ids)]  # between SOS and EOT
+    tokens = text_tokens(tokenizer, words)
     if tokens.numel() != n:
         raise ValueError(f"{what} {words!r} gives {tokens.numel()} tokens but {count} is {n}")
     return tower.embed(tokens[None])[0].float().clone()
@@ -304,7 +303,7 @@ def context_init(tower: TextTower, tokenizer: Tokenizer, words: str, n: int) -> 
     if not isinstance(words, str) or not words.split():
         raise ValueError(f"soft_init must be non-empty words such as 'a photo of a', got {words!r}")
     parts = words.split()
-    total = _n_tokens(tower, tokenizer, words)
+    total = text_tokens(tokenizer, words).numel()
     if total < n:
         raise ValueError(f"soft_init {words!r} gives {total} tokens but n_soft is {n}: the phrase needs at least "
                          f"n_soft tokens (its first n_soft initialise the context, any words after them are kept "
@@ -313,24 +312,13 @@ def context_init(tower: TextTower, tokenizer: Tokenizer, words: str, n: int) -> 
         return word_embeddings(tower, tokenizer, words, n, "soft_init", "n_soft"), ""
     for k in range(1, len(parts)):
         head = " ".join(parts[:k])
-        count = _n_tokens(tower, tokenizer, head)
+        count = text_tokens(tokenizer, head).numel()
         if count == n:
             return word_embeddings(tower, tokenizer, head, n, "soft_init", "n_soft"), " ".join(parts[k:])
         if count > n:
             break
     raise ValueError(f"the first {n} tokens of soft_init {words!r} end inside a word: choose n_soft so that "
                      f"the context covers whole words (or init words that split there)")
-
-
-def _n_tokens(tower: TextTower, tokenizer: Tokenizer, words: str) -> int:
-    return _eot(tower, tokenizer([words])) - 1  # between SOS and EOT
-
-
-def _eot(tower: TextTower, ids: torch.Tensor) -> int:
-    """Position of the first text's EOT token (towers pooling elsewhere: CLIP BPE's EOT has the largest id)."""
-    if tower.pool_type in ("argmax", "eos"):
-        return int(tower.pool_index(ids)[0])
-    return int(ids[0].argmax())
 
 
 def _check_text_features(features: torch.Tensor, prompt: str, learner: AnchorOPTPromptLearner) -> None:

@@ -29,6 +29,8 @@ from torch import nn
 from .towers import TextTower
 
 __all__ = [
+    "pad_id",
+    "text_tokens",
     "AnchorPromptTemplate",
     "PromptTemplate",
     "PromptLayout",
@@ -268,12 +270,12 @@ class PromptTemplate(nn.Module):
 
     def _check_fit(self, ids: torch.Tensor, segments: Sequence[Segment], n_slots: int) -> None:
         """Refuse class names whose prompt is cut off by the context length."""
+        pad = pad_id(self.tokenizer)
         long_ids = _tokenize_long(self.tokenizer, [_sentence("X", segments, n) for n in self.classnames])
         if long_ids is not None:
-            n_tokens = (long_ids != 0).sum(dim=1)  # CLIP tokenizers pad with id 0
-            too_long = (n_tokens > ids.shape[1]).nonzero().flatten().tolist()
-        else:  # tokenizer without a context_length argument: a cut prompt has its EOT forced to the last position
-            too_long = (self.tower.pool_index(ids) == ids.shape[1] - 1).nonzero().flatten().tolist()
+            too_long = ((long_ids != pad).sum(dim=1) > ids.shape[1]).nonzero().flatten().tolist()
+        else:  # tokenizer without a context_length argument: a cut prompt fills the context to its last position
+            too_long = (ids[:, -1] != pad).nonzero().flatten().tolist()
         if too_long:
             names = ", ".join(repr(self.classnames[i]) for i in too_long[:5])
             raise ValueError(
@@ -428,6 +430,25 @@ def _clean_classnames(classnames: Sequence[str]) -> list[str]:
     if duplicates:
         raise ValueError(f"duplicate class names: {duplicates}")
     return cleaned
+
+
+def pad_id(tokenizer: Tokenizer) -> int:
+    """The id the tokenizer pads with: the last one of the empty text (0 for CLIP BPE, SigLIP's end token)."""
+    return int(tokenizer([""])[0, -1])
+
+
+def text_tokens(tokenizer: Tokenizer, words: str) -> torch.Tensor:
+    """The token ids ``(n,)`` of ``words`` alone, without the tokenizer's special and padding tokens.
+
+    Found against the empty text, so no token id is assumed: CLIP BPE (``[SOS] words [EOT] 0 ...``) and
+    tokenizers without a start token that pad with their end token (SigLIP's, ``words [EOS] [EOS] ...``) alike.
+    """
+    ids, empty = tokenizer([words])[0], tokenizer([""])[0]
+    pad = int(empty[-1])
+    n = int((ids != pad).sum() - (empty != pad).sum())
+    differ = (ids[: len(empty)] != empty[: len(ids)]).nonzero()
+    start = int(differ[0]) if len(differ) else 0  # the shared leading special tokens ([SOS])
+    return ids[start:start + max(n, 0)]
 
 
 def _tokenize_long(tokenizer: Tokenizer, texts: list[str]) -> torch.Tensor | None:

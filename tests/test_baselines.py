@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from anchoropt import AnchorOPTPromptLearner, TextTower
+from anchoropt.template import text_tokens
 from anchoropt.baselines import ENSEMBLE_TEMPLATES, SoftPromptLearner, ZeroShotClassifier
 from anchoropt.io import load_prompt_learner, save_prompt_learner
 from anchoropt.registry import (
@@ -299,3 +300,52 @@ def test_an_init_phrase_shorter_than_m_or_split_inside_a_word_is_refused(model) 
         SoftPromptLearner(model, CLASSES, n_soft=2, soft_init="a playfulness")  # "play" + "fulness"
     with pytest.raises(ValueError, match="non-empty words"):
         SoftPromptLearner(model, CLASSES, n_soft=2, soft_init="  ")
+
+
+def _siglip_like_tokenizer(tok, end: int = 1):
+    """CLIP BPE ids as SigLIP's tokenizer lays them out: no start token, the end token also pads."""
+
+    def tokenize(texts):  # no context_length argument; a text longer than the context is cut, its end token lost
+        ids = tok(texts, context_length=1024)
+        out = torch.full((len(texts), 77), end, dtype=ids.dtype)
+        for row, sentence in enumerate(ids):
+            words = [int(t) for t in sentence[1:int(sentence.argmax())]][:77]  # between SOS and EOT
+            out[row, :len(words)] = torch.tensor(words, dtype=ids.dtype)
+        return out
+
+    return tokenize
+
+
+def test_init_words_are_found_without_assuming_a_start_or_end_token(tok) -> None:
+    siglip_tok = _siglip_like_tokenizer(tok)
+    for tokenizer in (tok, siglip_tok):
+        assert text_tokens(tokenizer, "a photo of a").tolist() == tok(["a photo of a"])[0, 1:5].tolist()
+        assert text_tokens(tokenizer, "").numel() == 0
+    model = tiny_custom_text_clip(no_causal_mask=True, pool_type="last").eval().requires_grad_(False)
+    learner = SoftPromptLearner(model, CLASSES, n_soft=2, soft_init="a photo of a", tokenizer=siglip_tok)
+    assert learner.context_words == "of a"
+    tower = TextTower.from_model(model)
+    expected = tower.embed(tok(["a photo"])[:, 1:3])[0].float()
+    torch.testing.assert_close(learner.soft.detach(), expected, rtol=0, atol=0)
+    ids = siglip_tok([f"a photo of a {name}." for name in CLASSES])
+    with torch.no_grad():  # at init the prompt is the sentence itself, through the tower's own forward
+        torch.testing.assert_close(learner.text_features(), F.normalize(model.encode_text(ids).float(), dim=-1),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_a_tokenizer_that_pads_with_its_end_token_is_read_right(tok) -> None:
+    """Padding is the empty text's last id, not 0: no false 'cut off' for short names and sentences."""
+    import warnings
+
+    from anchoropt import AnchorLearner
+
+    siglip_tok = _siglip_like_tokenizer(tok)
+    model = tiny_custom_text_clip(no_causal_mask=True, pool_type="last").eval().requires_grad_(False)
+    stage1 = AnchorLearner(model, ["cat"], tokenizer=siglip_tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stage1.targets({"cat": ["a photo of a cat."]})
+    with pytest.warns(UserWarning, match="fill the text tower's 77 tokens and are cut"):
+        stage1.targets({"cat": ["a cat " * 125 + "."]})
+    with pytest.raises(ValueError, match="do not fit the text tower's context length"):
+        SoftPromptLearner(model, ["cat " * 80], n_soft=2, tokenizer=siglip_tok)
