@@ -1,5 +1,6 @@
 """The method modules under DistributedDataParallel as the runner wraps learners: 2 CPU (gloo) processes, each its own
-batch and Gumbel sample; after SGD steps the replicas are equal and differ from the start."""
+batch and Gumbel sample; after SGD steps the replicas are equal and differ from the start (MaPLe also on a timm
+EVA02-style image tower)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         "cocoop": CoCoOp(model, names, template="anchoropt", n_ctx=2, anchors=anchors),
         "dept": DePT(model, names, n_ctx=2, base="cocoop"),
         "maple": MaPLe(model, names, template="anchoropt", n_ctx=2, prompt_depth=3, anchors=anchors),
+        # EVA02-style timm image tower (rope rows, stripped prompts) under DDP too
+        "maple_eva": MaPLe(testing.tiny_timm_clip("eva").requires_grad_(False), names, template="anchoropt",
+                           n_ctx=2, prompt_depth=3, anchors=anchors),
     }
     start = {k: {n: p.detach().clone() for n, p in m.named_parameters()} for k, m in learners.items()}
     torch.manual_seed(100 + rank)  # each process: its own batch and Gumbel noise
@@ -63,8 +67,9 @@ def test_two_process_gloo_steps_keep_replicas_equal(tmp_path):
 
     replicas = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     trained = [k for k in replicas[0] if not k.endswith(".start")]
-    assert {k.split(".")[0] for k in trained} == {"cocoop", "dept", "maple"}
+    assert {k.split(".")[0] for k in trained} == {"cocoop", "dept", "maple", "maple_eva"}
     for key in trained:
         torch.testing.assert_close(replicas[0][key], replicas[1][key], rtol=0, atol=1e-7, msg=key)
-    for key in ("cocoop.text.learner.soft", "dept.linear_probe_proj.weight", "maple.proj.weight"):
+    for key in ("cocoop.text.learner.soft", "dept.linear_probe_proj.weight", "maple.proj.weight",
+                "maple_eva.proj.weight"):
         assert not torch.equal(replicas[0][key], replicas[0][key + ".start"]), key
