@@ -141,12 +141,12 @@ class SoftPromptLearner(nn.Module):
         self.attributes = tuple(attributes)
         self.n_attr_soft = n_soft if n_attr_soft is None else int(n_attr_soft)
         self.class_specific, self.legacy_single_token = bool(class_specific), bool(legacy_single_token)
-        self._tokenizer, self._n_class_soft = tokenizer, n_soft
+        self._tokenizer = tokenizer or default_tokenizer(self.tower.context_length)  # one, for every class set
+        self._n_class_soft = n_soft
         self._trained_classnames: list[str] | None = None
         words = None
         self.context_words = ""  # fixed words between the class context and the class name (MaPLe's "of a")
         if soft_init is not None:
-            self._tokenizer = tokenizer or default_tokenizer(self.tower.context_length)
             words, self.context_words = context_init(self.tower, self._tokenizer, soft_init, n_soft)
         self.set_classnames(classnames)
         width, device = self.tower.width, self.tower.device

@@ -25,7 +25,10 @@ import torch
 from .. import data as D
 from .models import ModelBundle, encode_images, encode_images_raw
 
-__all__ = ["FeatureStore", "feature_key"]
+__all__ = ["FeatureStore", "feature_key", "RAW_SUFFIX"]
+
+RAW_SUFFIX = "-raw"
+"""What :func:`feature_key` appends for features that are not L2-normalised (their file sits beside the others)."""
 
 
 def feature_key(model: str, pretrained: str | None, precision: str, normalize: bool = True) -> str:
@@ -37,7 +40,7 @@ def feature_key(model: str, pretrained: str | None, precision: str, normalize: b
         weights = f"{Path(pretrained).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
     digest = hashlib.sha256(json.dumps([model, weights, precision]).encode()).hexdigest()[:16]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in Path(model).name)
-    return f"{safe}-{digest}" + ("" if normalize else "-raw")
+    return f"{safe}-{digest}" + ("" if normalize else RAW_SUFFIX)
 
 
 class FeatureStore:

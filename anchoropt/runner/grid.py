@@ -248,8 +248,10 @@ def _feature_file(base: RunConfig, output: Path) -> Path:
 
 
 def _raw_twin(file: Path) -> Path:
-    """The raw (not normalised) features' file next to the normalised ones' (:func:`feature_key`'s ``-raw``)."""
-    return file.with_name(file.name[: -len(".safetensors")] + "-raw.safetensors")
+    """The raw (not normalised) features' file next to the normalised ones' (:func:`feature_key`'s suffix)."""
+    from .features import RAW_SUFFIX
+
+    return file.with_name(f"{file.stem}{RAW_SUFFIX}{file.suffix}")
 
 
 def _wants_raw(cfg: RunConfig) -> bool:
