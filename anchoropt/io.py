@@ -35,21 +35,21 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from . import _files
+from . import _files, _moved
 from ._files import IncompleteSaveError
 from ._jsonfile import parse_json, read_json
 from ._version import __version__
 from .official import load_official_anchors
-from .prompts import AnchorOPTPromptLearner
-from .template import Tokenizer
-from .towers import TextTower
+
+if TYPE_CHECKING:  # for annotations only: the learner imports this module, not the other way round
+    from .prompts import AnchorOPTPromptLearner
 
 __all__ = [
     "CONFIG_NAME",
@@ -57,7 +57,7 @@ __all__ = [
     "save_anchors",
     "load_anchors",
     "save_prompt_learner",
-    "load_prompt_learner",
+    "read_prompt_learner",
     "read_config",
     "read_manifest",
     "IncompleteSaveError",
@@ -144,7 +144,7 @@ def anchors_run_id(path: str | os.PathLike) -> str | None:
 
 # ---------------------------------------------------------------------- Stage II prompt learner
 def save_prompt_learner(
-    learner: AnchorOPTPromptLearner,
+    learner: "AnchorOPTPromptLearner",
     directory: str | os.PathLike,
     run_id: str | None = None,
     extra_files: Mapping[str, bytes] | None = None,
@@ -212,17 +212,16 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu") if first is None else first.device
 
 
-def load_prompt_learner(
-    directory: str | os.PathLike,
-    tower: TextTower | nn.Module,
-    classnames: Sequence[str],
-    tokenizer: Tokenizer | None = None,
-) -> AnchorOPTPromptLearner:
-    """Rebuild a saved prompt learner on ``tower`` for ``classnames`` (any class list, e.g. novel classes)."""
+def read_prompt_learner(directory: str | os.PathLike, width: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The checked config and tensors of a saved prompt learner, for a text tower of embedding ``width``.
+
+    Everything a load can check before building the learner is checked here: the manifest, the config's keys
+    and types, the embedding width, every tensor's presence, shape and finiteness.
+    :func:`anchoropt.prompts.load_prompt_learner` builds the learner from what this returns.
+    """
     directory = Path(directory)
     config, files, mismatch = _read_saved_set(directory, "prompt_learner", with_weights=True)
-    tower = TextTower.from_model(tower)
-    _check_width(config["width"], tower.width, directory)
+    _check_width(config["width"], width, directory)
     weights_path = directory / WEIGHTS_NAME
     tensors, _ = _read_safetensors(files[WEIGHTS_NAME], weights_path)
     expected = {
@@ -252,24 +251,7 @@ def load_prompt_learner(
         _check_finite(name, tensor, weights_path)
     if mismatch is not None:
         raise mismatch
-    learner = AnchorOPTPromptLearner(
-        tower,
-        classnames,
-        tensors["anchors"],
-        n_soft=config["n_soft"],
-        preposition=config["preposition"],
-        tokenizer=tokenizer,
-        tau=config["tau"],
-        arrangement=config["arrangement"],
-        deep_depth=deep_depth,
-        attributes=attributes,
-        n_attr_soft=n_attr_soft,
-        pooling=config.get("pooling", "eot"),
-        legacy_single_token=bool(config.get("legacy_single_token", False)),
-    )
-    learner.position.sample_in_eval = bool(config.get("sample_in_eval", False))
-    learner.load_state_dict({k: v.to(tower.device) for k, v in tensors.items()}, strict=True)
-    return learner
+    return config, tensors
 
 
 def read_config(directory: str | os.PathLike, kind: str) -> dict:
@@ -393,3 +375,7 @@ def _check_width(found: int, expected: int | None, where: Path) -> None:
             f"{where} was made for a text tower of width {found}, but this tower has width {expected}: "
             "it belongs to another CLIP model"
         )
+
+
+# load_prompt_learner builds the learner, so it lives beside it now (anchoropt.prompts); the old path warns.
+__getattr__ = _moved.moved_names(__name__, {"load_prompt_learner": "anchoropt.prompts"})

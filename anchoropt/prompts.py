@@ -16,6 +16,7 @@ Axes: ``B`` images, ``C`` classes, ``M`` soft tokens, ``N`` anchors, ``D`` width
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Sequence
 
 import torch
@@ -25,11 +26,12 @@ from torch import nn
 from . import functional
 from ._cache import TensorSnapshot
 from .deep import DeepAnchorHooks, DeepPrompts, attach_deep
+from .io import read_prompt_learner, save_prompt_learner
 from .position import PositionMatrix
 from .template import AnchorPromptTemplate, Tokenizer, text_tokens
 from .towers import TextTower
 
-__all__ = ["AnchorOPTPromptLearner", "context_init", "model_logit_scale", "word_embeddings"]
+__all__ = ["AnchorOPTPromptLearner", "context_init", "load_prompt_learner", "model_logit_scale", "word_embeddings"]
 
 
 class AnchorOPTPromptLearner(nn.Module):
@@ -258,15 +260,11 @@ class AnchorOPTPromptLearner(nn.Module):
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory) -> None:
         """Write the learned tensors (safetensors) and config (JSON) to ``directory``; see :mod:`anchoropt.io`."""
-        from .io import save_prompt_learner
-
         save_prompt_learner(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, tower, classnames: Sequence[str], tokenizer: Tokenizer | None = None):
         """Rebuild a saved learner on ``tower`` for ``classnames`` (any class list, e.g. novel classes)."""
-        from .io import load_prompt_learner
-
         return load_prompt_learner(directory, tower, classnames, tokenizer)
 
     # ------------------------------------------------------------------ construction helpers
@@ -352,3 +350,36 @@ def _checked_anchors(anchors: torch.Tensor, width: int, n_anchor: int | None = N
     if not torch.isfinite(anchors).all():
         raise ValueError("anchors contain NaN or inf")
     return anchors.detach().float().clone()
+
+
+def load_prompt_learner(
+    directory: str | os.PathLike,
+    tower: TextTower | nn.Module,
+    classnames: Sequence[str],
+    tokenizer: Tokenizer | None = None,
+) -> AnchorOPTPromptLearner:
+    """Rebuild a saved prompt learner on ``tower`` for ``classnames`` (any class list, e.g. novel classes).
+
+    The files are checked first (:func:`anchoropt.io.read_prompt_learner`); the class-dependent prompts are
+    built for ``classnames``, the learned tensors loaded into them.
+    """
+    tower = TextTower.from_model(tower)
+    config, tensors = read_prompt_learner(directory, tower.width)
+    learner = AnchorOPTPromptLearner(
+        tower,
+        classnames,
+        tensors["anchors"],
+        n_soft=config["n_soft"],
+        preposition=config["preposition"],
+        tokenizer=tokenizer,
+        tau=config["tau"],
+        arrangement=config["arrangement"],
+        deep_depth=int(config.get("deep_depth", 0)),
+        attributes=list(config.get("attributes", [])),
+        n_attr_soft=int(config.get("n_attr_soft", config["n_soft"])),
+        pooling=config.get("pooling", "eot"),
+        legacy_single_token=bool(config.get("legacy_single_token", False)),
+    )
+    learner.position.sample_in_eval = bool(config.get("sample_in_eval", False))
+    learner.load_state_dict({k: v.to(tower.device) for k, v in tensors.items()}, strict=True)
+    return learner

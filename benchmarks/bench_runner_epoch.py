@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import classnames, machine, parser, write_results  # noqa: E402
 
 from anchoropt import AnchorOPTPromptLearner, runner  # noqa: E402
-from anchoropt import data as D  # noqa: E402
+from anchoropt.datasets import folders as D  # noqa: E402
 from anchoropt.runner.models import _preprocess_cfg, _text_width  # noqa: E402
 
 SECTIONS = ("data", "image_encoding", "text_encoding", "loss_backward")

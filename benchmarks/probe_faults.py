@@ -88,7 +88,7 @@ def expect_warning(call, *keywords: str):
 
 def cli(args: list[str], *keywords: str, no_model: bool = True):
     """``anchoropt ARGS`` in-process must exit 2 with the keywords on stderr, no traceback, before the model."""
-    from anchoropt import cli as entry
+    from anchoropt.runner import cli as entry
     from anchoropt.runner import run as run_module
 
     err = io.StringIO()
@@ -120,7 +120,7 @@ class World:
     def __init__(self, root: Path):
         import torch
 
-        from anchoropt import data as D
+        from anchoropt.datasets import folders as D
 
         self.root = root
         self.folder = D.make_synthetic_image_folder(root / "shapes", per_class=12, size=32)
@@ -158,7 +158,7 @@ class World:
                 *self.fast, *extra]
 
     def trained_run(self, seed: int = 1) -> Path:
-        from anchoropt import cli as entry
+        from anchoropt.runner import cli as entry
 
         out = self.tmp() / "run"
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()), \
@@ -367,7 +367,7 @@ def _(w):
 
 
 def _folder(w, names, per_class=2) -> Path:
-    from anchoropt import data as D
+    from anchoropt.datasets import folders as D
 
     src = D.make_synthetic_image_folder(w.tmp() / "src", ("x",), per_class=1, size=8)
     image = (src / "x" / "0000.png").read_bytes()
@@ -380,7 +380,7 @@ def _folder(w, names, per_class=2) -> Path:
 
 
 def _read(root):
-    from anchoropt import data as D
+    from anchoropt.datasets import folders as D
 
     return D.read_image_folder(root)
 
@@ -398,7 +398,7 @@ def _(w):
 
 @case("data", "more shots than a class has")
 def _(w):
-    from anchoropt import data as D
+    from anchoropt.datasets import folders as D
 
     records = [D.Record(f"{c}{i}", label, c) for label, (c, n) in enumerate((("cat", 8), ("dog", 2))) for i in range(n)]
     expect_warning(lambda: D.few_shot(records, 4, 0), "dog")
@@ -406,7 +406,7 @@ def _(w):
 
 @case("data", "split file with a string label")
 def _(w):
-    from anchoropt import data as D
+    from anchoropt.datasets import folders as D
 
     path = w.tmp() / "split.json"
     path.write_text(json.dumps({"train": [["a.png", "zero", "cat"]], "val": [], "test": [["b.png", 0, "cat"]]}))
@@ -415,7 +415,7 @@ def _(w):
 
 @case("data", "non-UTF-8 classnames.txt")
 def _(w):
-    from anchoropt import data as D
+    from anchoropt.datasets import folders as D
 
     path = w.tmp() / "classnames.txt"
     path.write_bytes("n01 caf\u00e9\n".encode("latin-1"))
@@ -538,7 +538,7 @@ def _(w):
 def _(w):
     out = w.trained_run()
     (out / "results.json").unlink()  # as a run killed during its evaluation leaves it
-    from anchoropt import cli as entry
+    from anchoropt.runner import cli as entry
 
     with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()), \
             warnings.catch_warnings():

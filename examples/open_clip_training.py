@@ -31,7 +31,7 @@ p.add_argument("--stage1-steps", type=int, default=100)
 args = p.parse_args()
 
 if args.model == "tiny":  # offline stand-in for open_clip.create_model_and_transforms(...)
-    from anchoropt.data import make_synthetic_image_folder
+    from anchoropt.datasets.folders import make_synthetic_image_folder
     from anchoropt.runner import eval_transform, train_transform
     from anchoropt.testing import tiny_open_clip
 

@@ -3,10 +3,10 @@
     python examples/quickstart.py            # offline; the same as `anchoropt demo`
     python examples/quickstart.py --help     # a real open_clip model on your ImageFolder
 
-The program lives in the package (anchoropt/demo.py), so an installed wheel runs it too: `anchoropt demo`.
+The program lives in the package (anchoropt/runner/demo.py), so an installed wheel runs it too: `anchoropt demo`.
 """
 
-from anchoropt.demo import main
+from anchoropt.runner.demo import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

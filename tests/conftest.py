@@ -95,7 +95,7 @@ def fp32_model(request) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """The runner tests' data: 4 synthetic classes x 12 images (ImageFolder), 6 train / 2 val / 4 test per class."""
-    from anchoropt import data
+    from anchoropt.datasets import folders as data
 
     return data.make_synthetic_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class=12, size=32)
 
@@ -103,7 +103,7 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def descriptions(tmp_path_factory, folder) -> Path:
     """CuPL-style descriptions of ``folder``'s classes (two sentences and one letterless entry each)."""
-    from anchoropt import data
+    from anchoropt.datasets import folders as data
 
     path = tmp_path_factory.mktemp("desc") / "shapes.json"
     names = data.read_image_folder(folder)[1]

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from anchoropt import AnchorOPTPromptLearner, TextTower
 from anchoropt.template import text_tokens
-from anchoropt.baselines import ENSEMBLE_TEMPLATES, SoftPromptLearner, ZeroShotClassifier
-from anchoropt.io import load_prompt_learner, save_prompt_learner
-from anchoropt.registry import (
+from anchoropt.methods.baselines import ENSEMBLE_TEMPLATES, SoftPromptLearner, ZeroShotClassifier
+from anchoropt.io import save_prompt_learner
+from anchoropt.prompts import load_prompt_learner
+from anchoropt.methods.registry import (
     Method,
     MethodSettings,
     available_methods,

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from anchoropt import cli, runner
+from anchoropt.runner import cli
+from anchoropt import runner
 from anchoropt.runner import cli as runner_cli
 from anchoropt.runner import training
-from anchoropt import data as D
-from anchoropt.presets import available_presets, canonical_name, preset
+from anchoropt.datasets import folders as D
+from anchoropt.methods.presets import available_presets, canonical_name, preset
 
 FAST = ["--pretrained", "none", "--shots", "4", "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "8",
         "--stage1-steps", "3", "--no-progress", "--seed", "1"]

@@ -1,4 +1,4 @@
-"""anchoropt.data: dataset layouts, CoOp split files, Dassl's few-shot sampling and base/novel subsampling."""
+"""anchoropt.datasets.folders: dataset layouts, CoOp split files, Dassl's few-shot sampling and base/novel subsampling."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from anchoropt import data as D
+from anchoropt.datasets import folders as D
 
 
 @pytest.fixture(scope="module")

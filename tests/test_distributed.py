@@ -9,8 +9,8 @@ import socket
 import pytest
 import torch
 
-from anchoropt import data as D
-from anchoropt import distributed as dist_utils
+from anchoropt.datasets import folders as D
+from anchoropt.runner import distributed as dist_utils
 
 
 def _free_port() -> int:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from anchoropt import cli
-from anchoropt.presets import preset
+from anchoropt.runner import cli
+from anchoropt.methods.presets import preset
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

@@ -87,7 +87,7 @@ def test_readme_snippet_runs_on_a_tiny_tower(monkeypatch, tmp_path, capsys):
     """The snippet verbatim, with open_clip's factory giving a tiny random tower and fewer steps."""
     import open_clip
 
-    from anchoropt.data import make_synthetic_image_folder
+    from anchoropt.datasets.folders import make_synthetic_image_folder
     from anchoropt.runner import eval_transform, train_transform
     from anchoropt.template import default_tokenizer
     from anchoropt.testing import tiny_open_clip

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from anchoropt import cli, viz
+from anchoropt.runner import cli
+from anchoropt import viz
 from anchoropt._progress import Progress
 from anchoropt.runner import models, reports
 
@@ -258,7 +259,7 @@ def test_python_dash_m_anchoropt_demo():
 
 
 def test_demo_on_a_real_model_name_checks_like_the_runner(folder, descriptions, capsys, monkeypatch):
-    from anchoropt import demo
+    from anchoropt.runner import demo
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(models, "_cached", lambda cfg: False)

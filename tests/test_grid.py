@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from anchoropt import cli
-from anchoropt import data as D
-from anchoropt.registry import MethodSettings, parse_method
+from anchoropt.runner import cli
+from anchoropt.datasets import folders as D
+from anchoropt.methods.registry import MethodSettings, parse_method
 from anchoropt.runner import RunConfig, run_training
 from anchoropt.runner.grid import parse_shard, plan_grid, run_grid, select_shard
 from anchoropt.runner.tables import base2novel_tables, format_cell, mean_std, record_from_results, transfer_tables

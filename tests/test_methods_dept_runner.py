@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from anchoropt import data as D
-from anchoropt.baselines import SoftPromptLearner
+from anchoropt.datasets import folders as D
+from anchoropt.methods.baselines import SoftPromptLearner
 from anchoropt.methods import DePT
-from anchoropt.registry import MethodSettings, parse_method
+from anchoropt.methods.registry import MethodSettings, parse_method
 from anchoropt.runner import RunConfig, run_training
 from anchoropt.runner.features import FeatureStore, feature_key
 from anchoropt.runner.grid import run_grid

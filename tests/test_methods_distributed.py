@@ -23,7 +23,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     from safetensors.torch import save_file
 
-    from anchoropt import distributed as dist_utils
+    from anchoropt.runner import distributed as dist_utils
     from anchoropt import testing
     from anchoropt.methods import CoCoOp, DePT, MaPLe
 

@@ -10,7 +10,8 @@ import torch
 
 import anchoropt.methods  # noqa: F401  (registers the entries)
 import peer_fakes as pf
-from anchoropt import registry, testing
+from anchoropt.methods import registry
+from anchoropt import testing
 from anchoropt.methods import MaPLe
 from anchoropt.methods.image_towers import identity_rope_rows
 from anchoropt.towers import UnsupportedTowerError

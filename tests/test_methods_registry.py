@@ -9,7 +9,8 @@ import torch
 
 import anchoropt.methods  # noqa: F401  (registers the entries)
 import peer_fakes as pf
-from anchoropt import registry, testing
+from anchoropt.methods import registry
+from anchoropt import testing
 from anchoropt.methods import CoCoOp, MaPLe
 from anchoropt.methods.entries import PRESET_METHOD
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from anchoropt import cli
-from anchoropt import data as D
+from anchoropt.runner import cli
+from anchoropt.datasets import folders as D
 from anchoropt.runner import RunConfig, run_training
 
 FAST = dict(model="tiny-test", pretrained=None, shots=2, epochs=1, warmup_epochs=0, batch_size=4, stage1_steps=2,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anchoropt import mpa
+from anchoropt.methods import mpa
 from anchoropt.testing import tiny_open_clip
 
 H = 32

@@ -64,7 +64,7 @@ def test_sdist_holds_tests_examples_docs_and_benchmarks(sdist_names):
     missing = sorted(wanted - sdist_names)
     assert not missing, f"missing from the sdist: {missing}"
     for needed in ("tests/conftest.py", "tests/peer_fakes.py", "examples/quickstart.py", "docs/index.md",
-                   "anchoropt/demo.py"):
+                   "anchoropt/runner/demo.py"):
         assert needed in sdist_names
     assert not {n for n in sdist_names if SKIP_PARTS & set(n.split("/")) or n.startswith((".venv/", "build/"))}
 
@@ -81,8 +81,8 @@ def test_wheel_is_the_package_with_its_demo(sdist, tmp_path):
         metadata = next(wheel.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
     packaged = {n for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert packaged == _source_files("anchoropt") - {n for n in _source_files("anchoropt") if n.endswith(".pyc")}
-    assert "anchoropt/demo.py" in packaged and "anchoropt/py.typed" in packaged
-    assert "anchoropt = anchoropt.cli:main" in entry_points
+    assert "anchoropt/runner/demo.py" in packaged and "anchoropt/py.typed" in packaged
+    assert "anchoropt = anchoropt.runner.cli:main" in entry_points
     # [test] is pytest + matplotlib; the docs toolchain lives in [docs]
     test_extra = [line for line in metadata.splitlines() if line.startswith("Requires-Dist") and "extra == \"test\"" in line]
     docs_extra = [line for line in metadata.splitlines() if line.startswith("Requires-Dist") and "extra == \"docs\"" in line]

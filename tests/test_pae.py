@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from anchoropt import AnchorOPTPromptLearner, TextTower
 from anchoropt import functional as Fn
-from anchoropt.pae import KoopmanLyapunov, optimizer_groups, pae_loss, prompt_chain
+from anchoropt.methods.pae import KoopmanLyapunov, optimizer_groups, pae_loss, prompt_chain
 from anchoropt.testing import tiny_open_clip
 
 W = 8  # prompt width
@@ -313,7 +313,7 @@ def test_maple_text_and_visual_chains():
 def test_attach_to_maple_through_the_anchoropt_shim_trains_and_leaves_inference_unchanged():
     import peer_fakes as pf
     from anchoropt.adapters import find, maple
-    from anchoropt.pae import attach, regularization
+    from anchoropt.methods.pae import attach, regularization
 
     clip_model = pf.tiny_maple_clip("fp32", n_ctx=2)
     cfg = pf.make_cfg("maple", n_ctx=2, prec="fp32", depth=3)  # the fake's 3 text blocks
@@ -345,7 +345,7 @@ def test_attach_to_maple_through_the_anchoropt_shim_trains_and_leaves_inference_
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda():
-    from anchoropt import mpa
+    from anchoropt.methods import mpa
 
     reg = KoopmanLyapunov(W, dim=4, device="cuda")
     prompts = torch.randn(J, T, W, device="cuda", requires_grad=True)

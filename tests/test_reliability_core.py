@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from anchoropt import AnchorLearner, AnchorOPTPromptLearner, load_anchors, load_prompt_learner, save_anchors
 from anchoropt import _files
-from anchoropt import data as D
+from anchoropt.datasets import folders as D
 from anchoropt.descriptions import DescriptionsError, load_descriptions
 from anchoropt.functional import anchoropt_loss
 from anchoropt.io import CONFIG_NAME, WEIGHTS_NAME, IncompleteSaveError, read_config, save_prompt_learner

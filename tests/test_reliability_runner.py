@@ -13,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from anchoropt import _files, cli, registry
-from anchoropt import data as D
+from anchoropt import _files
+from anchoropt.runner import cli
+from anchoropt.methods import registry
+from anchoropt.datasets import folders as D
 from anchoropt.runner import ModelBundle, RunConfig, eval_transform, rundir, run_evaluation, run_training, train_transform
 from anchoropt.io import WEIGHTS_NAME, read_manifest
 from anchoropt.runner import run as run_module

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from anchoropt import AnchorLearner, AnchorOPTPromptLearner
-from anchoropt.baselines import SoftPromptLearner
-from anchoropt.data import ImageDataset, open_dataset, sample_few_shot, subsample_classes
+from anchoropt.methods.baselines import SoftPromptLearner
+from anchoropt.datasets.folders import ImageDataset, open_dataset, sample_few_shot, subsample_classes
 from anchoropt.functional import anchoropt_loss
 from anchoropt.toyworld import model as toy_model
 from anchoropt.toyworld.make import make
@@ -180,7 +180,7 @@ def test_saved_on_base_reloaded_for_novel_gives_the_same_novel_accuracy(toy, wor
 
 
 def test_the_runner_trains_on_a_toy_world_with_toy_clip(tmp_path):
-    from anchoropt.cli import main
+    from anchoropt.runner.cli import main
 
     assert main(["toyworld", "make", str(tmp_path / "toy"), "--classes", "4", "--per-class", "20"]) == 0
     out = tmp_path / "run"

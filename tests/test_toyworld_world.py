@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from anchoropt.data import open_dataset, sample_few_shot, subsample_classes
+from anchoropt.datasets.folders import open_dataset, sample_few_shot, subsample_classes
 from anchoropt.toyworld import concepts as C
 from anchoropt.toyworld.captions import CaptionMix, Captioner
 from anchoropt.toyworld.descriptions import descriptions

@@ -1,4 +1,11 @@
-"""The base methods of the paper's Table 1 as small modules over the core, each with AnchorOPT as an option.
+"""Every method built on the core's blocks, and the registry that names them (``docs/architecture.md``).
+
+* :mod:`~anchoropt.methods.baselines` - zero-shot CLIP, CoOp (``SoftPromptLearner``) and ATPrompt's template;
+* :mod:`~anchoropt.methods.registry` - a method's name -> how its learner is built, trained and scored, with
+  :mod:`~anchoropt.methods.entries` (the entries below) and :mod:`~anchoropt.methods.presets` (released recipes);
+* :mod:`~anchoropt.methods.one_stage` (the paper's one-stage variant), :mod:`~anchoropt.methods.pae` (PAE's
+  Koopman-Lyapunov regulariser) and :mod:`~anchoropt.methods.mpa` (its mask search);
+* the base methods of the paper's Table 1 as small modules, each with AnchorOPT as an option:
 
 * :class:`PromptMethod` on its own is CoOp (the learned prompt, the same for every image);
 * :class:`CoCoOp` (:mod:`~anchoropt.methods.cocoop`) - meta-net bias on the context, one prompt per image;
@@ -14,7 +21,7 @@ novel classes) and runs on open_clip ``CLIP`` /
 (``forward``, ``loss``, ``heads``, ``predict``, ``set_classnames``) is :class:`PromptMethod`'s.
 
 Importing this package registers ``cocoop``, ``maple``, ``dept`` and their ``+atprompt`` / ``+anchoropt`` variants
-in :mod:`anchoropt.registry` (:mod:`~anchoropt.methods.entries`).
+in :mod:`anchoropt.methods.registry` (:mod:`~anchoropt.methods.entries`).
 """
 
 from . import entries

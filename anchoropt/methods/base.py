@@ -8,7 +8,7 @@ Every method module is an ``nn.Module`` with the same surface (so a runner or a 
   logits are cosine similarities of (CoCoOp's text features are per image);
 * ``forward(x) -> MethodOutput``: unpacks as ``(logits, logits_anchor)``, each ``(B, C)`` (``logits_anchor`` is
   ``None`` without anchors), and ``output.loss(labels)`` is the method's objective on that batch (CE; with
-  anchors AnchorOPT's CE + KD; DePT's fused CE) - what :mod:`anchoropt.registry`'s loss functions call;
+  anchors AnchorOPT's CE + KD; DePT's fused CE) - what :mod:`anchoropt.methods.registry`'s loss functions call;
 * ``loss(x, labels)``: the same in one call;
 * ``heads(x)``: every way the module scores ``x`` - ``{"normal", "anchor", "ensemble"}`` -> ``(B, C)``;
 * ``predict(x, mode)``: ``"base"`` (the learned prompt) or ``"novel"`` (the anchor ensemble when there are
@@ -92,7 +92,7 @@ class PromptMethod(nn.Module):
         if text is not None:
             self.text = text
         self.loss_config = loss or StageIILossConfig()
-        # the Stage I anchors also under the top-level key "anchors": what anchoropt.registry.load_learner
+        # the Stage I anchors also under the top-level key "anchors": what anchoropt.methods.registry.load_learner
         # rebuilds a learner from (a copy; loading drops it again - the learner was built with those anchors)
         self.register_state_dict_post_hook(_anchors_out)
         self.register_load_state_dict_pre_hook(_anchors_in)

@@ -1,4 +1,4 @@
-"""Registry entries (:mod:`anchoropt.registry`) for the method modules: CoCoOp, MaPLe and DePT, alone, +ATPrompt, +AnchorOPT.
+"""Registry entries (:mod:`anchoropt.methods.registry`) for the method modules: CoCoOp, MaPLe and DePT, alone, +ATPrompt, +AnchorOPT.
 
 | name | module | template | scored (seen / unseen classes) |
 |---|---|---|---|
@@ -9,7 +9,7 @@
 | ``dept`` / ``dept+atprompt`` | :class:`~anchoropt.methods.DePT` over CoOp | coop / atprompt | fused / similarity |
 | ``dept+anchoropt`` | ``DePT`` over CoOp, no KD | anchoropt | fused / ensemble |
 
-Settings read (:class:`~anchoropt.registry.MethodSettings`): ``n_soft`` (M), ``soft_init``; ATPrompt's
+Settings read (:class:`~anchoropt.methods.registry.MethodSettings`): ``n_soft`` (M), ``soft_init``; ATPrompt's
 ``attributes``, ``n_attr_soft``, ``legacy``; AnchorOPT's ``anchors``, ``tau``, ``preposition``, ``pooling``;
 MaPLe's ``deep_depth`` (``PROMPT_DEPTH - 1``; 0 means the released ``PROMPT_DEPTH`` 9, capped by the towers'
 blocks); the loss weights; DePT's ``lp_weight`` (fusion weight ``w``, 0.7 by default) and ``head_lr_scale``
@@ -19,7 +19,7 @@ the runner uses) and it takes the **raw** image features (``image_input="raw_fea
 the frozen image tower's output without the L2 normalisation the other methods get), as DePT's code.
 
 :func:`released_settings` gives an entry's released per-dataset settings: the AnchorOPT tables
-(:func:`anchoropt.presets.preset` with ``method="cocoop" | "maple" | "dept"``) for ``+anchoropt``, ATPrompt's
+(:func:`anchoropt.methods.presets.preset` with ``method="cocoop" | "maple" | "dept"``) for ``+anchoropt``, ATPrompt's
 tables (``docs/ATPrompt.md`` of the released code: context length, epochs, DePT's ``w``) and attribute words for
 ``+atprompt``, and each method's released configuration for the method alone (MaPLe's ``soft_init``
 "a photo of a" with ``n_soft`` 2: "a photo" initialises the context, "of a" stays before the class).
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..losses import StageIILossConfig
-from ..registry import Method, MethodSettings, get_method, register_method
+from .registry import Method, MethodSettings, get_method, register_method
 from .cocoop import CoCoOp
 from .dept import DePT
 from .maple import MaPLe
@@ -48,7 +48,7 @@ __all__ = ["PRESET_METHOD", "PRESET_SETTINGS", "method_output_loss", "register_a
 
 PRESET_METHOD = {f"{base}{suffix}": base for base in ("cocoop", "maple", "dept")
                  for suffix in ("", "+atprompt", "+anchoropt")}
-"""Registry name -> the ``method=`` of :func:`anchoropt.presets.preset` whose released table applies."""
+"""Registry name -> the ``method=`` of :func:`anchoropt.methods.presets.preset` whose released table applies."""
 
 
 # The methods' released configurations (CoCoOp vit_b16_c4_ep10_batch1_ctxv1, MaPLe vit_b16_c2_ep5_batch4_2ctx,
@@ -75,11 +75,11 @@ _ATPROMPT = {
 def released_settings(name: str, dataset: str | None = None) -> dict:
     """The released settings of registry entry ``name`` (for ``dataset`` where the authors list one).
 
-    Keys are :class:`~anchoropt.registry.MethodSettings` / run-config names (``n_soft``, ``epochs``,
+    Keys are :class:`~anchoropt.methods.registry.MethodSettings` / run-config names (``n_soft``, ``epochs``,
     ``batch_size``, ``lr``, ``ce_weight``, ``kd_weight``, ``kd_temperature``, ``kd_normalization``,
     ``deep_depth``, ``attributes``, ``soft_init``) plus DePT's ``lp_weight``.
     """
-    from .. import presets
+    from . import presets
 
     if name not in PRESET_METHOD:
         raise KeyError(f"no released settings for {name!r}; entries: {', '.join(PRESET_METHOD)}")
@@ -103,14 +103,14 @@ def released_settings(name: str, dataset: str | None = None) -> dict:
 
 
 PRESET_SETTINGS = ("soft_init", "lp_weight")
-"""The :class:`~anchoropt.registry.MethodSettings` fields of :func:`released_settings` that ``--preset`` fills (the
+"""The :class:`~anchoropt.methods.registry.MethodSettings` fields of :func:`released_settings` that ``--preset`` fills (the
 others are run-config fields: ``n_soft``, ``epochs``, ``lr`` ...)."""
 
 
 def preset_method_settings(spec: str, dataset: str) -> dict:
     """The released :data:`PRESET_SETTINGS` of method spec ``spec`` for ``dataset`` that its options do not set
     (``{}`` for a method without released settings here)."""
-    from ..registry import parse_method
+    from .registry import parse_method
 
     choice = parse_method(spec)
     if choice.method.name not in PRESET_METHOD:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..baselines import SoftPromptLearner
+from .baselines import SoftPromptLearner
 from ..deep import DeepAnchorHooks, DeepPrompts, attach_deep
 from ..prompts import AnchorOPTPromptLearner, model_logit_scale
 from ..template import Tokenizer

@@ -1,6 +1,6 @@
 """The experiment runner behind ``anchoropt learn-anchors | train | eval | plot`` (see :mod:`anchoropt.runner.cli`).
 
-Protocols (Dassl / CoOp conventions, :mod:`anchoropt.data`):
+Protocols (Dassl / CoOp conventions, :mod:`anchoropt.datasets.folders`):
 
 * ``base2novel`` - the first ``ceil(C / 2)`` classes are base, the rest novel; Stage I learns the anchors
   from the base classes' descriptions; Stage II trains on K shots per base class; base classes are scored

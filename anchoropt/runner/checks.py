@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .. import data as D
+from ..datasets import folders as D
 from .config import RunConfig
 
 

@@ -7,10 +7,10 @@ Commands::
     anchoropt eval           evaluate a finished run again (other targets, another protocol)
     anchoropt plot           position-matrix heatmap and the anchors' nearest tokens of a run (PNG)
     anchoropt presets        the per-dataset settings of the released tables
-    anchoropt demo           the whole method end to end on an offline tiny model (see anchoropt.demo)
+    anchoropt demo           the whole method end to end on an offline tiny model (see anchoropt.runner.demo)
 
 Run ``anchoropt COMMAND --help`` for the options.  Multi-GPU: ``torchrun --nproc_per_node 4 -m anchoropt
-train ...``.  The console script (:mod:`anchoropt.cli`) calls :func:`main`; the logic lives in the other
+train ...``.  The console script (:mod:`anchoropt.runner.cli`) calls :func:`main`; the logic lives in the other
 modules of :mod:`anchoropt.runner`; this module only parses arguments.
 """
 
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  anchoropt eval runs/cal\n"
                "  torchrun --nproc_per_node 2 -m anchoropt train ...",
     )
-    from .. import __version__
+    from .._version import __version__
 
     parser.add_argument("--version", action="version", version=f"anchoropt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="a dataset (all when omitted)")
     p.add_argument("--method", choices=("coop", "cocoop", "maple", "dept"), default="coop")
 
-    from .. import demo
+    from . import demo
 
     p = sub.add_parser("demo", help="the whole method end to end, offline (Stage I, Stage II, base / novel / HM)",
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_options(p: argparse.ArgumentParser, grid: bool = False) -> None:
     """The options ``train`` and ``grid`` share (besides data, model, hyperparameters)."""
-    g = p.add_argument_group("method (anchoropt.registry; docs: grid.md)")
+    g = p.add_argument_group("method (anchoropt.methods.registry; docs: grid.md)")
     if not grid:
         g.add_argument("--method", default=None,
                        help="zeroshot, coop, coop+atprompt, coop+anchoropt (default), coop+atprompt+anchoropt; "
@@ -339,7 +339,8 @@ def _cmd_eval(args) -> int:
 
 def _cmd_plot(args) -> int:
     from .. import viz
-    from ..io import load_prompt_learner, read_config
+    from ..io import read_config
+    from ..prompts import load_prompt_learner
     from .config import load_run_config
     from .models import build_model
     from .reports import random_weights
@@ -367,7 +368,7 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_presets(args) -> int:
-    from ..presets import DATASETS, preset
+    from ..methods.presets import DATASETS, preset
 
     names = [args.name] if args.name else ["default", "xd", *DATASETS]
     if args.name:
@@ -388,7 +389,7 @@ def _cmd_presets(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .. import demo
+    from . import demo
 
     return demo.run(args)
 

@@ -12,7 +12,7 @@ import torch
 
 from .._jsonfile import read_json
 from ..functional import KD_NORMALIZATIONS
-from ..presets import preset as get_preset
+from ..methods.presets import preset as get_preset
 
 PROTOCOLS = ("base2novel", "cross-dataset", "domain-generalization")
 EVAL_MODES = ("auto", "base", "novel", "anchor")
@@ -112,7 +112,7 @@ class RunConfig:
 
     def _fill_method_defaults(self) -> None:
         """ATPrompt attributes and the zero-shot template from the dataset preset, when not given."""
-        from ..presets import DATASETS, atprompt_attributes, canonical_name, zeroshot_template
+        from ..methods.presets import DATASETS, atprompt_attributes, canonical_name, zeroshot_template
 
         try:
             dataset = canonical_name(self.preset) if self.preset else None
@@ -125,8 +125,8 @@ class RunConfig:
                 self.templates = [zeroshot_template(dataset)]
 
     def method_choice(self):
-        """The parsed ``method`` spec (:class:`anchoropt.registry.MethodChoice`)."""
-        from ..registry import parse_method
+        """The parsed ``method`` spec (:class:`anchoropt.methods.registry.MethodChoice`)."""
+        from ..methods.registry import parse_method
 
         return parse_method(self.method)
 
@@ -211,7 +211,7 @@ class RunConfig:
         if not self.pae:
             return
         from ..functional import PAE_READINGS
-        from ..pae import MODES
+        from ..methods.pae import MODES
 
         if self.deep_depth < 2:
             raise ValueError(f"--pae regularises the deep variant's per-layer prompts: it needs --deep-depth >= 2 "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .. import distributed as dist_utils
+from . import distributed as dist_utils
 
 
 def _log(ctx: dist_utils.DistContext, message: str) -> None:

@@ -7,11 +7,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .. import data as D
-from .. import distributed as dist_utils
+from ..datasets import folders as D
+from . import distributed as dist_utils
 from .config import RunConfig
 from .console import _bar
-from ..registry import FEATURE_INPUTS
+from ..methods.registry import FEATURE_INPUTS
 from .models import ModelBundle, encode_images, encode_images_raw
 
 # the run's --eval-mode names for AnchorOPT's heads (kept for results written before the method registry)

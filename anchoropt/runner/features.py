@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from .. import data as D
+from ..datasets import folders as D
 from .models import ModelBundle, encode_images, encode_images_raw
 
 __all__ = ["FeatureStore", "feature_key", "RAW_SUFFIX"]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .. import data as D
+from ..datasets import folders as D
 from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_config
 from .console import _log
 from .tables import record_from_results, write_report
@@ -60,7 +60,7 @@ class GridRun:
 def plan_grid(methods: Sequence[str], data: Sequence[str], seeds: Sequence[int], output: str | os.PathLike) -> list[GridRun]:
     """The runs in their fixed order (dataset, then method, then seed); dataset names are the folder names
     (``name_2`` ... when two folders share one)."""
-    from ..registry import parse_method
+    from ..methods.registry import parse_method
 
     if not methods or not data or not seeds:
         raise ValueError("a grid needs at least one method (--methods), one dataset (--data) and one seed (--seeds)")
@@ -180,7 +180,7 @@ def run_grid(
     method, dataset, seed and run directory.  ``threads``: torch threads of each ``--jobs`` worker (default:
     the cores divided by ``jobs``).  Returns ``{"ran": [...], "skipped": [...], "report": {...}}``.
     """
-    from .. import distributed as dist_utils
+    from . import distributed as dist_utils
 
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
@@ -261,7 +261,7 @@ def _wants_raw(cfg: RunConfig) -> bool:
 def _prepare_features(base: RunConfig, todo: Sequence[GridRun], output: Path, ctx) -> Path:
     """Encode every image the remaining runs need once (rank 0) and save the shared feature file(s): the
     L2-normalised features for every run (unless all are DePT's), the raw ones for DePT's runs."""
-    from .. import distributed as dist_utils
+    from . import distributed as dist_utils
     from .features import FeatureStore
 
     file = _feature_file(base, output)

@@ -1,7 +1,7 @@
-"""A run's learner from its method spec (:mod:`anchoropt.registry`): settings, building, saving, loading.
+"""A run's learner from its method spec (:mod:`anchoropt.methods.registry`): settings, building, saving, loading.
 
 AnchorOPT learners are saved as ``prompt_learner/`` (:mod:`anchoropt.io`, as before); every other method's
-learner as ``learner/`` (:func:`anchoropt.registry.save_learner`).
+learner as ``learner/`` (:func:`anchoropt.methods.registry.save_learner`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..baselines import DEFAULT_TEMPLATE
+from ..methods.baselines import DEFAULT_TEMPLATE
 from ..prompts import AnchorOPTPromptLearner
-from ..registry import MethodChoice, MethodSettings, load_learner, save_learner
+from ..methods.registry import MethodChoice, MethodSettings, load_learner, save_learner
 from .config import RunConfig
 from .models import ModelBundle
 
@@ -56,7 +56,7 @@ def trained_classnames(run_dir: Path) -> list[str]:
     """The classes a finished run's learner was trained on (refuses a run whose training did not finish)."""
     from .._jsonfile import read_json
     from ..io import read_config
-    from ..registry import LEARNER_CONFIG
+    from ..methods.registry import LEARNER_CONFIG
     from .rundir import RunDirectoryError
 
     if (run_dir / PROMPT_LEARNER_DIR).is_dir():
@@ -69,7 +69,7 @@ def trained_classnames(run_dir: Path) -> list[str]:
 
 def load_run_learner(run_dir: Path, bundle: ModelBundle, classnames: Sequence[str]) -> nn.Module:
     """A finished run's learner rebuilt for ``classnames``."""
-    from ..io import load_prompt_learner
+    from ..prompts import load_prompt_learner
 
     if (run_dir / PROMPT_LEARNER_DIR).is_dir():
         return load_prompt_learner(run_dir / PROMPT_LEARNER_DIR, bundle.model, classnames, tokenizer=bundle.tokenizer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .. import data as D
+from ..datasets import folders as D
 from .config import RunConfig
 from .evaluation import evaluate as _evaluate
 from .evaluation import harmonic_mean
@@ -61,7 +61,7 @@ def _open_targets(cfg: RunConfig, trained: Sequence[str]) -> list[D.DatasetSplit
 def _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained, method=None, features=None) -> dict:
     """Run the protocol's evaluations; returns the ``results`` part of results.json.
 
-    ``method``: the run's :class:`~anchoropt.registry.Method` (picks the head per class set); ``features``: a
+    ``method``: the run's :class:`~anchoropt.methods.registry.Method` (picks the head per class set); ``features``: a
     shared :class:`~anchoropt.runner.features.FeatureStore` for the frozen image features.
     """
     out: dict[str, Any] = {}

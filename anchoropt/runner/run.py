@@ -14,10 +14,10 @@ from typing import Any, Sequence
 from torch import nn
 
 from .. import _files
-from .. import data as D
-from .. import distributed as dist_utils
+from ..datasets import folders as D
+from . import distributed as dist_utils
 from .._jsonfile import read_json
-from ..registry import FEATURE_INPUTS
+from ..methods.registry import FEATURE_INPUTS
 from . import checks
 from . import rundir as R
 from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_config
@@ -101,18 +101,18 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
                  resume: bool = False, features=None) -> RunResult:
     """``anchoropt train``: (Stage I) + Stage II + the protocol's evaluation; writes the run directory.
 
-    The method (``cfg.method``, :mod:`anchoropt.registry`) decides what is built and trained: AnchorOPT
+    The method (``cfg.method``, :mod:`anchoropt.methods.registry`) decides what is built and trained: AnchorOPT
     (the default) runs Stage I first (or loads ``cfg.anchors``); zero-shot CLIP trains nothing.
 
     Run directory: ``run_config.json``, ``anchors.safetensors`` + ``stage1.json`` (AnchorOPT), ``checkpoints/``,
     ``prompt_learner/`` (AnchorOPT, safetensors + JSON, :mod:`anchoropt.io`) or ``learner/`` (other methods,
-    :func:`anchoropt.registry.save_learner`), ``results.json`` (written last) and ``plots/*.png`` (AnchorOPT,
+    :func:`anchoropt.methods.registry.save_learner`), ``results.json`` (written last) and ``plots/*.png`` (AnchorOPT,
     when matplotlib is installed); every part carries the run id (:mod:`.rundir`).
     Options, data, descriptions, anchors and images are all checked before the model is built.
 
     Args:
         bundle: a ready :class:`ModelBundle` (any CLIP model object); built from ``cfg.model`` otherwise.
-        ctx: a distributed context (from :func:`anchoropt.distributed.init_from_env` by default).
+        ctx: a distributed context (from :func:`anchoropt.runner.distributed.init_from_env` by default).
         overwrite: replace a finished (or interrupted) run in ``cfg.output``; refused otherwise.
         resume: continue the interrupted run in ``cfg.output`` from its last complete checkpoint (every
             training method writes one after each epoch; AnchorOPT's Stage I anchors are reused); the options

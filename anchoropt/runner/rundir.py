@@ -213,7 +213,7 @@ def save_checkpoint(directory: Path, learner: nn.Module, run_id: str, state: dic
 
     An :class:`~anchoropt.prompts.AnchorOPTPromptLearner` is written as its ``prompt_learner/`` set
     (:func:`anchoropt.io.save_prompt_learner`); any other learner (CoOp, ATPrompt, CoCoOp, MaPLe, DePT ...)
-    as its ``state_dict()`` in ``anchoropt.safetensors``, as :func:`anchoropt.registry.save_learner` saves it.
+    as its ``state_dict()`` in ``anchoropt.safetensors``, as :func:`anchoropt.methods.registry.save_learner` saves it.
     A learner's state holds only what it learns (and its Stage I anchors): the method modules keep the frozen
     CLIP towers as plain references, not submodules (MaPLe's image tower too), so no frozen CLIP weight is
     written into a checkpoint.

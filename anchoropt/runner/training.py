@@ -15,11 +15,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .. import data as D
-from .. import distributed as dist_utils
+from ..datasets import folders as D
+from . import distributed as dist_utils
 from ..losses import StageIILoss
-from ..pae import KoopmanLyapunov, optimizer_groups, prompt_chain
-from ..registry import FEATURE_INPUTS
+from ..methods.pae import KoopmanLyapunov, optimizer_groups, prompt_chain
+from ..methods.registry import FEATURE_INPUTS
 from ..schedules import dassl_lr
 from .config import RunConfig
 from .console import _bar
@@ -101,7 +101,7 @@ def learn_anchors(
 
 def stage1_steps_per_epoch(cfg: RunConfig, n_classes: int) -> int:
     """Steps in one released Stage I epoch: ``floor(shots * classes / batch)`` (at least 1)."""
-    from ..presets import preset as get_preset
+    from ..methods.presets import preset as get_preset
 
     batch = (get_preset(cfg.preset) if cfg.preset else get_preset("default")).stage1_batch_size
     return max(1, math.floor(cfg.shots * n_classes / batch))
@@ -297,7 +297,7 @@ def train_stage2(
 def stage2_param_groups(learner: nn.Module, cfg: RunConfig, regularizer: KoopmanLyapunov | None = None) -> list[dict]:
     """SGD parameter groups: the learner's own ``optimizer_groups(cfg.lr)`` (DePT's head at a larger rate) or
     one group of its trainable parameters at ``cfg.lr``, each with ``cfg.weight_decay``, then PAE's ``U, K, L``
-    (:func:`anchoropt.pae.optimizer_groups`: no weight decay unless ``cfg.pae_decay``) at ``cfg.lr``.
+    (:func:`anchoropt.methods.pae.optimizer_groups`: no weight decay unless ``cfg.pae_decay``) at ``cfg.lr``.
 
     Every group carries ``name`` and ``base_lr`` (the rate the schedule starts from); empty groups are dropped.
     """

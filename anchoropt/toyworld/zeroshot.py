@@ -56,9 +56,9 @@ def dataset_accuracy(root, model: nn.Module, preprocess: Callable, tokenizer: Ca
     """Zero-shot top-1 accuracy (a fraction) on ``split`` of the dataset directory ``root``.
 
     Images go through ``preprocess`` (a PIL -> tensor transform) and the data path of the runner
-    (:func:`anchoropt.data.open_dataset`), as a real dataset would.
+    (:func:`anchoropt.datasets.folders.open_dataset`), as a real dataset would.
     """
-    from ..data import ImageDataset, open_dataset
+    from ..datasets.folders import ImageDataset, open_dataset
 
     dataset = open_dataset(root)
     records = dataset.split(split)

@@ -9,7 +9,7 @@
 
 AnchorOPT itself is :class:`~anchoropt.prompts.AnchorOPTPromptLearner` (``attributes=`` puts its arranged
 slots on an ATPrompt template).  Every learner here answers ``heads(image_features)`` with its named
-logits, which is what :mod:`anchoropt.registry` and the experiment runner score.
+logits, which is what :mod:`anchoropt.methods.registry` and the experiment runner score.
 
 Axes: ``B`` images, ``C`` classes, ``M`` class soft tokens, ``K`` slots, ``D`` width, ``E`` feature width.
 """
@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional
-from ._cache import TensorSnapshot
-from .prompts import context_init, model_logit_scale
-from .template import PromptTemplate, Tokenizer, _clean_classnames, attribute_segments, default_tokenizer
-from .towers import TextTower
+from .. import functional
+from .._cache import TensorSnapshot
+from ..prompts import context_init, model_logit_scale
+from ..template import PromptTemplate, Tokenizer, _clean_classnames, attribute_segments, default_tokenizer
+from ..towers import TextTower
 
 __all__ = ["ZeroShotClassifier", "SoftPromptLearner", "DEFAULT_TEMPLATE", "ENSEMBLE_TEMPLATES"]
 

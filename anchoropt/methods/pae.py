@@ -34,7 +34,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from . import functional as Fn
+from .. import functional as Fn
 
 __all__ = [
     "KoopmanLyapunov", "PAETerms", "MODES", "prompt_chain", "optimizer_groups", "pae_loss", "attach", "regularization",
@@ -226,7 +226,7 @@ def regularization(module: nn.Module) -> torch.Tensor:
     """Sum of the ``total`` of every regulariser :func:`attach` put on ``module`` (text and visual)."""
     regs = [r for r in (getattr(module, "pae", None), getattr(module, "pae_visual", None)) if r is not None]
     if not regs:
-        raise RuntimeError(f"no PAE regulariser attached to this {type(module).__name__}: call anchoropt.pae.attach first")
+        raise RuntimeError(f"no PAE regulariser attached to this {type(module).__name__}: call anchoropt.methods.pae.attach first")
     return sum(r(prompt_chain(module, **getattr(r, "_chain_options", {}))).total for r in regs)
 
 

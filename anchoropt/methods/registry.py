@@ -1,9 +1,9 @@
-"""Method registry (``anchoropt.registry``): a method's name -> how to build its learner, its training loss and how it is scored.
+"""Method registry (``anchoropt.methods.registry``): a method's name -> how to build its learner, its training loss and how it is scored.
 
 | name | learner | loss |
 |---|---|---|
-| ``zeroshot`` | :class:`~anchoropt.baselines.ZeroShotClassifier` | (nothing trained) |
-| ``coop`` | :class:`~anchoropt.baselines.SoftPromptLearner` | CE |
+| ``zeroshot`` | :class:`~anchoropt.methods.baselines.ZeroShotClassifier` | (nothing trained) |
+| ``coop`` | :class:`~anchoropt.methods.baselines.SoftPromptLearner` | CE |
 | ``coop+atprompt`` | ``SoftPromptLearner(attributes=...)`` | CE |
 | ``coop+anchoropt`` | :class:`~anchoropt.prompts.AnchorOPTPromptLearner` | CE + KD (Stage II) |
 | ``coop+atprompt+anchoropt`` | ``AnchorOPTPromptLearner(attributes=...)`` | CE + KD (Stage II) |
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .baselines import DEFAULT_TEMPLATE, ENSEMBLE_TEMPLATES, SoftPromptLearner, ZeroShotClassifier
-from .losses import StageIILoss
-from .prompts import AnchorOPTPromptLearner
+from ..losses import StageIILoss
+from ..prompts import AnchorOPTPromptLearner
 
 __all__ = [
     "Method",
@@ -344,8 +344,8 @@ def save_learner(learner: nn.Module, choice: MethodChoice, settings: MethodSetti
     the previous save in place."""
     from safetensors.torch import save as safetensors_bytes
 
-    from . import _files
-    from .io import state_tensors, tensor_shapes
+    from .. import _files
+    from ..io import state_tensors, tensor_shapes
 
     tensors = state_tensors(learner)
     config = {"format": "anchoropt", "kind": "method_learner", "method": choice.label,
@@ -366,9 +366,9 @@ def load_learner(directory: str | os.PathLike, model: nn.Module, classnames: Seq
     """
     from safetensors.torch import load as load_safetensors_bytes
 
-    from . import _files
-    from ._jsonfile import parse_json
-    from .io import module_device
+    from .. import _files
+    from .._jsonfile import parse_json
+    from ..io import module_device
 
     directory = Path(directory)
     files = _learner_files(directory)
@@ -396,14 +396,10 @@ def load_learner(directory: str | os.PathLike, model: nn.Module, classnames: Seq
 def _learner_files(directory: Path) -> dict[str, bytes]:
     """``{name: bytes}`` of a saved learner: the manifest's checked files, or (no manifest: an older save)
     those present."""
-    from . import _files
+    from .. import _files
 
     committed = _files.read_committed(directory, names=(LEARNER_CONFIG, LEARNER_WEIGHTS))
     if committed is not None:
         return committed[1]
     return {name: (directory / name).read_bytes() for name in (LEARNER_CONFIG, LEARNER_WEIGHTS)
             if (directory / name).is_file()}
-
-
-# The method modules (CoCoOp, MaPLe, DePT and their +atprompt / +anchoropt variants) register their entries here.
-from . import methods as _methods  # noqa: E402,F401  (imported last: it reads this module's names)

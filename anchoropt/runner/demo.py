@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import anchoropt
-import anchoropt.data
+import anchoropt.datasets.folders
 from anchoropt.testing import tiny_open_clip
 from anchoropt.functional import anchoropt_loss
 
@@ -105,9 +105,9 @@ def toy_setup(args):
     model, preprocess, tokenizer = load_model()
     with tempfile.TemporaryDirectory(prefix="anchoropt-toyworld-") as root:
         make(root, seed=args.seed, classes=args.toy_classes, per_class=40)
-        dataset = anchoropt.data.open_dataset(root)
+        dataset = anchoropt.datasets.folders.open_dataset(root)
         records = dataset.train + dataset.test
-        images = anchoropt.data.ImageDataset(records, preprocess)
+        images = anchoropt.datasets.folders.ImageDataset(records, preprocess)
         tensors = TensorDataset(torch.stack([images[i][0] for i in range(len(images))]),
                                 torch.tensor([r.label for r in records]))
         descriptions = json.loads(Path(root, "descriptions.json").read_text(encoding="utf-8"))
@@ -210,7 +210,7 @@ def save(anchors: torch.Tensor, learner, base: list[str], directory: str) -> Non
 
     io.save_anchors(anchors, f"{directory}/anchors.safetensors", classnames=base)
     io.save_prompt_learner(learner, f"{directory}/prompt_learner")
-    print(f"saved anchors and prompt learner to {directory}/ (reload: anchoropt.io.load_prompt_learner)")
+    print(f"saved anchors and prompt learner to {directory}/ (reload: anchoropt.prompts.load_prompt_learner)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer, classes, train_set, test_set, labels, descriptions = load_setup(args)
     model = model.to(args.device).requires_grad_(False)
-    n_base = len(anchoropt.data.base_novel_split(len(classes))[0])  # first ceil(C/2) classes, as Dassl
+    n_base = len(anchoropt.datasets.folders.base_novel_split(len(classes))[0])  # first ceil(C/2) classes, as Dassl
     base, novel = classes[:n_base], classes[n_base:]
     train_idx, base_idx, novel_idx = few_shot_split(labels, n_base, args.shots, args.seed)
     listed = (lambda names: f"{names[:4]} ..." if len(names) > 6 else names)

@@ -32,8 +32,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ._jsonfile import read_json
-from .descriptions import class_key
+from .._jsonfile import read_json
+from ..descriptions import class_key
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -181,7 +181,7 @@ def zero_shot_text_features(
     if not classnames:
         raise ValueError("zero-shot text features need at least one class name")
     if tokenizer is None:
-        from .template import default_tokenizer
+        from ..template import default_tokenizer
 
         tokenizer = default_tokenizer()
     ids = tokenizer([template.format(name.replace("_", " ")) for name in classnames])
@@ -248,7 +248,7 @@ def mpa_init(
     losses = rank_masks(classifier, images, labels, masks)
     chosen = torch.topk(losses, n_prompts, largest=False).indices  # one mask per prompt token
     first = torch.stack([energy_pool(patch_embeddings(visual, spectral_filter(images, masks[s]))) for s in chosen])
-    from .deep import _batch_first
+    from ..deep import _batch_first
 
     deep = propagate(blocks[:depth], first, _batch_first(visual.transformer, blocks)) if depth else first.new_zeros(0, *first.shape)
     return MPAResult(torch.cat([first[None], deep]), chosen, losses, masks)

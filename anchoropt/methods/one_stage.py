@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import functional
-from .anchors import AnchorLearner, DescriptionTargets
-from .prompts import AnchorOPTPromptLearner
+from .. import functional
+from ..anchors import AnchorLearner, DescriptionTargets
+from ..prompts import AnchorOPTPromptLearner
 
 __all__ = ["OneStageTrainer"]
 

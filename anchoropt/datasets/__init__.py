@@ -1,0 +1,10 @@
+"""Dataset readers: the layouts researchers keep their images in, read into :class:`DatasetSplits`.
+
+:mod:`~anchoropt.datasets.folders`: ImageFolder directories, CoOp split files (``split_zhou_*.json``) and
+``classnames.txt`` mappings, plus the field's protocols over them (Dassl's few-shot sampling, the base / novel
+class split).  The runner, the toy world and the demo read every dataset through here; nothing here imports
+open_clip or any other part of the package but the core's JSON and description helpers.
+"""
+
+from .folders import *  # noqa: F401,F403  (the public names of folders.py, listed in its __all__)
+from .folders import __all__
