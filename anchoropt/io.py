@@ -44,7 +44,7 @@ from torch import nn
 
 from . import _files, _moved
 from ._files import IncompleteSaveError
-from ._jsonfile import parse_json, read_json
+from ._jsonfile import parse_json
 from ._version import __version__
 from .official import load_official_anchors
 

@@ -15,13 +15,20 @@ freezing by name and checkpoints include it.  It is also the handle: ``loss(labe
 exact fast text path (stop at the last EOT; shared prefix computed once; CoCoOp's images in one pass) - with or
 without AnchorOPT (the shims' loss then reads the text features from it).
 
+Modules: :mod:`~anchoropt.adapters.base` (:class:`AnchorOPTInjection`, the prompt block every shim attaches),
+:mod:`~anchoropt.adapters.inputs` (what a shim reads from the peer and the user, checked),
+:mod:`~anchoropt.adapters.patching` (the class-level ``patch()``), :mod:`~anchoropt.adapters.dassl` (Dassl config
+glue), :mod:`~anchoropt.adapters.fast_text` (:func:`accelerate`) and one module per peer.
+
 >>> import anchoropt.adapters as adapters
 >>> sorted(adapters.METHODS)
 ['cocoop', 'coop', 'dept', 'maple']
 """
 
 from . import cocoop, coop, dassl, dept, maple
-from .base import CHILD_NAME, AnchorOPTInjection, ClassPatch, find, shift_token_ids
+from .base import CHILD_NAME, AnchorOPTInjection, find
+from .inputs import shift_token_ids
+from .patching import ClassPatch
 from .cocoop import CoCoOpInjection
 from .coop import CoOpInjection
 from .fast_text import FastTextEncoder, accelerate

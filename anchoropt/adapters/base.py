@@ -28,10 +28,7 @@ Axes: ``B`` images, ``C`` classes, ``L`` positions, ``D`` width, ``E`` feature w
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
-import sys
-import warnings
 import weakref
 from typing import Any, Callable, Iterator, Sequence
 
@@ -41,19 +38,27 @@ from torch import nn
 
 from .. import functional
 from .._cache import TensorSnapshot
-from ..io import load_anchors
 from ..losses import StageIILossConfig
 from ..position import PositionMatrix
 from ..template import AnchorPromptTemplate
 from ..towers import TextTower
 from . import dassl
+from .inputs import (
+    MODES,
+    _id_targets,
+    _no_autocast,
+    _require,
+    check_mode,
+    peer_tokenizer,
+    resolve_anchors,
+    shift_token_ids,
+)
+from .patching import ClassPatch, patch_class
 
 __all__ = ["AnchorOPTInjection", "ClassPatch", "find", "shift_token_ids", "MODES", "CHILD_NAME"]
 
 CHILD_NAME = "anchoropt"
 """Name of the injection inside the prompt learner (``prompt_learner.anchoropt``)."""
-
-MODES = ("base", "novel")
 
 
 class AnchorOPTInjection(nn.Module):
@@ -576,96 +581,6 @@ def _reset_hook(module: nn.Module, args: tuple) -> None:
         injection._text_features = []
 
 
-# ---------------------------------------------------------------------- class-level patching
-class ClassPatch:
-    """Handle of a class-level patch: ``module.<attr>`` replaced by a subclass that attaches AnchorOPT.
-
-    ``remove()`` puts the original class back (models built meanwhile keep their injections; remove those
-    with :attr:`injections`).  Usable as a context manager.
-    """
-
-    def __init__(self, module: Any, attr: str, original: type, patched: type):
-        self.module, self.attr, self.original, self.patched = module, attr, original, patched
-        self._injections: list[weakref.ref] = []
-        self._removed = False
-
-    @property
-    def injections(self) -> list[AnchorOPTInjection]:
-        """The live injections of the learners built through the patched class."""
-        return [ref() for ref in self._injections if ref() is not None and not ref().removed]
-
-    def remove(self) -> None:
-        if self._removed:
-            return
-        current = getattr(self.module, self.attr, None)
-        if current is not self.patched:
-            raise RuntimeError(
-                f"{_name(self.module)}.{self.attr} was replaced again after the AnchorOPT patch; not restoring it"
-            )
-        setattr(self.module, self.attr, self.original)
-        self._removed = True
-
-    def __enter__(self) -> "ClassPatch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def __repr__(self) -> str:
-        state = "removed" if self._removed else "active"
-        return f"ClassPatch({_name(self.module)}.{self.attr}, {state}, {len(self.injections)} injection(s))"
-
-
-def patch_class(
-    module: Any,
-    attr: str,
-    injection_cls: type[AnchorOPTInjection],
-    options: dict,
-    resolve_options: Callable[[Any, dict], dict],
-) -> ClassPatch:
-    """Replace ``module.<attr>`` by a subclass whose ``__init__`` attaches ``injection_cls`` after the peer's own."""
-    original = getattr(module, attr, None)
-    if not isinstance(original, type) or not issubclass(original, nn.Module):
-        raise AttributeError(f"{_name(module)} has no prompt-learner class {attr!r} to patch")
-    if getattr(original, "_anchoropt_patched", False):
-        raise RuntimeError(f"{_name(module)}.{attr} is already patched with AnchorOPT")
-    signature = inspect.signature(original.__init__)
-    tokenizer = options.pop("tokenizer", None) or _module_tokenizer(module)
-    handle: ClassPatch | None = None
-
-    def __init__(self, *args, **kwargs):
-        original.__init__(self, *args, **kwargs)
-        cfg, classnames, clip_model = _constructor_args(signature, self, args, kwargs)
-        resolved = resolve_options(cfg, dict(options))
-        injection = injection_cls(self, clip_model=clip_model, classnames=classnames, tokenizer=tokenizer, **resolved)
-        handle._injections.append(weakref.ref(injection))
-
-    namespace = {
-        "__init__": __init__,
-        "__module__": original.__module__,
-        "__qualname__": original.__qualname__,
-        "__doc__": original.__doc__,
-        "_anchoropt_patched": True,
-    }
-    patched = type(original.__name__, (original,), namespace)
-    handle = ClassPatch(module, attr, original, patched)
-    setattr(module, attr, patched)
-    return handle
-
-
-def _constructor_args(signature: inspect.Signature, obj, args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
-    """``(cfg, classnames, clip_model)`` of a CoOp-family constructor call."""
-    try:
-        bound = signature.bind(obj, *args, **kwargs).arguments
-    except TypeError:
-        bound = {}
-    if all(k in bound for k in ("cfg", "classnames", "clip_model")):
-        return bound["cfg"], bound["classnames"], bound["clip_model"]
-    if len(args) >= 3:
-        return args[0], args[1], args[2]
-    raise TypeError("the patched prompt learner must be built as PromptLearner(cfg, classnames, clip_model)")
-
-
 # ---------------------------------------------------------------------- helpers
 def find(model: nn.Module) -> AnchorOPTInjection:
     """The one AnchorOPT injection inside ``model`` (a ``CustomCLIP``, a prompt learner, a DataParallel)."""
@@ -675,109 +590,3 @@ def find(model: nn.Module) -> AnchorOPTInjection:
     if len(found) > 1:
         raise LookupError(f"{len(found)} AnchorOPT injections inside this {type(model).__name__}; pick one")
     return found[0]
-
-
-def shift_token_ids(ids: torch.Tensor, n_soft: int, n_anchor: int, classnames: Sequence[str]) -> torch.Tensor:
-    """Token ids ``(C, L)`` with ``n_anchor`` placeholder ids inserted after SOS + ``n_soft`` ctx tokens and as many
-    trailing pads dropped; refuses prompts whose EOT would fall off the end."""
-    if ids.dim() != 2:
-        raise ValueError(f"tokenized_prompts must be (n_cls, context_length), got {tuple(ids.shape)}")
-    length = ids.shape[1]
-    eot = ids.argmax(dim=-1)
-    too_long = (eot + n_anchor >= length).nonzero().flatten().tolist()
-    if too_long:
-        names = ", ".join(repr(classnames[i]) if i < len(classnames) else f"#{i}" for i in too_long[:5])
-        raise ValueError(
-            f"class name(s) {names} leave no room for {n_anchor} anchor token(s): with {n_soft} soft token(s) "
-            f"their prompt's end-of-text token would fall off the {length}-token context; shorten the name(s) "
-            "or use fewer soft tokens"
-        )
-    if 1 + n_soft >= length or bool((eot <= n_soft).any()):
-        raise ValueError(f"tokenized_prompts do not hold SOS + {n_soft} context token(s) before the class name")
-    placeholder = ids[:, 1:2].expand(-1, n_anchor)  # any id below EOT; argmax pooling only needs the EOT
-    return torch.cat([ids[:, : 1 + n_soft], placeholder, ids[:, 1 + n_soft : length - n_anchor]], dim=1)
-
-
-def resolve_anchors(anchors: torch.Tensor | str | os.PathLike, width: int) -> torch.Tensor:
-    """Stage I anchors as a float32 ``(N, D)`` tensor (loaded when a path is given)."""
-    if anchors is None:
-        raise ValueError(
-            "no anchors given: pass anchors= (a (N, D) tensor or a path to Stage I anchors), "
-            "or set TRAINER.ANCHOROPT.ANCHORS"
-        )
-    if isinstance(anchors, (str, os.PathLike)):
-        if not str(anchors):
-            raise ValueError("the anchors path is empty: set TRAINER.ANCHOROPT.ANCHORS or pass anchors=")
-        anchors = load_anchors(anchors, expected_width=width)
-    if not isinstance(anchors, torch.Tensor):
-        raise TypeError(f"anchors must be a tensor (N, {width}) or a path, got {type(anchors).__name__}")
-    if anchors.dim() == 1:
-        anchors = anchors[None]
-    if anchors.dim() != 2 or anchors.shape[1] != width or anchors.shape[0] < 1:
-        raise ValueError(
-            f"anchors of shape {tuple(anchors.shape)} do not fit this prompt learner: expected (N, {width}); "
-            "were they learned with a CLIP of another width?"
-        )
-    if not torch.isfinite(anchors).all():
-        raise ValueError("anchors contain NaN or inf")
-    return anchors.detach().float().clone()
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose 'base' (normal prompt) or 'novel' (ensemble)")
-    return mode
-
-
-def peer_tokenizer(learner: nn.Module) -> Callable[..., torch.Tensor] | None:
-    """``clip.tokenize`` of the module that defines the learner's class (the peers import ``from clip import clip``)."""
-    for cls in type(learner).__mro__:
-        found = _module_tokenizer(sys.modules.get(cls.__module__))
-        if found is not None:
-            return found
-    return None
-
-
-def _module_tokenizer(module: Any) -> Callable[..., torch.Tensor] | None:
-    clip = getattr(module, "clip", None)
-    tokenize = getattr(clip, "tokenize", None)
-    return tokenize if callable(tokenize) else None
-
-
-def _id_targets(learner: nn.Module, owner: nn.Module | None) -> list[torch.Tensor]:
-    targets = [learner.tokenized_prompts]
-    other = getattr(owner, "tokenized_prompts", None) if owner is not None else None
-    if isinstance(other, torch.Tensor) and other is not targets[0]:
-        if other.shape != targets[0].shape:
-            raise ValueError(
-                f"owner.tokenized_prompts {tuple(other.shape)} does not match the prompt learner's "
-                f"{tuple(targets[0].shape)}"
-            )
-        targets.append(other)
-    return targets
-
-
-def _require(learner: nn.Module, names: Sequence[str], injection: AnchorOPTInjection) -> None:
-    missing = [n for n in names if not hasattr(learner, n)]
-    if missing:
-        raise TypeError(
-            f"{type(learner).__name__} does not look like a {injection._peer_name}: missing {', '.join(missing)}"
-        )
-
-
-@contextlib.contextmanager
-def _no_autocast(device: torch.device) -> Iterator[None]:
-    try:
-        ctx = torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # a device type without autocast support
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
-
-
-def _name(module: Any) -> str:
-    return getattr(module, "__name__", type(module).__name__)
-
-
-def warn_once(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)

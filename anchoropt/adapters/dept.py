@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from . import cocoop, coop, maple
-from .base import AnchorOPTInjection, ClassPatch
+from .base import AnchorOPTInjection
+from .patching import ClassPatch
 
 __all__ = ["patch", "wrap", "DEFAULTS"]
 

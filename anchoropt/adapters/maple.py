@@ -37,7 +37,8 @@ from torch import nn
 
 from ..deep import DeepAnchorHooks, attach_deep
 from ..towers import TextTower, swap_block_masks
-from .base import AnchorOPTInjection, warn_once
+from .base import AnchorOPTInjection
+from .inputs import warn_once
 
 __all__ = ["MaPLeInjection", "ListProtocolTextTower", "patch", "wrap", "ANCHOR_IMAGE"]
 

@@ -121,11 +121,85 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
             ``cfg.cache_image_features`` and ``augment="none"``, training and evaluation read image
             features from it instead of running the image tower.
     """
-    from ..io import load_anchors, module_device, save_anchors
     from ..prompts import AnchorOPTPromptLearner
     from .learners import build_learner, method_settings, save_run_learner
 
     wall = time.perf_counter()
+    plan = _plan_training(cfg, evaluate_after, overwrite, resume)  # every input, before any model is built
+    cfg, choice, method, out, run_id = plan.cfg, plan.choice, plan.method, plan.out, plan.run_id
+    own_ctx = ctx is None
+    ctx = ctx or dist_utils.init_from_env(cfg.device)
+    with R.locked(out, "anchoropt train") if ctx.is_main else _nothing():
+        if ctx.is_main and plan.state != "empty" and overwrite:
+            R.clear_run(out)
+        seed_everything(cfg.seed)  # same frozen random towers and initial prompts on every process
+        bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
+        features = _usable_features(features, cfg, choice)
+        _log_start(ctx, plan, resume)
+        if ctx.is_main and not resume:
+            _files.write_json(out / RUN_CONFIG, {**cfg.to_json(), "run_id": run_id})
+        anchors, stage1 = _stage1(plan, bundle, ctx, resume)
+        if anchors is not None and cfg.n_anchor != anchors.shape[0]:
+            cfg = dataclasses.replace(cfg, n_anchor=int(anchors.shape[0]))
+
+        settings = method_settings(cfg, anchors, bundle.tokenizer)
+        learner = build_learner(choice, bundle, plan.trained, settings)
+        start_from = _resume_point(learner, plan, ctx) if resume and method.trains else None
+        stage2: dict[str, Any] | None = None
+        if method.trains and any(p.requires_grad for p in learner.parameters()):
+            stage2 = train_stage2(learner, bundle, plan.train_view.train, cfg, ctx,
+                                  on_checkpoint=_checkpointer(learner, out, run_id, cfg, ctx), resume=start_from,
+                                  loss_fn=method.loss(settings), image_input=method.image_input, features=features)
+            _log(ctx, f"Stage II: {stage2['epochs']} epochs x {stage2['steps_per_epoch']} steps, loss "
+                      f"{stage2['epoch_losses'][0]:.4f} -> {stage2['epoch_losses'][-1]:.4f} ({stage2['seconds']} s)")
+        if ctx.is_main:
+            save_run_learner(learner, choice, settings, out, run_id)
+        anchoropt_learner = isinstance(learner, AnchorOPTPromptLearner)  # plots, position
+        results = _results_record(plan, cfg, bundle, ctx, settings, stage1, stage2,
+                                  learner.position if anchoropt_learner else None)
+        if evaluate_after:
+            start = time.perf_counter()
+            results["results"] = _evaluations(learner, bundle, cfg, ctx, plan.train_view, plan.novel_view,
+                                              plan.trained, method, features)
+            results["eval_seconds"] = round(time.perf_counter() - start, 3)
+            learner.set_classnames(list(plan.trained))
+            results["summary"] = summary_line(results)
+        results["seconds"] = round(time.perf_counter() - wall, 3)
+        if ctx.is_main:
+            _write_results(results, learner, bundle, out, cfg.plots and anchoropt_learner)
+        dist_utils.barrier(ctx)
+    if own_ctx:
+        dist_utils.cleanup(ctx)
+    return RunResult(results, learner, out)
+
+
+@dataclass
+class _TrainingPlan:
+    """A training run's checked inputs: what :func:`_plan_training` read before any model is built."""
+
+    cfg: RunConfig  # resolved, with absolute paths
+    choice: Any  # the parsed method spec (registry.MethodChoice)
+    out: Path
+    state: str  # the output directory's state before the run (rundir.check_output)
+    run_id: str
+    source: D.DatasetSplits
+    train_view: D.DatasetSplits
+    novel_view: D.DatasetSplits | None
+    given_anchors: Any  # the checked --anchors file, or None
+    short: dict  # classes with fewer images than the shots asked, per split
+
+    @property
+    def method(self):
+        return self.choice.method
+
+    @property
+    def trained(self) -> list[str]:
+        return self.train_view.classnames
+
+
+def _plan_training(cfg: RunConfig, evaluate_after: bool, overwrite: bool, resume: bool) -> _TrainingPlan:
+    """Check every input of ``anchoropt train`` - options, output directory, datasets, targets, descriptions,
+    anchors, images - and read what the run needs of them, before any model is built."""
     cfg = cfg.resolve()
     choice = cfg.method_choice()
     method = choice.method
@@ -137,7 +211,6 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
     out = Path(cfg.output)
     state = R.check_output(out, overwrite, resume)
     run_id = _resumed_run_id(out, cfg) if resume else R.new_run_id()
-    # ---- every input, before any model is built
     source = _source_dataset(cfg)
     train_view, novel_view = _training_view(source, cfg)
     trained = train_view.classnames
@@ -150,119 +223,121 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
     if evaluate_after:
         checks.check_images([*train_view.test, *(novel_view.test if novel_view else [])], "test", decode=False)
     short = checks.short_class_report(source, cfg)
+    return _TrainingPlan(cfg, choice, out, state, run_id, source, train_view, novel_view, given_anchors, short)
 
-    own_ctx = ctx is None
-    ctx = ctx or dist_utils.init_from_env(cfg.device)
-    with R.locked(out, "anchoropt train") if ctx.is_main else _nothing():
-        if ctx.is_main and state != "empty" and overwrite:
-            R.clear_run(out)
-        seed_everything(cfg.seed)  # same frozen random towers and initial prompts on every process
-        bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
-        if not (cfg.cache_image_features and cfg.augment == "none"):
-            features = None
-        if features is not None and method.image_input in FEATURE_INPUTS and \
-                features.normalize != (method.image_input == "features"):
-            raise ValueError(f"{choice.label} takes {'raw' if features.normalize else 'L2-normalised'} image "
-                             "features: pass a FeatureStore(normalize=...) of that kind")
-        _log(ctx, f"{source.summary()}; {choice.label}, training on {len(train_view.train)} images of {len(trained)} classes "
-                  f"({cfg.shots} shots, seed {cfg.seed}, protocol {cfg.protocol}, world size {ctx.world_size}, "
-                  f"run {run_id}{', resumed' if resume else ''})")
-        for split, classes in short.items():
-            _log(ctx, f"warning: {split} classes with fewer than the shots asked (sampled with replacement): "
-                      + ", ".join(f"{name} ({n})" for name, n in list(classes.items())[:10]))
-        if ctx.is_main and not resume:
-            _files.write_json(out / RUN_CONFIG, {**cfg.to_json(), "run_id": run_id})
 
-        stage1: dict[str, Any] | None = None
-        anchors = None
-        saved_anchors = out / "anchors.safetensors"
-        if not method.needs_anchors:
-            pass
-        elif resume and saved_anchors.is_file():
-            anchors = load_anchors(saved_anchors, expected_width=_text_width(bundle.model))
-            stage1 = read_json(out / R.STAGE1, f"{out / R.STAGE1} not found") if (out / R.STAGE1).is_file() else {}
-            stage1 = {k: v for k, v in stage1.items() if k != "run_id"}
-        elif given_anchors is not None:
-            anchors = load_anchors(cfg.anchors, expected_width=_text_width(bundle.model))
-            stage1 = {"anchors_from": cfg.anchors}
-        else:
-            anchors, stage1 = learn_anchors(bundle, trained, cfg.descriptions, cfg, ctx)
-            if ctx.is_main:  # the other processes did not run Stage I (rank 0 broadcast the anchors)
-                _log(ctx, f"Stage I: {stage1['steps']} steps, loss {stage1['loss_first']:.4f} -> "
-                          f"{stage1['loss_last']:.4f}")
-        if anchors is not None and ctx.is_main and not (resume and saved_anchors.is_file()):
-            save_anchors(anchors, saved_anchors, classnames=trained, run_id=run_id)
-            _files.write_json(out / R.STAGE1, {**stage1, "run_id": run_id})
-        if anchors is not None and cfg.n_anchor != anchors.shape[0]:
-            cfg = dataclasses.replace(cfg, n_anchor=int(anchors.shape[0]))
+def _usable_features(features, cfg: RunConfig, choice):
+    """The shared feature store, when this run may read from it (``None`` otherwise); refuses one of the wrong
+    kind (raw vs L2-normalised features)."""
+    if not (cfg.cache_image_features and cfg.augment == "none"):
+        return None
+    method = choice.method
+    if features is not None and method.image_input in FEATURE_INPUTS and \
+            features.normalize != (method.image_input == "features"):
+        raise ValueError(f"{choice.label} takes {'raw' if features.normalize else 'L2-normalised'} image "
+                         "features: pass a FeatureStore(normalize=...) of that kind")
+    return features
 
-        settings = method_settings(cfg, anchors, bundle.tokenizer)
-        learner = build_learner(choice, bundle, trained, settings)
-        anchoropt_learner = isinstance(learner, AnchorOPTPromptLearner)  # plots, position
-        start_from = None
-        if resume and method.trains:
-            found = R.latest_checkpoint(out, run_id)
-            dist_utils.barrier(ctx)
-            if found is not None:
-                directory, trainer_state, trainer_tensors, weights = found
-                device = module_device(learner)
-                learner.load_state_dict({k: v.to(device) for k, v in weights.items()})
-                start_from = (trainer_state, trainer_tensors)
-                _log(ctx, f"resuming from {directory} ({trainer_state['epochs_done']} of {cfg.epochs} epochs done)")
-            else:
-                _log(ctx, "no complete checkpoint: Stage II starts again from epoch 0"
-                          + (" (Stage I anchors reused)" if method.needs_anchors else ""))
 
-        def checkpoint(state: dict, tensors: dict) -> None:
-            if not ctx.is_main:
-                return
-            done = state["epochs_done"]
-            R.save_checkpoint(out / R.CHECKPOINTS / R.LAST_CHECKPOINT, learner, run_id, state, tensors)
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.epochs:
-                R.save_checkpoint(out / R.CHECKPOINTS / f"epoch_{done}", learner, run_id, state, tensors)
+def _log_start(ctx: dist_utils.DistContext, plan: _TrainingPlan, resume: bool) -> None:
+    cfg = plan.cfg
+    _log(ctx, f"{plan.source.summary()}; {plan.choice.label}, training on {len(plan.train_view.train)} images of "
+              f"{len(plan.trained)} classes ({cfg.shots} shots, seed {cfg.seed}, protocol {cfg.protocol}, world size "
+              f"{ctx.world_size}, run {plan.run_id}{', resumed' if resume else ''})")
+    for split, classes in plan.short.items():
+        _log(ctx, f"warning: {split} classes with fewer than the shots asked (sampled with replacement): "
+                  + ", ".join(f"{name} ({n})" for name, n in list(classes.items())[:10]))
 
-        stage2: dict[str, Any] | None = None
-        if method.trains and any(p.requires_grad for p in learner.parameters()):
-            stage2 = train_stage2(learner, bundle, train_view.train, cfg, ctx, on_checkpoint=checkpoint,
-                                  resume=start_from, loss_fn=method.loss(settings), image_input=method.image_input,
-                                  features=features)
-            _log(ctx, f"Stage II: {stage2['epochs']} epochs x {stage2['steps_per_epoch']} steps, loss "
-                      f"{stage2['epoch_losses'][0]:.4f} -> {stage2['epoch_losses'][-1]:.4f} ({stage2['seconds']} s)")
-        if ctx.is_main:
-            save_run_learner(learner, choice, settings, out, run_id)
-        results: dict[str, Any] = {
-            "run_id": run_id, "method": choice.label,
-            "protocol": cfg.protocol, "dataset": source.name, "model": cfg.model,
-            **weights_record(cfg.pretrained, bundle), "preset": cfg.preset, "seed": cfg.seed,
-            "shots": cfg.shots, "trained_classes": list(trained),
-            "world_size": ctx.world_size, "stage1": stage1, "stage2": stage2,
-            "method_settings": settings.to_json(),
-        }
-        if anchoropt_learner:
-            results["position"] = {"assignment": learner.position.assignment().tolist(),
-                                   "slots": learner.position.describe()}
-        if short:
-            results["classes_short_of_shots"] = short
-        if evaluate_after:
-            start = time.perf_counter()
-            results["results"] = _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained, method,
-                                              features)
-            results["eval_seconds"] = round(time.perf_counter() - start, 3)
-            learner.set_classnames(list(trained))
-            results["summary"] = summary_line(results)
-        results["seconds"] = round(time.perf_counter() - wall, 3)
-        if ctx.is_main:
-            _files.write_json(out / RESULTS, results)
-            shutil.rmtree(out / R.CHECKPOINTS / R.LAST_CHECKPOINT, ignore_errors=True)  # (prompt_)learner/ has it
-            if cfg.plots and anchoropt_learner:
-                note = f"{RANDOM_FLAG}: this picture means nothing" if results["random_weights"] else None
-                results["plots"] = _plots(learner, bundle, out, note)
-            if "summary" in results:
-                print(results["summary"], flush=True)
-        dist_utils.barrier(ctx)
-    if own_ctx:
-        dist_utils.cleanup(ctx)
-    return RunResult(results, learner, out)
+
+def _stage1(plan: _TrainingPlan, bundle: ModelBundle, ctx: dist_utils.DistContext,
+            resume: bool) -> tuple[Any, dict[str, Any] | None]:
+    """``(anchors (N, D) or None, the Stage I record)``: the interrupted run's anchors (``--resume``), the
+    ``--anchors`` file, or Stage I run now; new anchors are saved to the run directory."""
+    from ..io import load_anchors, save_anchors
+
+    cfg, out = plan.cfg, plan.out
+    saved_anchors = out / "anchors.safetensors"
+    if not plan.method.needs_anchors:
+        return None, None
+    if resume and saved_anchors.is_file():
+        anchors = load_anchors(saved_anchors, expected_width=_text_width(bundle.model))
+        stage1 = read_json(out / R.STAGE1, f"{out / R.STAGE1} not found") if (out / R.STAGE1).is_file() else {}
+        return anchors, {k: v for k, v in stage1.items() if k != "run_id"}
+    if plan.given_anchors is not None:
+        anchors = load_anchors(cfg.anchors, expected_width=_text_width(bundle.model))
+        stage1 = {"anchors_from": cfg.anchors}
+    else:
+        anchors, stage1 = learn_anchors(bundle, plan.trained, cfg.descriptions, cfg, ctx)
+        if ctx.is_main:  # the other processes did not run Stage I (rank 0 broadcast the anchors)
+            _log(ctx, f"Stage I: {stage1['steps']} steps, loss {stage1['loss_first']:.4f} -> "
+                      f"{stage1['loss_last']:.4f}")
+    if ctx.is_main:
+        save_anchors(anchors, saved_anchors, classnames=plan.trained, run_id=plan.run_id)
+        _files.write_json(out / R.STAGE1, {**stage1, "run_id": plan.run_id})
+    return anchors, stage1
+
+
+def _resume_point(learner: nn.Module, plan: _TrainingPlan, ctx: dist_utils.DistContext):
+    """The interrupted run's last complete checkpoint, loaded into ``learner``: ``(trainer state, tensors)`` for
+    :func:`train_stage2`, or ``None`` when there is none (Stage II starts again)."""
+    from ..io import module_device
+
+    found = R.latest_checkpoint(plan.out, plan.run_id)
+    dist_utils.barrier(ctx)
+    if found is None:
+        _log(ctx, "no complete checkpoint: Stage II starts again from epoch 0"
+                  + (" (Stage I anchors reused)" if plan.method.needs_anchors else ""))
+        return None
+    directory, trainer_state, trainer_tensors, weights = found
+    device = module_device(learner)
+    learner.load_state_dict({k: v.to(device) for k, v in weights.items()})
+    _log(ctx, f"resuming from {directory} ({trainer_state['epochs_done']} of {plan.cfg.epochs} epochs done)")
+    return trainer_state, trainer_tensors
+
+
+def _checkpointer(learner: nn.Module, out: Path, run_id: str, cfg: RunConfig, ctx: dist_utils.DistContext):
+    """``on_checkpoint(state, tensors)`` for :func:`train_stage2`: the last epoch always, every
+    ``cfg.save_every`` epochs as ``epoch_<n>`` too (rank 0 only)."""
+
+    def checkpoint(state: dict, tensors: dict) -> None:
+        if not ctx.is_main:
+            return
+        done = state["epochs_done"]
+        R.save_checkpoint(out / R.CHECKPOINTS / R.LAST_CHECKPOINT, learner, run_id, state, tensors)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.epochs:
+            R.save_checkpoint(out / R.CHECKPOINTS / f"epoch_{done}", learner, run_id, state, tensors)
+
+    return checkpoint
+
+
+def _results_record(plan: _TrainingPlan, cfg: RunConfig, bundle: ModelBundle, ctx: dist_utils.DistContext,
+                    settings, stage1: dict | None, stage2: dict | None, position=None) -> dict[str, Any]:
+    """``results.json`` before evaluation: what ran, on what, with which settings (and AnchorOPT's learned
+    arrangement, from its ``position`` matrix)."""
+    results: dict[str, Any] = {
+        "run_id": plan.run_id, "method": plan.choice.label,
+        "protocol": cfg.protocol, "dataset": plan.source.name, "model": cfg.model,
+        **weights_record(cfg.pretrained, bundle), "preset": cfg.preset, "seed": cfg.seed,
+        "shots": cfg.shots, "trained_classes": list(plan.trained),
+        "world_size": ctx.world_size, "stage1": stage1, "stage2": stage2,
+        "method_settings": settings.to_json(),
+    }
+    if position is not None:
+        results["position"] = {"assignment": position.assignment().tolist(), "slots": position.describe()}
+    if plan.short:
+        results["classes_short_of_shots"] = plan.short
+    return results
+
+
+def _write_results(results: dict, learner: nn.Module, bundle: ModelBundle, out: Path, plots: bool) -> None:
+    """``results.json`` (last: it marks the run finished), the position-matrix plots, the summary line."""
+    _files.write_json(out / RESULTS, results)
+    shutil.rmtree(out / R.CHECKPOINTS / R.LAST_CHECKPOINT, ignore_errors=True)  # (prompt_)learner/ has it
+    if plots:
+        note = f"{RANDOM_FLAG}: this picture means nothing" if results["random_weights"] else None
+        results["plots"] = _plots(learner, bundle, out, note)
+    if "summary" in results:
+        print(results["summary"], flush=True)
 
 
 def _resumed_run_id(out: Path, cfg: RunConfig) -> str:

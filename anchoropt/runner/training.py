@@ -155,9 +155,6 @@ def train_stage2(
     continues an interrupted training (the learner must hold the checkpoint's tensors already).  One process
     resumes bit-exactly; under ``torchrun`` every rank continues from rank 0's random state.
     """
-    from torch.utils.data import DataLoader, TensorDataset
-    from torch.utils.data.distributed import DistributedSampler
-
     ctx = ctx or dist_utils.DistContext()
     timer = timer or _no_timer
     device = ctx.device
@@ -165,8 +162,102 @@ def train_stage2(
     if resume is not None:  # the random state Stage II started from (the cached views are drawn from it)
         _set_rng(resume[1], "stage2_start", device)
     stage2_start = _rng_tensors(device, "stage2_start")
-    cached = None
     encode = encode_images if image_input == "features" else encode_images_raw  # looked up here: tests patch them
+    data = _training_data(bundle, records, cfg, ctx, image_input, features, encode, summary)
+    regularizer = _pae_regularizer(learner, cfg, device) if cfg.pae else None
+    groups = stage2_param_groups(learner, cfg, regularizer)
+    params = [p for group in groups if group.get("name") != "pae" for p in group["params"]]
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    summary["param_groups"] = [{"name": g["name"], "lr": g["base_lr"], "weight_decay": g["weight_decay"],
+                                "params": sum(p.numel() for p in g["params"])} for g in groups]
+    loss_fn = loss_fn or _anchoropt_loss(cfg)
+    module = dist_utils.wrap_ddp(learner, ctx)
+    module.train()
+    if ctx.distributed:  # replicas start equal (DDP broadcasts rank 0's); each then draws its own Gumbel noise
+        torch.manual_seed(cfg.seed * 1000 + ctx.rank)
+    progress = _Progress(params + (list(regularizer.parameters()) if regularizer is not None else []))
+    if resume is not None:
+        progress.restore(resume, optimizer, regularizer, data, device)
+        summary["resumed_at_epoch"] = progress.first_epoch
+    bar = _bar((cfg.epochs - progress.first_epoch) * len(data.loader), "Stage II", cfg.progress and ctx.is_main)
+    start = time.perf_counter()
+    for epoch in range(progress.first_epoch, cfg.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = dassl_lr(epoch, group["base_lr"], cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr)
+        if data.sampler is not None:
+            data.sampler.set_epoch(epoch)
+        total, seen, pae_sums = 0.0, 0, [0.0, 0.0]
+        fetch_start = time.perf_counter()
+        for batch, labels, _ in data.loader:
+            if timer is not _no_timer:
+                timer.add("data", time.perf_counter() - fetch_start)
+            labels = labels.to(device)
+            inputs = data.inputs(batch, image_input, bundle, encode, device, timer)
+            with timer("text_encoding"):
+                outputs = module(inputs)
+            with timer("loss_backward"):
+                loss = loss_fn(outputs, labels)
+                if regularizer is not None:  # parameters only: identical on every process, no all-reduce needed
+                    terms = regularizer(prompt_chain(learner))
+                    loss = loss + terms.total
+                    pae_sums[0] += terms.koopman.item() * len(labels)
+                    pae_sums[1] += terms.lyapunov.item() * len(labels)
+                _check_finite_loss(loss, epoch, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if regularizer is not None:
+                    _clip_pae_gradients(regularizer, epoch)
+                optimizer.step()
+            total, seen = total + loss.item() * len(labels), seen + len(labels)
+            if bar is not None:
+                bar.update(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+            fetch_start = time.perf_counter()
+        progress.end_epoch(total, seen, pae_sums if regularizer is not None else None)
+        if on_checkpoint is not None:
+            on_checkpoint(*progress.checkpoint(epoch, stage2_start, optimizer, regularizer, data, device))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, progress.losses[-1])
+    if bar is not None:
+        bar.close()
+    summary.update(epochs=cfg.epochs, steps_per_epoch=len(data.loader),
+                   epoch_losses=[round(x, 6) for x in progress.losses], seconds=round(time.perf_counter() - start, 3))
+    if regularizer is not None:
+        summary["pae"] = {**regularizer.config(), "decay": cfg.pae_decay,
+                          "epoch_koopman": progress.pae_history["koopman"],
+                          "epoch_lyapunov": progress.pae_history["lyapunov"],
+                          "spectral_radius": round(regularizer.spectral_radius(), 6)}
+    return summary
+
+
+class _TrainingData:
+    """What Stage II iterates: the loader (and its distributed sampler) over images or image indices, and the
+    cached image features ``(V, N, E)`` with the generator that picks one view per image and step."""
+
+    def __init__(self, loader, sampler, cached: torch.Tensor | None, view_generator: torch.Generator | None):
+        self.loader, self.sampler, self.cached, self.view_generator = loader, sampler, cached, view_generator
+
+    def inputs(self, batch: torch.Tensor, image_input: str, bundle: ModelBundle, encode: Callable,
+               device: torch.device, timer) -> torch.Tensor:
+        """The learner's input for one batch: images, features from the image tower, or cached features."""
+        if image_input == "images":
+            return batch.to(device)
+        if self.cached is None:
+            with timer("image_encoding"):
+                return encode(bundle.model, batch.to(device))
+        # the batch holds image indices into the (V, N, E) table: one of each image's cached views
+        views = torch.randint(self.cached.shape[0], (len(batch),), generator=self.view_generator)
+        return self.cached[views.to(self.cached.device), batch.to(self.cached.device)].to(device)
+
+
+def _training_data(bundle: ModelBundle, records: Sequence[D.Record], cfg: RunConfig, ctx: dist_utils.DistContext,
+                   image_input: str, features, encode: Callable, summary: dict) -> _TrainingData:
+    """Stage II's loader; with ``cfg.cache_image_features`` the frozen image tower runs here, before the first
+    epoch (its time goes to ``summary["cache_seconds"]``)."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    device = ctx.device
+    cached, view_generator = None, None
     if cfg.cache_image_features and image_input in FEATURE_INPUTS:
         start = time.perf_counter()
         if cfg.augment == "none" and features is not None:
@@ -186,112 +277,81 @@ def train_stage2(
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=0 if cached is not None else cfg.workers, drop_last=False,
                         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
-    regularizer = _pae_regularizer(learner, cfg, device) if cfg.pae else None
-    groups = stage2_param_groups(learner, cfg, regularizer)
-    params = [p for group in groups if group.get("name") != "pae" for p in group["params"]]
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    summary["param_groups"] = [{"name": g["name"], "lr": g["base_lr"], "weight_decay": g["weight_decay"],
-                                "params": sum(p.numel() for p in g["params"])} for g in groups]
-    pae_history: dict[str, list[float]] = {"koopman": [], "lyapunov": []}
-    if loss_fn is None:
-        stage2 = StageIILoss(ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature,
-                             kd_normalization=cfg.kd_normalization)
+    return _TrainingData(loader, sampler, cached, view_generator)
 
-        def loss_fn(outputs, target):
-            return stage2(outputs[0], outputs[1], target)
-    module = dist_utils.wrap_ddp(learner, ctx)
-    module.train()
-    if ctx.distributed:  # replicas start equal (DDP broadcasts rank 0's); each then draws its own Gumbel noise
-        torch.manual_seed(cfg.seed * 1000 + ctx.rank)
-    losses: list[float] = []
-    first_epoch = 0
-    trained = params + (list(regularizer.parameters()) if regularizer is not None else [])
-    if resume is not None:
+
+class _Progress:
+    """Stage II's progress: epochs done, losses per epoch, PAE's terms per epoch; what a checkpoint holds of
+    it and of the optimizer and random states, and how a resumed run takes it back."""
+
+    def __init__(self, trained: list[torch.Tensor]):
+        self.trained = trained  # the optimised tensors, in the order their optimizer buffers are saved
+        self.first_epoch = 0
+        self.losses: list[float] = []
+        self.pae_history: dict[str, list[float]] = {"koopman": [], "lyapunov": []}
+
+    def end_epoch(self, total: float, seen: int, pae_sums: list[float] | None) -> None:
+        self.losses.append(total / max(seen, 1))
+        if pae_sums is not None:
+            self.pae_history["koopman"].append(round(pae_sums[0] / max(seen, 1), 6))
+            self.pae_history["lyapunov"].append(round(pae_sums[1] / max(seen, 1), 6))
+
+    def checkpoint(self, epoch: int, stage2_start: dict, optimizer: torch.optim.Optimizer,
+                   regularizer: KoopmanLyapunov | None, data: _TrainingData,
+                   device: torch.device) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(state, tensors)`` after ``epoch``: what :func:`train_stage2` needs to continue from there."""
+        tensors = {**stage2_start, **_rng_tensors(device, "now"), **_optimizer_tensors(optimizer, self.trained),
+                   "rng.loader": data.loader.generator.get_state()}
+        if data.cached is not None:
+            tensors["rng.views"] = data.view_generator.get_state()
+        state = {"epochs_done": epoch + 1, "epoch_losses": self.losses}
+        if regularizer is not None:
+            tensors.update({f"pae.{k}": v for k, v in regularizer.state_dict().items()})
+            state["pae_history"] = self.pae_history
+        return state, tensors
+
+    def restore(self, resume: tuple[dict, dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+                regularizer: KoopmanLyapunov | None, data: _TrainingData, device: torch.device) -> None:
+        """Take back a checkpoint's ``(state, tensors)``: epochs, losses, PAE, optimizer buffers, RNG states."""
         state, tensors = resume
-        first_epoch, losses = int(state["epochs_done"]), list(state["epoch_losses"])
+        self.first_epoch, self.losses = int(state["epochs_done"]), list(state["epoch_losses"])
         if regularizer is not None:
             regularizer.load_state_dict({k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("pae.")})
-            pae_history = state["pae_history"]
-        _load_optimizer(optimizer, trained, tensors)
-        loader.generator.set_state(tensors["rng.loader"])
-        if cached is not None:
-            view_generator.set_state(tensors["rng.views"])
+            self.pae_history = state["pae_history"]
+        _load_optimizer(optimizer, self.trained, tensors)
+        data.loader.generator.set_state(tensors["rng.loader"])
+        if data.cached is not None:
+            data.view_generator.set_state(tensors["rng.views"])
         _set_rng(tensors, "now", device)
-        summary["resumed_at_epoch"] = first_epoch
-    bar = _bar((cfg.epochs - first_epoch) * len(loader), "Stage II", cfg.progress and ctx.is_main)
-    start = time.perf_counter()
-    for epoch in range(first_epoch, cfg.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = dassl_lr(epoch, group["base_lr"], cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        total, seen, pae_sums = 0.0, 0, [0.0, 0.0]
-        fetch_start = time.perf_counter()
-        for batch, labels, _ in loader:
-            if timer is not _no_timer:
-                timer.add("data", time.perf_counter() - fetch_start)
-            labels = labels.to(device)
-            if image_input == "images":
-                inputs = batch.to(device)
-            elif cached is None:
-                with timer("image_encoding"):
-                    inputs = encode(bundle.model, batch.to(device))
-            else:  # batch holds image indices (V, N, E) table: one of each image's cached views
-                views = torch.randint(cached.shape[0], (len(batch),), generator=view_generator)
-                inputs = cached[views.to(cached.device), batch.to(cached.device)].to(device)
-            with timer("text_encoding"):
-                outputs = module(inputs)
-            with timer("loss_backward"):
-                loss = loss_fn(outputs, labels)
-                if regularizer is not None:  # parameters only: identical on every process, no all-reduce needed
-                    terms = regularizer(prompt_chain(learner))
-                    loss = loss + terms.total
-                    pae_sums[0] += terms.koopman.item() * len(labels)
-                    pae_sums[1] += terms.lyapunov.item() * len(labels)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"Stage II loss is {loss.item()} at epoch {epoch} (lr {epoch_lr(epoch, cfg):g}, ce_weight "
-                        f"{cfg.ce_weight:g}, kd_weight {cfg.kd_weight:g}): lower the lr or the loss weights"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if regularizer is not None:
-                    pae_norm = regularizer.clip_grad_(PAE_MAX_GRAD_NORM)  # its own clipping, as PAE's trainer
-                    if not torch.isfinite(pae_norm):
-                        raise FloatingPointError(
-                            f"PAE's gradients are not finite at epoch {epoch}: lower --lr, --pae-alpha or --pae-beta, "
-                            "or use --pae-reading released (bounded terms)"
-                        )
-                optimizer.step()
-            total, seen = total + loss.item() * len(labels), seen + len(labels)
-            if bar is not None:
-                bar.update(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-            fetch_start = time.perf_counter()
-        losses.append(total / max(seen, 1))
-        if regularizer is not None:
-            pae_history["koopman"].append(round(pae_sums[0] / max(seen, 1), 6))
-            pae_history["lyapunov"].append(round(pae_sums[1] / max(seen, 1), 6))
-        if on_checkpoint is not None:
-            tensors = {**stage2_start, **_rng_tensors(device, "now"), **_optimizer_tensors(optimizer, trained),
-                       "rng.loader": loader.generator.get_state()}
-            if cached is not None:
-                tensors["rng.views"] = view_generator.get_state()
-            state = {"epochs_done": epoch + 1, "epoch_losses": losses}
-            if regularizer is not None:
-                tensors.update({f"pae.{k}": v for k, v in regularizer.state_dict().items()})
-                state["pae_history"] = pae_history
-            on_checkpoint(state, tensors)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, losses[-1])
-    if bar is not None:
-        bar.close()
-    summary.update(epochs=cfg.epochs, steps_per_epoch=len(loader), epoch_losses=[round(x, 6) for x in losses],
-                   seconds=round(time.perf_counter() - start, 3))
-    if regularizer is not None:
-        summary["pae"] = {**regularizer.config(), "decay": cfg.pae_decay, "epoch_koopman": pae_history["koopman"],
-                          "epoch_lyapunov": pae_history["lyapunov"],
-                          "spectral_radius": round(regularizer.spectral_radius(), 6)}
-    return summary
+
+
+def _anchoropt_loss(cfg: RunConfig) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """AnchorOPT's Stage II loss from ``cfg``, on the learner's ``(logits_normal, logits_anchor)``."""
+    stage2 = StageIILoss(ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature,
+                         kd_normalization=cfg.kd_normalization)
+
+    def loss_fn(outputs, target):
+        return stage2(outputs[0], outputs[1], target)
+
+    return loss_fn
+
+
+def _check_finite_loss(loss: torch.Tensor, epoch: int, cfg: RunConfig) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"Stage II loss is {loss.item()} at epoch {epoch} (lr {epoch_lr(epoch, cfg):g}, ce_weight "
+            f"{cfg.ce_weight:g}, kd_weight {cfg.kd_weight:g}): lower the lr or the loss weights"
+        )
+
+
+def _clip_pae_gradients(regularizer: KoopmanLyapunov, epoch: int) -> None:
+    """PAE's own gradient clipping (norm 10, as PAE's trainer); refuses gradients that are not finite."""
+    pae_norm = regularizer.clip_grad_(PAE_MAX_GRAD_NORM)
+    if not torch.isfinite(pae_norm):
+        raise FloatingPointError(
+            f"PAE's gradients are not finite at epoch {epoch}: lower --lr, --pae-alpha or --pae-beta, "
+            "or use --pae-reading released (bounded terms)"
+        )
 
 
 def stage2_param_groups(learner: nn.Module, cfg: RunConfig, regularizer: KoopmanLyapunov | None = None) -> list[dict]:
