@@ -28,7 +28,7 @@ from .prompts import context_init, model_logit_scale
 from .template import PromptTemplate, Tokenizer, _clean_classnames, attribute_segments, default_tokenizer
 from .towers import TextTower
 
-__all__ = ["ZeroShotClassifier", "SoftPromptLearner", "DEFAULT_TEMPLATE", "ENSEMBLE_TEMPLATES"]
+__all__ = ["ZeroShotClassifier", "SoftPromptLearner", "DEFAULT_TEMPLATE", "ENSEMBLE_TEMPLATES", "check_template"]
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 # The seven ImageNet templates CLIP's authors selected for their prompt ensemble (CLIP repository notebook).
@@ -86,6 +86,7 @@ class ZeroShotClassifier(nn.Module):
 
     def forward(self, image_features: torch.Tensor, logit_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         """Logits ``(B, C)`` for image features ``(B, E)``."""
+        functional.check_features(image_features, "image_features", self.tower.output_dim)
         scale = model_logit_scale(self.tower) if logit_scale is None else logit_scale
         return functional.clip_logits(image_features, self._features, scale)
 
@@ -209,6 +210,7 @@ class SoftPromptLearner(nn.Module):
 
     def forward(self, image_features: torch.Tensor, logit_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         """Logits ``(B, C)`` for image features ``(B, E)``."""
+        functional.check_features(image_features, "image_features", self.tower.output_dim)
         scale = model_logit_scale(self.tower) if logit_scale is None else logit_scale
         return functional.clip_logits(image_features, self.text_features(), scale)
 
@@ -226,6 +228,23 @@ def _checked_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     if not items:
         raise ValueError("give at least one zero-shot template, e.g. 'a photo of a {}.'")
     for template in items:
-        if not isinstance(template, str) or template.count("{}") != 1:
+        if not isinstance(template, str):
             raise ValueError(f"a zero-shot template needs exactly one '{{}}' for the class name, got {template!r}")
+        check_template(template, "zero-shot template")
     return items
+
+
+def check_template(template: str, what: str = "template") -> str:
+    """``template`` if it formats with one class name: exactly one ``{}`` and no other ``{...}`` field
+    (``'{} and {}'``, ``'{} {x}'`` and ``'{0'`` are refused with a message naming ``what``)."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"{what} {template!r} is not a valid template ({err}): write one '{{}}' for the class "
+                         "name and double any other brace ('{{{{', '}}}}')") from None
+    if fields != [""]:
+        raise ValueError(f"{what} {template!r} needs exactly one '{{}}' for the class name and no other "
+                         f"'{{...}}' field (found {len(fields)}: {fields}); double any other brace ('{{{{', '}}}}')")
+    return template

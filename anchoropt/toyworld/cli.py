@@ -114,8 +114,9 @@ def _zeroshot(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if "{}" not in args.template:
-        raise ValueError(f"--template must contain '{{}}' for the class name, got {args.template!r}")
+    from ..baselines import check_template
+
+    check_template(args.template, "--template")
     model, preprocess, tokenizer = load_model(args.weights)
     acc = dataset_accuracy(args.dir, model, preprocess, tokenizer, args.split, args.template)
     print(f"zero-shot top-1 on {args.dir} ({args.split}): {100 * acc:.2f}%  (toy-world figure)")

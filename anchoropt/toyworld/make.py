@@ -56,6 +56,8 @@ def make(
         group: class group (0 .. N_GROUPS - 1); groups are disjoint (cross-dataset transfer).
         overwrite: replace the toy-world files of an existing dataset in ``root``.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed (--seed) must be a whole number in 0..{2**32 - 1} (numpy's seed range), got {seed!r}")
     if not isinstance(classes, int) or not 1 <= classes <= GROUP_SIZE:
         raise ValueError(f"classes must be an int in 1..{GROUP_SIZE} (a group's size), got {classes!r}")
     if not isinstance(per_class, int) or per_class < 5:
