@@ -410,7 +410,9 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             image = load_rgb(record.path)
         except (OSError, ValueError) as err:
-            raise OSError(f"cannot read image {record.path}: {err}") from err
+            text = str(err)
+            raise OSError(text if text.startswith(str(record.path)) else f"cannot read image {record.path}: {text}") \
+                from err
         if self.transform is not None:
             image = self.transform(image)
         return image, record.label, index
@@ -420,19 +422,17 @@ class ImageDataset(torch.utils.data.Dataset):
         return [r.label for r in self.records]
 
 
-ALPHA_BACKGROUND = (255, 255, 255)
-"""The colour transparent pixels are composited onto (white, as an image viewer shows them)."""
-
-
 def load_rgb(path: str | os.PathLike):
     """The image at ``path`` as a PIL RGB image, converted faithfully from any mode Pillow opens.
 
     * 16- and 32-bit greyscale (``I;16*``, ``I``) is scaled from its range to 8 bits (``I;16``: value / 257),
       not clipped at 255; floating-point greyscale (``F``) is read as [0, 1] when it lies there, else as
       [0, 255], and a warning names the file when values fall outside that range;
-    * transparency (``RGBA``, ``LA``, ``PA``, ``La``, ``RGBa``, a palette or greyscale image with a transparent
-      colour) is composited onto :data:`ALPHA_BACKGROUND`, so one picture reads the same in every mode;
-    * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``1``, ``L``, ``P`` convert with Pillow's own conversions.
+    * transparency is dropped the same way in every mode (``RGBA``, ``LA``, ``PA``, ``La``, ``RGBa``, a palette
+      or greyscale image with a transparent colour): the stored colours are kept, as Dassl's and open_clip's
+      ``convert("RGB")`` reads them, so features match the reference pipelines; premultiplied modes are
+      un-premultiplied first;
+    * ``CMYK``, ``YCbCr``, ``HSV``, ``LAB``, ``1``, ``L``, ``P`` convert with Pillow's own conversions.
 
     Raises ``ValueError`` naming the file for a decompression bomb (a header claiming more pixels than
     Pillow's ``Image.MAX_IMAGE_PIXELS`` limit), ``OSError`` for a file Pillow cannot read or decode.
@@ -452,24 +452,11 @@ def load_rgb(path: str | os.PathLike):
 
 def _to_rgb(image, path) -> "Image.Image":
     """``image`` (loaded) as RGB; see :func:`load_rgb`."""
-    from PIL import Image
-
     mode = image.mode
     if mode.startswith("I") or mode == "F":
         return _scaled_grey(image, path).convert("RGB")
-    if mode in ("P", "L", "1", "RGB") and "transparency" in image.info:
+    if mode in ("P", "PA", "La", "RGBa"):  # a palette's colours, un-premultiplied colours; alpha dropped below
         image = image.convert("RGBA")
-    elif mode in ("PA", "La", "RGBa"):
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA"):
-        base = Image.new("RGB", image.size, ALPHA_BACKGROUND)
-        base.paste(image.convert("RGBA"), mask=image.getchannel("A"))
-        return base
-    if image.mode == "LAB":
-        from PIL import ImageCms
-
-        return ImageCms.applyTransform(image, ImageCms.buildTransform(
-            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"))
     return image.convert("RGB")
 
 

@@ -109,16 +109,25 @@ def test_a_16_bit_greyscale_image_keeps_its_grey_levels(tmp_path):
     assert np.abs(pixels[..., 0].astype(float) - ramp / 257).max() <= 0.5 + 1e-9  # scaled, not clipped at 255
 
 
-def test_transparency_reads_alike_in_every_mode(tmp_path):
+def test_transparency_is_dropped_alike_in_every_mode(tmp_path):
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     rgba.putpixel((0, 0), (0, 0, 255, 255))
     rgba.save(tmp_path / "rgba.png")
-    rgba.convert("P").save(tmp_path / "p.png", transparency=rgba.convert("P").getpixel((1, 1)))
+    palette = rgba.convert("P")
+    palette.save(tmp_path / "p.png", transparency=palette.getpixel((1, 1)))
     Image.new("LA", (4, 4), (100, 0)).save(tmp_path / "la.png")
-    expected = [[0, 0, 255], [255, 255, 255]]  # the opaque pixel, then the background behind a transparent one
+    Image.new("RGBa", (4, 4), (40, 40, 40, 128)).convert("RGBA").save(tmp_path / "rgba_half.png")
+    expected = [[0, 0, 255], [255, 0, 0]]  # the stored colours, as Dassl's convert("RGB") reads them
     assert np.asarray(D.load_rgb(tmp_path / "rgba.png"))[0, :2].tolist() == expected
     assert np.asarray(D.load_rgb(tmp_path / "p.png"))[0, :2].tolist() == expected
-    assert np.asarray(D.load_rgb(tmp_path / "la.png"))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(D.load_rgb(tmp_path / "la.png"))[0, 0].tolist() == [100, 100, 100]
+    assert np.asarray(D.load_rgb(tmp_path / "rgba_half.png"))[0, 0].tolist() == \
+        np.asarray(Image.open(tmp_path / "rgba_half.png").convert("RGB"))[0, 0].tolist()
+
+
+def test_lab_images_are_converted_to_srgb(tmp_path):
+    Image.new("LAB", (4, 4), (255, 128, 128)).save(tmp_path / "white.tif")  # L* 100, a* b* 0: white
+    assert all(v >= 250 for v in np.asarray(D.load_rgb(tmp_path / "white.tif"))[0, 0].tolist())
 
 
 def test_cmyk_and_32_bit_images_are_converted(tmp_path):

@@ -67,7 +67,7 @@ def _image_problem(path: str, decode: bool) -> str | None:
             with Image.open(path):
                 pass
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return f"{type(err).__name__}: {err}"
+        return f"{type(err).__name__}: {str(err).replace(f'{path}: ', '', 1)}"
     _CHECKED.add(key)
     return None
 
