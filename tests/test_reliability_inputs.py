@@ -213,6 +213,18 @@ def test_predict_is_deterministic_in_train_mode(open_clip_model, tokenizer):
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def test_predict_of_a_method_learner_is_deterministic_in_train_mode(open_clip_model, tokenizer):
+    torch.manual_seed(0)
+    settings = registry.MethodSettings(anchors=torch.randn(1, 64) * 0.02, tokenizer=tokenizer)
+    learner = registry.parse_method("cocoop+anchoropt").method.build(open_clip_model, ["cat", "dog", "owl"], settings)
+    with torch.no_grad():
+        learner.text.learner.position.logits.add_(torch.randn_like(learner.text.learner.position.logits))
+    features = torch.nn.functional.normalize(torch.randn(4, 32), dim=-1)
+    expected = learner.eval().predict(features, "novel")
+    learner.train()
+    assert all(torch.equal(learner.predict(features, "novel"), expected) for _ in range(5)) and learner.training
+
+
 # ---------------------------------------------------------------------- 5. feature cache
 def test_the_feature_cache_follows_content_when_mtime_is_restored(tmp_path):
     from anchoropt.runner import build_model
