@@ -300,6 +300,8 @@ def test_toyworld_make_refuses_a_negative_seed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--seed" in err and "0.." in err and "Traceback" not in err
     assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+    assert cli.main(["toyworld", "pretrain", "-o", str(tmp_path / "toy.safetensors"), "--seed", "-1"]) == 2
+    assert "--seed" in capsys.readouterr().err and not (tmp_path / "toy.safetensors").exists()
 
 
 @pytest.fixture(scope="module")

@@ -90,8 +90,10 @@ def _make(args) -> int:
 def _pretrain(args) -> int:
     from dataclasses import replace
 
+    from .make import check_seed
     from .pretrain import RECIPE, pretrain, save_checkpoint
 
+    check_seed(args.seed)
     cfg = RECIPE
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr") if getattr(args, k) is not None}
     cfg = replace(cfg, seed=args.seed, threads=args.threads, **overrides)
