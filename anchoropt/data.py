@@ -479,7 +479,7 @@ def _scaled_grey(image, path) -> "Image.Image":
     if values.size and (scaled.min() < 0 or scaled.max() > 255 or not np.isfinite(scaled).all()):
         warnings.warn(f"{path}: {image.mode} pixel values {values.min():g}..{values.max():g} fall outside the "
                       "range read as 8 bits; they are clipped", stacklevel=3)
-    return Image.fromarray(np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8), "L")
+    return Image.fromarray(np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8))  # 2-D uint8: L
 
 
 def make_synthetic_image_folder(

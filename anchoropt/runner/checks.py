@@ -32,7 +32,7 @@ def check_images(records: Sequence[D.Record], what: str, decode: bool) -> None:
     """Every image of ``records`` opens (``decode``: is read whole and converted to RGB, as training and
     evaluation will: a truncated file or an unsupported mode is found here, not after training).
 
-    Each file is checked once per process while its size and modification time stay the same; the files are
+    Each file is checked once per process while its size, mtime and ctime stay the same; the files are
     read by a few threads (Pillow's decoders release the GIL).  Raises one ``ValueError`` naming up to five
     unreadable files and their count.
     """
@@ -47,7 +47,7 @@ def check_images(records: Sequence[D.Record], what: str, decode: bool) -> None:
                          + ": fix or remove them before training")
 
 
-_CHECKED: set[tuple] = set()  # (path, decode, size, mtime_ns) of the images this process found readable
+_CHECKED: set[tuple] = set()  # (path, decode, size, mtime_ns, ctime_ns) of the images this process found readable
 
 
 def _image_problem(path: str, decode: bool) -> str | None:
@@ -56,8 +56,8 @@ def _image_problem(path: str, decode: bool) -> str | None:
 
     try:
         stat = os.stat(path)
-        key = (path, decode, stat.st_size, stat.st_mtime_ns)
-        if key in _CHECKED or (path, True, stat.st_size, stat.st_mtime_ns) in _CHECKED:
+        key = (path, decode, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if key in _CHECKED or (path, True, *key[2:]) in _CHECKED:
             return None
         if decode:
             with warnings.catch_warnings():
@@ -77,7 +77,6 @@ def short_class_report(source: D.DatasetSplits, cfg: RunConfig) -> dict[str, dic
     replacement, as Dassl); recorded in results.json."""
     report = {"train": D.short_classes(source.train, cfg.shots), "val": D.short_classes(source.val, min(cfg.shots, 4))}
     return {split: classes for split, classes in report.items() if classes}
-
 
 
 def check_class_specific(choice, trained: Sequence[str], targets: Sequence[D.DatasetSplits]) -> None:
