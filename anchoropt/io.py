@@ -138,8 +138,12 @@ def anchors_run_id(path: str | os.PathLike) -> str | None:
     """The ``run_id`` recorded in an anchors safetensors file (``None`` when it has none)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as handle:
-        return (handle.metadata() or {}).get("run_id")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return (handle.metadata() or {}).get("run_id")
+    except Exception as err:  # safetensors raises its own error types for a damaged or truncated file
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): it was cut short or damaged; "
+                         "remove it (or the run) and run Stage I again") from err
 
 
 # ---------------------------------------------------------------------- Stage II prompt learner

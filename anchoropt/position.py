@@ -84,6 +84,10 @@ class PositionMatrix(nn.Module):
             return functional.hard_argmax(logits)
         return F.gumbel_softmax(logits, tau=self.tau, hard=True, dim=-1)
 
+    def deterministic_matrix(self) -> torch.Tensor:
+        """The ``(K, K)`` evaluation assignment (row-wise argmax of the logits), in any mode."""
+        return functional.hard_argmax(self.logits.float())
+
     def forward(self, tokens: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
         """Rearrange ``tokens`` ``(..., K, D)`` -> ``(..., K, D)``; pass ``matrix`` to reuse one sample."""
         if tokens.dim() < 2 or tokens.shape[-2] != self.size:

@@ -250,7 +250,19 @@ class AnchorOPTPromptLearner(nn.Module):
         mode: str = "base",
         logit_scale: torch.Tensor | float | None = None,
     ):
-        """Logits for inference: ``"base"`` (normal prompt), ``"novel"`` (ensemble) or ``"both"``."""
+        """Logits for inference: ``"base"`` (normal prompt), ``"novel"`` (ensemble) or ``"both"``.
+
+        Deterministic in any mode: the evaluation position matrix (row-wise argmax) arranges the prompt even
+        when the learner is in ``train()`` mode, so two calls agree; only ``position.sample_in_eval=True``
+        (the released code's stochastic test) samples.
+        """
+        if self.training and not self.position.sample_in_eval:
+            functional.check_features(image_features, "image_features", self.tower.output_dim)
+            scale = self.logit_scale() if logit_scale is None else logit_scale
+            normal = functional.clip_logits(image_features, self.normal_features(self.position.deterministic_matrix()),
+                                            scale)
+            anchor = functional.clip_logits(image_features, self.anchor_features(), scale)
+            return functional.select_logits(normal, anchor, mode)
         return functional.select_logits(*self(image_features, logit_scale), mode)
 
     def logit_scale(self) -> torch.Tensor:

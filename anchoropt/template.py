@@ -37,6 +37,7 @@ __all__ = [
     "Segment",
     "Tokenizer",
     "attribute_segments",
+    "check_template",
     "default_tokenizer",
 ]
 
@@ -457,3 +458,19 @@ def _tokenize_long(tokenizer: Tokenizer, texts: list[str]) -> torch.Tensor | Non
         return tokenizer(texts, context_length=1024)
     except TypeError:
         return None
+
+
+def check_template(template: str, what: str = "template") -> str:
+    """``template`` if it formats with one class name: exactly one ``{}`` and no other ``{...}`` field
+    (``'{} and {}'``, ``'{} {x}'`` and ``'{0'`` are refused with a message naming ``what``)."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"{what} {template!r} is not a valid template ({err}): write one '{{}}' for the class "
+                         "name and double any other brace ('{{{{', '}}}}')") from None
+    if fields != [""]:
+        raise ValueError(f"{what} {template!r} needs exactly one '{{}}' for the class name and no other "
+                         f"'{{...}}' field (found {len(fields)}: {fields}); double any other brace ('{{{{', '}}}}')")
+    return template

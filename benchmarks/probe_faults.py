@@ -589,6 +589,267 @@ def _(w):
     cli(["eval", str(w.tmp()), "--no-progress"], "run_config.json")
 
 
+# ---------------------------------------------------------------------- bad inputs of issue 21 (part B)
+def _spec(spec):
+    from anchoropt.methods.registry import parse_method
+
+    return parse_method(spec)
+
+
+case("spec", "method option given twice (n_soft=4,n_soft=8)")(
+    lambda w: expect_error(lambda: _spec("coop:n_soft=4,n_soft=8"), "n_soft", "twice"))
+case("spec", "method option of the wrong type (n_soft=abc)")(
+    lambda w: expect_error(lambda: _spec("coop:n_soft=abc"), "n_soft", "abc"))
+
+for _kind, _extra, _keys in [
+    ("train --precision no-such-precision", ["--precision", "no-such-precision"], ("precision", "fp32")),
+    ("train maple:deep_depth=-1", ["--method", "maple:deep_depth=-1"], ("deep_depth",)),
+    ("train coop+anchoropt:tau=0 (spec value)", ["--method", "coop+anchoropt:tau=0"], ("tau",)),
+    ("train coop+anchoropt:kd_weight=-1 (spec value)", ["--method", "coop+anchoropt:kd_weight=-1"], ("kd_weight",)),
+    ("train coop:n_soft=-1 (spec value)", ["--method", "coop:n_soft=-1"], ("n_soft",)),
+    ("train zeroshot:templates=a {} of {x}", ["--method", "zeroshot:templates=a {} of {x}"], ("templates",)),
+    ("train coop:csc=true under base2novel", ["--method", "coop:csc=true"], ("csc", "novel")),
+    ("train --pae --method maple", ["--method", "maple", "--pae", "--deep-depth", "2"], ("pae", "maple")),
+]:
+    case("spec", _kind)(lambda w, e=_extra, k=_keys: cli(w.train_args(w.tmp() / "run", *e), *k))
+
+
+def _image_pixels(path):
+    """The RGB pixels the runner's data path reads from ``path`` (``ImageDataset`` without a transform)."""
+    import numpy as np
+
+    from anchoropt.datasets import folders as D
+
+    return np.asarray(D.ImageDataset([D.Record(str(path), 0, "x")])[0][0])
+
+
+def _bomb_png(path: Path, side: int = 20000) -> Path:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@case("image", "16-bit greyscale PNG")
+def _(w):
+    import numpy as np
+    from PIL import Image
+
+    path = w.tmp() / "g16.png"
+    Image.fromarray(np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)).save(path)
+    levels = len(np.unique(_image_pixels(path)))
+    raise Outcome("correct" if levels > 200 else "other", f"{levels} grey levels of 256")
+
+
+@case("image", "palette PNG with transparency vs the RGBA original")
+def _(w):
+    from PIL import Image
+
+    d = w.tmp()
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    rgba.save(d / "rgba.png")
+    palette = rgba.convert("P")
+    palette.save(d / "p.png", transparency=palette.getpixel((1, 1)))
+    a, b = _image_pixels(d / "rgba.png"), _image_pixels(d / "p.png")
+    raise Outcome("correct" if (a == b).all() else "other", f"RGBA {a[0, 1].tolist()} / palette {b[0, 1].tolist()}")
+
+
+@case("image", "LA PNG (alpha) vs RGBA of the same picture")
+def _(w):
+    from PIL import Image
+
+    d = w.tmp()
+    Image.new("LA", (4, 4), (100, 0)).save(d / "la.png")
+    Image.new("RGBA", (4, 4), (100, 100, 100, 0)).save(d / "rgba.png")  # alpha dropped or composited: alike
+    a, b = _image_pixels(d / "la.png"), _image_pixels(d / "rgba.png")
+    raise Outcome("correct" if (a == b).all() else "other", f"LA {a[0, 0].tolist()} / RGBA {b[0, 0].tolist()}")
+
+
+@case("image", "CMYK JPEG")
+def _(w):
+    from PIL import Image
+
+    path = w.tmp() / "c.jpg"
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(path)
+    pixel = _image_pixels(path)[0, 0].tolist()
+    raise Outcome("correct" if pixel == [255, 0, 0] else "other", f"pure red reads as {pixel}")
+
+
+@case("image", "PNG header claiming 20000 x 20000 (decompression bomb)")
+def _(w):
+    path = _bomb_png(w.tmp() / "bomb.png")
+    expect_error(lambda: _image_pixels(path), "bomb.png", "decompression")
+
+
+@case("image", "train with a decompression bomb in the data")
+def _(w):
+    bad = w.tmp() / "bomb"
+    shutil.copytree(w.folder, bad)
+    for path in (bad / w.names[0]).glob("*.png"):
+        _bomb_png(path)
+    cli([*w.train_args(w.tmp() / "run"), "--data", str(bad)], "decompression", ".png")
+
+
+@case("image", "train with a truncated test image")
+def _(w):
+    from anchoropt.datasets import folders as D
+
+    bad = w.tmp() / "cut"
+    shutil.copytree(w.folder, bad)
+    victim = Path(D.open_dataset(bad).test[-1].path)  # a novel class's test image
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    cli([*w.train_args(w.tmp() / "run"), "--data", str(bad)], victim.name)
+
+
+@case("data", "class folder with one image (round(0.5) = 0 training images)")
+def _(w):
+    from anchoropt.datasets import folders as D
+
+    root = _folder(w, ["cat", "dog", "owl"], per_class=4)
+    for extra in sorted((root / "dog").glob("*.png"))[1:]:
+        extra.unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            dataset = D.open_dataset(root)
+        except Exception as err:  # noqa: BLE001
+            raise Outcome("clear" if _names(str(err), ("dog",)) else "other", str(err)[:140]) from None
+    if any(r.classname == "dog" for r in dataset.train):
+        raise Outcome("correct", "the class keeps a training image")
+    if any(_names(str(c.message), ("dog",)) for c in caught):
+        raise Outcome("correct", "warned by name")
+    raise Outcome("other", "the class has no training image and nothing was said")
+
+
+_lib("all-zero image-feature row in predict",
+     lambda w: _predict(w, w.torch.cat([w.torch.randn(1, 32), w.torch.zeros(1, 32)])), "image_features", "zero")
+
+
+@case("number", "two predict() calls in train mode")
+def _(w):
+    torch = w.torch
+    learner = w.learner(4).train()
+    features = torch.randn(8, 32)
+    a, b = learner.predict(features, "novel"), learner.predict(features, "novel")
+    gap = float((a - b).abs().max())
+    raise Outcome("correct" if gap == 0 else "other", f"largest difference {gap:.3g}")
+
+
+@case("cache", "image replaced (same size, mtime restored) under the feature cache")
+def _(w):
+    import numpy as np
+    from PIL import Image
+
+    from anchoropt.datasets import folders as D
+    from anchoropt.runner import build_model
+    from anchoropt.runner.features import FeatureStore
+
+    root, rng = w.tmp() / "imgs", np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / name / "0.bmp")
+    records = D.read_image_folder(root)[0]
+    store = FeatureStore(build_model("tiny-test"), root.parent / "f.safetensors")
+    first = store.table(records)
+    store.save()
+    victim = Path(records[0].path)
+    stat = victim.stat()
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(victim)  # BMP: the same size
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = FeatureStore(store.bundle, root.parent / "f.safetensors").table(records)
+    stale = w.torch.equal(again[0], first[0])
+    raise Outcome("other" if stale else "correct", "stale cached feature" if stale else "encoded again")
+
+
+@case("save", "truncated image-feature cache file")
+def _(w):
+    from anchoropt.datasets import folders as D
+    from anchoropt.runner import build_model
+    from anchoropt.runner.features import FeatureStore
+
+    path = w.tmp() / "features.safetensors"
+    store = FeatureStore(build_model("tiny-test"), path)
+    store.table(D.read_image_folder(w.folder)[0][:2])
+    store.save()
+    path.write_bytes(path.read_bytes()[:40])
+    expect_error(lambda: FeatureStore(store.bundle, path), "features.safetensors")
+
+
+@case("rundir", "eval of a run whose anchors.safetensors is truncated")
+def _(w):
+    out = w.trained_run()
+    anchors = out / "anchors.safetensors"
+    anchors.write_bytes(anchors.read_bytes()[:30])
+    cli(["eval", str(out), "--no-progress"], "anchors.safetensors", no_model=False)
+
+
+def _toy_world(w) -> Path:
+    """A small toy-world dataset, made once per probe."""
+    if getattr(w, "toy_world", None) is None:
+        from anchoropt.toyworld.make import make
+
+        w.toy_world = w.tmp() / "toy"
+        make(w.toy_world, classes=2, per_class=5)
+    return w.toy_world
+
+
+def _other_architecture(w) -> Path:
+    from safetensors.torch import save_file
+
+    path = w.tmp() / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in w.model.state_dict().items()}, str(path))
+    return path
+
+
+case("toyworld", "toyworld make --seed -1")(
+    lambda w: cli(["toyworld", "make", str(w.tmp() / "w"), "--seed", "-1", "--classes", "2", "--per-class", "5"],
+                  "seed"))
+for _template in ("{} and {}", "{} {x}"):
+    case("toyworld", f"toyworld zeroshot --template '{_template}'")(
+        lambda w, t=_template: cli(["toyworld", "zeroshot", str(_toy_world(w)), "--template", t], "template"))
+
+
+@case("toyworld", "toyworld zeroshot --weights model.pt (a pickle)")
+def _(w):
+    path = w.tmp() / "model.pt"
+    w.torch.save({"w": w.torch.zeros(1)}, path)
+    cli(["toyworld", "zeroshot", str(_toy_world(w)), "--weights", str(path)], "model.pt", "safetensors")
+
+
+@case("toyworld", "train --model toy-clip --pretrained <another architecture>")
+def _(w):
+    other = _other_architecture(w)
+    cli([*w.train_args(w.tmp() / "run"), "--model", "toy-clip", "--pretrained", str(other)], "other.safetensors",
+        "toy")
+
+
+def _grid_out(w, results: dict, spec: bytes | None = None) -> Path:
+    out = w.tmp() / "grid"
+    run = out / "runs" / "coop" / "shapes" / "seed1"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(results))
+    if spec is not None:
+        (out / "grid.json").write_bytes(spec)
+    return out
+
+
+_B2N = {"protocol": "base2novel", "dataset": "shapes", "seed": 1, "method": "coop",
+        "results": {"base": {"accuracy": 50.0}, "novel": {"accuracy": 40.0}, "hm": 44.4}}
+for _kind, _spec_bytes in [("corrupt grid.json", b'{"methods": ["coop"'), ("list-shaped grid.json", b'["coop"]')]:
+    case("report", _kind)(lambda w, b=_spec_bytes: cli(["grid", "--report", str(_grid_out(w, _B2N, b)),
+                                                        "--no-plots"], "grid.json"))
+case("report", "results.json without results.base")(
+    lambda w: cli(["grid", "--report", str(_grid_out(w, {**_B2N, "results": {"novel": {"accuracy": 40.0},
+                                                                                "hm": 44.4}})), "--no-plots"],
+                  "results.json", "base"))
+
+
 # ---------------------------------------------------------------------- interruptions (subprocess kills)
 _SAVER = """
 import sys, torch

@@ -50,6 +50,7 @@ __all__ = [
     "subsample_classes",
     "base_novel_split",
     "ImageDataset",
+    "load_rgb",
     "make_synthetic_image_folder",
 ]
 
@@ -273,7 +274,9 @@ def split_per_class(
         raise ValueError(f"need 0 < p_train, 0 <= p_val and p_train + p_val < 1, got {p_train}, {p_val}")
     rng = random.Random(seed)
     train, val, test = [], [], []
-    for items in _by_label(records).values():
+    groups = _by_label(records)
+    _check_split_sizes(groups, p_train, p_val)
+    for items in groups.values():
         items = list(items)
         rng.shuffle(items)
         n_train, n_val = round(len(items) * p_train), round(len(items) * p_val)
@@ -281,6 +284,23 @@ def split_per_class(
         val += items[n_train : n_train + n_val]
         test += items[n_train + n_val :]
     return train, val, test
+
+
+def _check_split_sizes(groups: dict[int, list[Record]], p_train: float, p_val: float) -> None:
+    """Refuse classes too small to give one training image (they would vanish from the training set and shift
+    the base / novel labels, as CoOp's split asserts); warn by name about classes left without test images."""
+    sizes = {items[0].classname: len(items) for items in groups.values()}
+    no_train = {name: n for name, n in sizes.items() if round(n * p_train) < 1}
+    if no_train:
+        shown = ", ".join(f"{name!r} ({n})" for name, n in list(no_train.items())[:10])
+        raise ValueError(f"{len(no_train)} class(es) have too few images to give one training image at p_train "
+                         f"{p_train:g}: {shown}{' ...' if len(no_train) > 10 else ''}; add images to them, remove "
+                         "their folders, or raise --p-train")
+    no_test = {name: n for name, n in sizes.items() if n - round(n * p_train) - round(n * p_val) < 1}
+    if no_test:
+        warnings.warn(f"{len(no_test)} class(es) are left without test images by the split (p_train {p_train:g}, "
+                      f"p_val {p_val:g}) and are not scored: "
+                      + ", ".join(f"{name!r} ({n})" for name, n in list(no_test.items())[:10]), stacklevel=3)
 
 
 # ---------------------------------------------------------------------- protocols
@@ -386,14 +406,13 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         record = self.records[index]
         try:
-            with Image.open(record.path) as image:
-                image = image.convert("RGB")
+            image = load_rgb(record.path)
         except (OSError, ValueError) as err:
-            raise OSError(f"cannot read image {record.path}: {err}") from err
+            text = str(err)
+            raise OSError(text if text.startswith(str(record.path)) else f"cannot read image {record.path}: {text}") \
+                from err
         if self.transform is not None:
             image = self.transform(image)
         return image, record.label, index
@@ -401,6 +420,66 @@ class ImageDataset(torch.utils.data.Dataset):
     @property
     def labels(self) -> list[int]:
         return [r.label for r in self.records]
+
+
+def load_rgb(path: str | os.PathLike):
+    """The image at ``path`` as a PIL RGB image, converted faithfully from any mode Pillow opens.
+
+    * 16- and 32-bit greyscale (``I;16*``, ``I``) is scaled from its range to 8 bits (``I;16``: value / 257),
+      not clipped at 255; floating-point greyscale (``F``) is read as [0, 1] when it lies there, else as
+      [0, 255], and a warning names the file when values fall outside that range;
+    * transparency is dropped the same way in every mode (``RGBA``, ``LA``, ``PA``, ``La``, ``RGBa``, a palette
+      or greyscale image with a transparent colour): the stored colours are kept, as Dassl's and open_clip's
+      ``convert("RGB")`` reads them, so features match the reference pipelines; premultiplied modes are
+      un-premultiplied first;
+    * ``CMYK``, ``YCbCr``, ``HSV``, ``LAB``, ``1``, ``L``, ``P`` convert with Pillow's own conversions.
+
+    Raises ``ValueError`` naming the file for a decompression bomb (a header claiming more pixels than
+    Pillow's ``Image.MAX_IMAGE_PIXELS`` limit), ``OSError`` for a file Pillow cannot read or decode.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(image, path)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path}: refused as a possible decompression bomb ({err}); shrink or remove the "
+                         "image") from None
+    except SyntaxError as err:  # Pillow raises SyntaxError for some corrupt headers
+        raise OSError(f"{path}: not a readable image ({err})") from None
+
+
+def _to_rgb(image, path) -> "Image.Image":
+    """``image`` (loaded) as RGB; see :func:`load_rgb`."""
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        return _scaled_grey(image, path).convert("RGB")
+    if mode in ("P", "PA", "La", "RGBa"):  # a palette's colours, un-premultiplied colours; alpha dropped below
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _scaled_grey(image, path) -> "Image.Image":
+    """A 16- / 32-bit integer or floating-point greyscale image as 8-bit ``L``, scaled (never clipped)."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):  # 16-bit samples
+        scaled = values / 257.0
+    elif image.mode == "F" and values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        scaled = values * 255.0
+    elif image.mode == "F":
+        scaled = values
+    elif values.size and values.min() >= 0 and values.max() > 255:  # I: 16-bit data (PNG, TIFF) in 32 bits
+        scaled = values / (257.0 if values.max() <= 65535 else 16843009.0)
+    else:
+        scaled = values
+    if values.size and (scaled.min() < 0 or scaled.max() > 255 or not np.isfinite(scaled).all()):
+        warnings.warn(f"{path}: {image.mode} pixel values {values.min():g}..{values.max():g} fall outside the "
+                      "range read as 8 bits; they are clipped", stacklevel=3)
+    return Image.fromarray(np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8))  # 2-D uint8: L
 
 
 def make_synthetic_image_folder(

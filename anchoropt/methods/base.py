@@ -161,9 +161,18 @@ class PromptMethod(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, mode: str = "base") -> torch.Tensor:
-        """Inference switch: ``"base"`` -> the learned prompt, ``"novel"`` -> the anchor ensemble (if anchors)."""
+        """Inference switch: ``"base"`` -> the learned prompt, ``"novel"`` -> the anchor ensemble (if anchors).
+
+        Deterministic in any mode: scored as in evaluation (the position matrix's row-wise argmax, no Gumbel
+        sample), the learner's ``train()`` / ``eval()`` state restored after.
+        """
         check_mode(mode)
-        heads = self.heads(x)
+        was_training = self.training
+        self.eval()
+        try:
+            heads = self.heads(x)
+        finally:
+            self.train(was_training)
         return heads["ensemble"] if mode == "novel" and "ensemble" in heads else heads["normal"]
 
     def anchor_from(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor | None:

@@ -25,7 +25,14 @@ from torch import nn
 from .. import functional
 from .._cache import TensorSnapshot
 from ..prompts import context_init, model_logit_scale
-from ..template import PromptTemplate, Tokenizer, _clean_classnames, attribute_segments, default_tokenizer
+from ..template import (
+    PromptTemplate,
+    Tokenizer,
+    _clean_classnames,
+    attribute_segments,
+    check_template,
+    default_tokenizer,
+)
 from ..towers import TextTower
 
 __all__ = ["ZeroShotClassifier", "SoftPromptLearner", "DEFAULT_TEMPLATE", "ENSEMBLE_TEMPLATES"]
@@ -86,6 +93,7 @@ class ZeroShotClassifier(nn.Module):
 
     def forward(self, image_features: torch.Tensor, logit_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         """Logits ``(B, C)`` for image features ``(B, E)``."""
+        functional.check_features(image_features, "image_features", self.tower.output_dim)
         scale = model_logit_scale(self.tower) if logit_scale is None else logit_scale
         return functional.clip_logits(image_features, self._features, scale)
 
@@ -209,6 +217,7 @@ class SoftPromptLearner(nn.Module):
 
     def forward(self, image_features: torch.Tensor, logit_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         """Logits ``(B, C)`` for image features ``(B, E)``."""
+        functional.check_features(image_features, "image_features", self.tower.output_dim)
         scale = model_logit_scale(self.tower) if logit_scale is None else logit_scale
         return functional.clip_logits(image_features, self.text_features(), scale)
 
@@ -226,6 +235,7 @@ def _checked_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     if not items:
         raise ValueError("give at least one zero-shot template, e.g. 'a photo of a {}.'")
     for template in items:
-        if not isinstance(template, str) or template.count("{}") != 1:
+        if not isinstance(template, str):
             raise ValueError(f"a zero-shot template needs exactly one '{{}}' for the class name, got {template!r}")
+        check_template(template, "zero-shot template")
     return items

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..template import check_template
 from .baselines import DEFAULT_TEMPLATE, ENSEMBLE_TEMPLATES, SoftPromptLearner, ZeroShotClassifier
 from ..losses import StageIILoss
 from ..prompts import AnchorOPTPromptLearner
@@ -223,26 +224,60 @@ def parse_method(spec: str) -> MethodChoice:
         if key not in method.options:
             raise ValueError(f"method {method.name!r} has no option {key!r}; its options: "
                              f"{', '.join(method.options) or 'none'}")
+        if key in options:
+            raise ValueError(f"method option {key} is given twice in {spec!r}: give each option once")
         options[key] = _checked_option(key, _typed(key, value.strip(), types[key].default))
     return MethodChoice(method, options, spec.strip())
 
 
-# option -> (lowest, highest, lowest excluded): the numeric method options' valid ranges
-_OPTION_RANGES = {"lp_weight": (0.0, 1.0, False), "head_lr_scale": (0.0, math.inf, True)}
+# option -> (lowest, highest, lowest excluded): the numeric method options' valid ranges (the run options'
+# ranges, anchoropt.runner.config._RANGES, for the options a run also has)
+_OPTION_RANGES = {
+    "lp_weight": (0.0, 1.0, False), "head_lr_scale": (0.0, math.inf, True),
+    "n_soft": (0, math.inf, False), "n_attr_soft": (0, math.inf, False), "deep_depth": (0, math.inf, False),
+    "tau": (0.0, math.inf, True), "kd_temperature": (0.0, math.inf, True),
+    "ce_weight": (0.0, math.inf, False), "kd_weight": (0.0, math.inf, False),
+}
+
+
+def _option_choices() -> dict[str, tuple[str, ...]]:
+    """option -> its valid words (read from the modules that own them)."""
+    from ..functional import KD_NORMALIZATIONS
+    from ..template import POOLINGS
+
+    return {"pooling": POOLINGS, "kd_normalization": KD_NORMALIZATIONS}
 
 
 def _checked_option(key: str, value):
+    """``value`` of method option ``key`` after its range, choice or template check (a clear error naming
+    the option otherwise), so a bad spec is refused before any model is built."""
+    choices = _option_choices().get(key)
+    if choices is not None and value not in choices:
+        raise ValueError(f"method option {key} must be one of {', '.join(choices)}, got {value!r}")
+    if key == "templates":
+        return _checked_templates(value)
     bounds = _OPTION_RANGES.get(key)
-    if bounds is None:
+    if bounds is None or value is None:
         return value
     low, high, strict = bounds
     if not math.isfinite(value) or value < low or value > high or (strict and value == low):
-        wanted = f"> {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-        raise ValueError(f"method option {key} must be a finite number {wanted}, got {value!r}")
+        wanted = (f">= {low:g}" if not strict else f"> {low:g}") if high == math.inf else f"in [{low:g}, {high:g}]"
+        kind = "a whole number" if isinstance(value, int) else "a finite number"
+        raise ValueError(f"method option {key} must be {kind} {wanted}, got {value!r}")
     return value
 
 
+def _checked_templates(templates: tuple[str, ...]) -> tuple[str, ...]:
+    """Zero-shot templates: at least one, each with exactly one ``{}`` and no other ``{...}`` field."""
+    if not templates:
+        raise ValueError("method option templates needs at least one template such as 'a photo of a {}.'")
+    for template in templates:
+        check_template(template, "method option templates")
+    return templates
+
+
 def _typed(key: str, text: str, default):
+    """The option's text as its :class:`MethodSettings` field's type (a clear error naming the option)."""
     if isinstance(default, bool):
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"method option {key} takes true or false, got {text!r}")
@@ -255,7 +290,12 @@ def _typed(key: str, text: str, default):
         except ValueError:
             raise ValueError(f"method option {key} takes a number, got {text!r}") from None
     if isinstance(default, int) or key == "n_attr_soft":
-        return int(text)
+        if key == "n_attr_soft" and text.lower() == "none":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"method option {key} takes a whole number (int), got {text!r}") from None
     return None if text.lower() == "none" else text
 
 

@@ -17,6 +17,10 @@ from ..methods.presets import preset as get_preset
 PROTOCOLS = ("base2novel", "cross-dataset", "domain-generalization")
 EVAL_MODES = ("auto", "base", "novel", "anchor")
 AUGMENTATIONS = ("rrc_flip", "none")
+PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16", "amp_bfloat16")
+"""The ``precision`` values open_clip's ``create_model`` knows (the toy CLIP takes fp32 and the amp ones)."""
+PAE_METHODS = ("coop+anchoropt",)
+"""The methods whose learner PAE regularises: the deep AnchorOPT prompt learner's per-layer prompts."""
 RUN_CONFIG = "run_config.json"
 RESULTS = "results.json"
 
@@ -204,8 +208,33 @@ class RunConfig:
             raise ValueError(f"unknown Stage I schedule {self.stage1_schedule!r}; choose one of {STAGE1_SCHEDULES}")
         if self.description_selection not in SELECTIONS:
             raise ValueError(f"unknown description selection {self.description_selection!r}; choose one of {SELECTIONS}")
-        if self.pae and "deep_depth" not in choice.method.options:
-            raise ValueError(f"--pae regularises AnchorOPT's deep prompts; method {choice.label!r} has none")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.pae and choice.method.name not in PAE_METHODS:
+            raise ValueError(f"--pae regularises the deep AnchorOPT prompt learner's per-layer prompts "
+                             f"(--method {' or '.join(PAE_METHODS)} with --deep-depth >= 2); method "
+                             f"{choice.label!r} has none: drop --pae or change --method")
+        self._validate_method_values(choice)
+
+    def _effective(self, choice, name: str):
+        """A method setting as the learner will get it: the method spec's option, else the run's field."""
+        return choice.options.get(name, getattr(self, name))
+
+    def _validate_method_values(self, choice) -> None:
+        """The learner's settings that can be checked without a model (refused here, not after Stage I):
+        the templates, CoOp's class-specific context under base-to-novel, deep prompts on ATPrompt."""
+        from ..template import check_template
+
+        for template in self.templates:
+            check_template(template, "--template")
+        if choice.options.get("csc") and self.protocol == "base2novel":
+            raise ValueError(f"{choice.label!r}: a class-specific context (csc=true) has one context per trained "
+                             "class and cannot score the novel classes of --protocol base2novel; drop csc=true or "
+                             "use --protocol cross-dataset / domain-generalization with targets of the same classes")
+        if choice.method.name == "coop+atprompt+anchoropt" and self._effective(choice, "deep_depth") and \
+                self._effective(choice, "attributes"):
+            raise ValueError(f"{choice.label!r}: deep prompts (deep_depth > 0) on an ATPrompt template (attributes) "
+                             "are not supported; drop --deep-depth / deep_depth or use a method without +atprompt")
 
     def _validate_pae(self) -> None:
         if not self.pae:

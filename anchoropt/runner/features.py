@@ -4,8 +4,10 @@ With ``--augment none`` an image's feature depends only on the model and the tes
 (methods x datasets x seeds) encodes each image once: :class:`FeatureStore` keeps ``path -> (E,)`` features,
 encodes the images it has not seen in batches, and persists them to one safetensors file per model
 (``OUT/features/<key>.safetensors``, written atomically) that the grid's worker processes read.  Each
-feature remembers its file's size and modification time: an image rewritten since (a dataset made again in
-the same folder) is encoded again.  A store holds L2-normalised features (``normalize=True``, what every method
+feature remembers its file's content (a BLAKE2b digest of the bytes) with its size and change times, as git's
+index does: while size, mtime and ctime are unchanged the file is trusted; otherwise its bytes are hashed and
+an image whose content changed (a dataset made again in the same folder, a file replaced by one of the same size
+with its mtime set back) is encoded again.  A store holds L2-normalised features (``normalize=True``, what every method
 but DePT reads) or raw ones (``normalize=False``, DePT's ``image_input="raw_features"``; its own file,
 ``<key>-raw.safetensors``).
 
@@ -61,7 +63,7 @@ class FeatureStore:
         self.file = Path(file) if file else None
         self._index: dict[str, int] = {}
         self._rows: list[torch.Tensor] = []
-        self._stamps: list[list[int]] = []  # [size, mtime_ns] of each row's file when it was encoded
+        self._stamps: list[list] = []  # [size, mtime_ns, ctime_ns, digest] of each row's file when encoded
         self.encoded = 0  # images this store ran through the image tower (the rest came from the file)
         if self.file is not None and self.file.is_file():
             self._load(self.file)
@@ -91,23 +93,24 @@ class FeatureStore:
             if key in seen:
                 continue
             row = self._index.get(key)
-            if row is None or self._stamps[row] != _stamp(key):
+            if row is None or not self._still_valid(row, key):
                 missing.append(record)
                 seen.add(key)
         if not missing:
             return 0
+        stamps = [_stamp(str(record.path)) for record in missing]  # before reading: a later change is seen
         loader = DataLoader(D.ImageDataset(missing, self.bundle.test_transform), batch_size=self.batch_size,
                             num_workers=self.workers, generator=torch.Generator())
         encode = encode_images if self.normalize else encode_images_raw
         chunks = [encode(self.bundle.model, images.to(self._device())).cpu() for images, _, _ in loader]
-        for record, row in zip(missing, torch.cat(chunks)):
+        for record, row, stamp in zip(missing, torch.cat(chunks), stamps):
             key = str(record.path)
             if key in self._index:  # rewritten since: replace in place
-                self._rows[self._index[key]], self._stamps[self._index[key]] = row, _stamp(key)
+                self._rows[self._index[key]], self._stamps[self._index[key]] = row, stamp
                 continue
             self._index[key] = len(self._rows)
             self._rows.append(row)
-            self._stamps.append(_stamp(key))
+            self._stamps.append(stamp)
         self.encoded += len(missing)
         return len(missing)
 
@@ -132,9 +135,13 @@ class FeatureStore:
     def _load(self, file: Path) -> None:
         from safetensors import safe_open
 
-        with safe_open(str(file), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            features = handle.get_tensor("features")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                features = handle.get_tensor("features")
+        except Exception as err:  # safetensors raises its own error types for a damaged or truncated file
+            raise ValueError(f"{file} is not a readable image-feature cache ({type(err).__name__}: {err}): it was "
+                             "cut short or damaged; delete it and it is written again") from err
         if (metadata.get("normalized", "true") == "true") != self.normalize:
             kind = "L2-normalised" if self.normalize else "raw"
             raise ValueError(f"{file} does not hold {kind} image features; use another file for this store")
@@ -147,6 +154,21 @@ class FeatureStore:
             self._rows.append(row.float())
             self._stamps.append(list(stamp))
 
+    def _still_valid(self, row: int, path: str) -> bool:
+        """Whether the feature of ``row`` is still that of ``path``'s content: equal stat data (size, mtime and
+        ctime, which no program can set back) or, when they differ, an equal content digest (the stamp is then
+        refreshed)."""
+        saved, now = self._stamps[row], _stat(path)
+        if len(saved) == 4 and now is not None and saved[:3] == now and saved[3] is not None:
+            return True
+        if now is None or len(saved) != 4 or saved[0] != now[0]:
+            return False
+        current = _stamp(path)
+        if current[3] is None or current[3] != saved[3]:
+            return False
+        self._stamps[row] = current
+        return True
+
     def _device(self) -> torch.device:
         return next(self.bundle.model.parameters()).device
 
@@ -158,10 +180,23 @@ class FeatureStore:
         return TextTower.from_model(self.bundle.model).output_dim
 
 
-def _stamp(path: str) -> list[int]:
-    """``[size, mtime_ns]`` of an image file (``[-1, -1]`` when it cannot be read: it is then re-encoded)."""
+def _stat(path: str) -> list[int] | None:
+    """``[size, mtime_ns, ctime_ns]`` of a file (``None`` when it cannot be read)."""
     try:
         stat = os.stat(path)
     except OSError:
-        return [-1, -1]
-    return [int(stat.st_size), int(stat.st_mtime_ns)]
+        return None
+    return [int(stat.st_size), int(stat.st_mtime_ns), int(stat.st_ctime_ns)]
+
+
+def _stamp(path: str) -> list:
+    """``[size, mtime_ns, ctime_ns, digest]`` of an image file: its stat data and a BLAKE2b digest of its bytes
+    (``[-1, -1, -1, None]`` when it cannot be read: it is then encoded again)."""
+    before = _stat(path)
+    try:
+        digest = hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    except OSError:
+        return [-1, -1, -1, None]
+    if before is None or before != _stat(path):  # changed while read: never trusted on stat data alone
+        return [-1, -1, -1, digest]
+    return [*before, digest]

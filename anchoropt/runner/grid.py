@@ -400,8 +400,27 @@ def report_grid(output: str | os.PathLike, plot: bool = True) -> dict:
     output = Path(output)
     if not (output / "runs").is_dir():
         raise FileNotFoundError(f"{output} holds no runs/ directory: is it the --output of an `anchoropt grid`?")
-    spec = json.loads((output / GRID_FILE).read_text(encoding="utf-8")) if (output / GRID_FILE).is_file() else {}
+    spec = _read_grid_spec(output / GRID_FILE)
     records = collect_records(output)
     written = write_report(output, records, spec.get("methods", ()), spec.get("datasets", ()), plot=plot)
     print(f"grid report: {len(records)} finished runs -> {written['table']}", flush=True)
     return written
+
+
+def _read_grid_spec(path: Path) -> dict:
+    """The grid's ``grid.json`` (``{}`` when absent): a JSON object whose ``methods`` and ``datasets`` are lists
+    of names; a damaged or hand-edited file is refused with a message naming it."""
+    from .._jsonfile import read_json
+
+    if not path.is_file():
+        return {}
+    spec = read_json(path, f"{path} not found")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path} must be a JSON object with the grid's methods, datasets and seeds, got a "
+                         f"{type(spec).__name__}: restore it or delete it (the report then orders rows as found)")
+    for key in ("methods", "datasets"):
+        value = spec.get(key, [])
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{path}: {key!r} must be a list of names, got {value!r}: restore it or delete the "
+                             "file (the report then orders rows as found)")
+    return spec

@@ -80,6 +80,7 @@ def run_learn_anchors(cfg: RunConfig, bundle: ModelBundle | None = None, classna
             _log(ctx, f"{cfg.descriptions}: {len(keys)} classes; Stage I on "
                       + (f"the first {len(classnames)} (base)" if subsample == "base" else f"all {len(keys)}"))
     checks.check_descriptions(cfg, classnames)
+    checks.check_pretrained(cfg)
     with R.locked(out, "anchoropt learn-anchors") if ctx.is_main else _nothing():
         seed_everything(cfg.seed)
         bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
@@ -214,15 +215,17 @@ def _plan_training(cfg: RunConfig, evaluate_after: bool, overwrite: bool, resume
     source = _source_dataset(cfg)
     train_view, novel_view = _training_view(source, cfg)
     trained = train_view.classnames
-    if evaluate_after:
-        _open_targets(cfg, trained)
+    targets = _open_targets(cfg, trained) if evaluate_after else []
+    checks.check_class_specific(choice, trained, targets)
     if method.needs_anchors:
         checks.check_descriptions(cfg, trained)
     given_anchors = checks.check_anchor_file(cfg) if method.needs_anchors else None
     checks.check_images(train_view.train, "training", decode=True)
-    if evaluate_after:
-        checks.check_images([*train_view.test, *(novel_view.test if novel_view else [])], "test", decode=False)
+    if evaluate_after:  # read whole: a truncated test image is found now, not after Stage II
+        checks.check_images([*train_view.test, *(novel_view.test if novel_view else []),
+                             *(r for t in targets for r in t.test)], "test", decode=True)
     short = checks.short_class_report(source, cfg)
+    checks.check_pretrained(cfg)
     return _TrainingPlan(cfg, choice, out, state, run_id, source, train_view, novel_view, given_anchors, short)
 
 
@@ -383,7 +386,8 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
     train_view, novel_view = _training_view(source, cfg)
     targets = _open_targets(cfg, trained)
     checks.check_images([*train_view.test, *(novel_view.test if novel_view else []),
-                         *(r for t in targets for r in t.test)], "test", decode=False)
+                         *(r for t in targets for r in t.test)], "test", decode=True)
+    checks.check_pretrained(cfg)
     ctx = dist_utils.init_from_env(cfg.device)
     with R.locked(run_dir, "anchoropt eval") if ctx.is_main else _nothing():
         seed_everything(cfg.seed)

@@ -45,16 +45,23 @@ def format_cell(values: Sequence[float]) -> str:
 
 
 def record_from_results(results: dict, run_dir: str, method: str | None = None) -> dict:
-    """The flat record of one run's ``results.json``."""
-    r = results["results"]
-    record = {"method": method or results.get("method", "coop+anchoropt"), "dataset": results["dataset"],
-              "seed": results["seed"], "protocol": results["protocol"], "run_dir": str(run_dir)}
-    if results["protocol"] == "base2novel":
-        record.update(base=r["base"]["accuracy"], novel=r["novel"]["accuracy"], hm=r["hm"])
-    else:
-        record.update(source=r["source"]["accuracy"],
-                      targets={name: v["accuracy"] for name, v in r["targets"].items()},
-                      target_mean=r["target_mean"])
+    """The flat record of one run's ``results.json`` (a file missing an entry is refused, naming the entry)."""
+    try:
+        r = results["results"]
+        record = {"method": method or results.get("method", "coop+anchoropt"), "dataset": results["dataset"],
+                  "seed": results["seed"], "protocol": results["protocol"], "run_dir": str(run_dir)}
+        if results["protocol"] == "base2novel":
+            record.update(base=r["base"]["accuracy"], novel=r["novel"]["accuracy"], hm=r["hm"])
+        else:
+            record.update(source=r["source"]["accuracy"],
+                          targets={name: v["accuracy"] for name, v in r["targets"].items()},
+                          target_mean=r["target_mean"])
+    except (KeyError, TypeError, AttributeError) as err:
+        where = Path(run_dir) / "results.json"
+        missing = f"no entry {err}" if isinstance(err, KeyError) else f"an entry of the wrong type ({err})"
+        raise ValueError(f"{where} has {missing} (expected results.base / results.novel / results.hm or "
+                         "results.source / results.targets): the file is damaged or was edited; run that cell "
+                         "again or remove the run") from None
     return record
 
 

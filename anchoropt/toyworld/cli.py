@@ -90,8 +90,10 @@ def _make(args) -> int:
 def _pretrain(args) -> int:
     from dataclasses import replace
 
+    from .make import check_seed
     from .pretrain import RECIPE, pretrain, save_checkpoint
 
+    check_seed(args.seed)
     cfg = RECIPE
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr") if getattr(args, k) is not None}
     cfg = replace(cfg, seed=args.seed, threads=args.threads, **overrides)
@@ -114,8 +116,9 @@ def _zeroshot(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if "{}" not in args.template:
-        raise ValueError(f"--template must contain '{{}}' for the class name, got {args.template!r}")
+    from ..template import check_template
+
+    check_template(args.template, "--template")
     model, preprocess, tokenizer = load_model(args.weights)
     acc = dataset_accuracy(args.dir, model, preprocess, tokenizer, args.split, args.template)
     print(f"zero-shot top-1 on {args.dir} ({args.split}): {100 * acc:.2f}%  (toy-world figure)")

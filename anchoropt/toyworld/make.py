@@ -24,7 +24,7 @@ from .concepts import GROUP_SIZE, N_GROUPS, group as group_concepts
 from .descriptions import descriptions as make_descriptions
 from .render import DOMAINS, IMAGE_SIZE, image_rng, pick_background, render, to_uint8
 
-__all__ = ["make", "SPLITS", "split_sizes"]
+__all__ = ["make", "SPLITS", "split_sizes", "check_seed"]
 
 SPLITS = ("train", "val", "test")
 _STREAMS = {"train": 0, "val": 1, "test": 2}
@@ -35,6 +35,14 @@ def split_sizes(per_class: int) -> dict[str, int]:
     """Images per class in each split for ``per_class`` images per class."""
     n_train, n_val = round(0.5 * per_class), round(0.2 * per_class)
     return {"train": n_train, "val": n_val, "test": per_class - n_train - n_val}
+
+
+def check_seed(seed) -> int:
+    """``seed`` if numpy's generators take it (a whole number in 0 .. 2**32 - 1), else a ``ValueError`` naming
+    ``--seed``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed (--seed) must be a whole number in 0..{2**32 - 1} (numpy's seed range), got {seed!r}")
+    return seed
 
 
 def make(
@@ -56,6 +64,7 @@ def make(
         group: class group (0 .. N_GROUPS - 1); groups are disjoint (cross-dataset transfer).
         overwrite: replace the toy-world files of an existing dataset in ``root``.
     """
+    check_seed(seed)
     if not isinstance(classes, int) or not 1 <= classes <= GROUP_SIZE:
         raise ValueError(f"classes must be an int in 1..{GROUP_SIZE} (a group's size), got {classes!r}")
     if not isinstance(per_class, int) or per_class < 5:

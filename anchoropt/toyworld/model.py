@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 __all__ = ["MODEL_NAME", "CONFIG_FILE", "WEIGHTS_FILE", "CARD_FILE", "model_config", "build_model", "load_model",
-           "shipped_weights", "model_card", "sha256_file", "encode_text"]
+           "shipped_weights", "model_card", "sha256_file", "encode_text", "check_weights"]
 
 MODEL_NAME = "toy-clip"
 CONFIG_FILE = "toy_clip_config.json"
@@ -94,6 +94,7 @@ def load_model(
         if actual != expected:
             raise ValueError(f"{path} has sha256 {actual}, but {CARD_FILE} records {expected}: the shipped "
                              "checkpoint was changed or damaged")
+    check_weights(path)
     model = build_model()
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -105,6 +106,33 @@ def load_model(
                                                      if k in known}), is_train=False)
     tokenizer = SimpleTokenizer(context_length=model.context_length)
     return model, preprocess, tokenizer
+
+
+def check_weights(path: str | os.PathLike) -> None:
+    """Refuse a file that is not a toy-CLIP checkpoint, reading only its safetensors header (never pickle):
+    a ``.pt`` / ``.pth`` file, a damaged file, or a checkpoint of another architecture (tensor names or
+    shapes that differ from the toy CLIP's), each with a message naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types for a file that is not one
+        raise ValueError(f"{path} is not a safetensors file ({type(err).__name__}: {err}): toy-CLIP weights are "
+                         "the .safetensors files 'anchoropt toyworld pretrain' writes (pickled .pt files are "
+                         "never loaded: they can run code)") from None
+    with torch.device("meta"):
+        expected = {key: tuple(value.shape) for key, value in build_model().state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(key for key in set(expected) & set(shapes) if expected[key] != shapes[key])
+    if missing or unexpected or wrong:
+        detail = "; ".join(part for part in (
+            f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+            ", ".join(f"{k} is {shapes[k]} not {expected[k]}" for k in wrong[:3])) if part)
+        raise ValueError(f"{path} is not a checkpoint of the toy CLIP (another architecture: {detail}); pass a "
+                         "file written by 'anchoropt toyworld pretrain', or use --model for that architecture")
 
 
 def encode_text(model: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
