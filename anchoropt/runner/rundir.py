@@ -95,6 +95,35 @@ def check_output(out: Path, overwrite: bool, resume: bool) -> str:
     return state
 
 
+def recheck_output(out: Path, overwrite: bool, resume: bool, run_id: str | None = None) -> str:
+    """:func:`check_output` again once ``out``'s lock is held (another process may have finished or replaced
+    the run between the first check and the lock); with ``resume``, the run must still be run ``run_id``."""
+    state = check_output(out, overwrite, resume)
+    if resume and run_id is not None:
+        values = read_json(out / RUN_CONFIG, f"{out / RUN_CONFIG} not found", RunDirectoryError)
+        now = values.get("run_id") if isinstance(values, dict) else None
+        if now != run_id:
+            raise RunDirectoryError(f"--resume: {out} now holds run {now}, not run {run_id} (another process "
+                                    "replaced it meanwhile); check it, then resume or start over with --overwrite")
+    return state
+
+
+def clear_unfinished(run_dir: Path, what: str) -> bool:
+    """Remove the parts of the unfinished run in ``run_dir`` while holding its lock (refused while a live
+    process holds it); ``False`` (nothing removed) when the run turns out finished once the lock is held."""
+    with locked(run_dir, what):
+        if run_state(run_dir) == "finished":
+            return False
+        for child in run_dir.iterdir():
+            if child.name == LOCK_NAME:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    return True
+
+
 def clear_run(out: Path) -> None:
     """Remove a previous run's parts (``--overwrite``), results first so the directory never looks finished."""
     for name in RUN_PARTS:
@@ -110,37 +139,122 @@ def clear_run(out: Path) -> None:
 def locked(out: Path, what: str = "a run") -> Iterator[None]:
     """Hold ``out/.anchoropt.lock`` while the body runs; refuse when a live process holds it.
 
-    A lock left by a process that no longer runs (same host) is taken over with a warning.
+    The lock appears in one step with its owner written in it (:func:`_create_lock`: a complete temporary file
+    hard-linked to the lock's name, which fails when the name exists), so a lock is never seen half-written.
+    A lock left by a process that no longer runs (same host) is taken over with a warning; a lock file that
+    cannot be read is refused (delete it by hand once no process uses the directory), never taken as stale.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    _parent_or_error(out)
     path = out / LOCK_NAME
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "what": what}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(path)
-            if holder is not None and _alive(holder):
-                raise RunDirectoryError(
-                    f"{out} is in use by {holder.get('what', 'a run')} (pid {holder.get('pid')} on "
-                    f"{holder.get('host')}, since {holder.get('started')}): two runs cannot share a directory; "
-                    f"wait for it or choose another --output (delete {path} if that process is gone)"
-                ) from None
+              "what": what, "token": uuid.uuid4().hex}
+    for _ in range(3):
+        if _create_lock(path, record):
+            break
+        holder, inode = _lock_holder_and_inode(path)
+        if inode is None:  # released in the meantime: try again
+            continue
+        if holder is None:
+            raise RunDirectoryError(
+                f"{path} exists but is not a readable lock (another anchoropt may be creating it, or it was left "
+                f"by an old anchoropt): if no process uses {out}, delete {path} and run again"
+            )
+        if _alive(holder):
+            raise RunDirectoryError(
+                f"{out} is in use by {holder.get('what', 'a run')} (pid {holder.get('pid')} on "
+                f"{holder.get('host')}, since {holder.get('started')}): two runs cannot share a directory; "
+                f"wait for it or choose another --output (delete {path} if that process is gone)"
+            )
+        if _remove_stale_lock(path, inode):
             warnings.warn(f"{path}: taking over a lock left by a process that no longer runs ({holder})",
                           stacklevel=3)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            continue
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle)
-        break
+    else:
+        raise RunDirectoryError(f"{out}: could not take {path} (other processes keep taking it); try again")
     try:
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
-            if (_lock_holder(path) or {}).get("pid") == os.getpid():
+            if (_lock_holder(path) or {}).get("token") == record["token"]:
                 path.unlink()
+
+
+def _parent_or_error(out: Path) -> None:
+    """Create ``out`` (and its parents), or raise :class:`RunDirectoryError` naming the path and the cause."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        check_writable(out)  # names a file in the way or a read-only parent
+        raise RunDirectoryError(f"cannot create {out}: {err.strerror or err}; choose another --output") from None
+
+
+def _create_lock(path: Path, record: dict) -> bool:
+    """Create ``path`` holding ``record`` in one step; ``False`` when it exists already.
+
+    The record goes to a temporary file first (written, fsynced), which is then hard-linked to ``path``: the
+    link fails when ``path`` exists, and when it succeeds the lock is complete.  On a file system without hard
+    links, ``O_CREAT | O_EXCL`` is the fallback (the record written straight after).
+    """
+    tmp = _files.write_text(path.with_name(f"{path.name}.{os.getpid()}.{record['token'][:8]}.tmp"),
+                            json.dumps(record))
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some network / FUSE file systems)
+        return _create_lock_exclusive(path, record)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _create_lock_exclusive(path: Path, record: dict) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(record))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return True
+
+
+def _remove_stale_lock(path: Path, inode: int) -> bool:
+    """Remove the stale lock ``path`` if it is still the file (``inode``) judged stale: it is first renamed
+    aside, and a lock another process created in the meantime is put back.  ``True`` when it was removed."""
+    aside = path.with_name(f"{path.name}.stale.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        if os.stat(aside).st_ino == inode:
+            return True
+        with contextlib.suppress(FileExistsError):  # a live lock taken in between: give it back
+            os.link(aside, path)
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            aside.unlink()
+
+
+def _lock_holder_and_inode(path: Path) -> tuple[dict | None, int | None]:
+    """The lock's record (``None`` when unreadable) and its inode (``None`` when the lock is gone), read from
+    one open file so that both describe the same lock."""
+    try:
+        with open(path, "rb") as handle:
+            inode = os.fstat(handle.fileno()).st_ino
+            text = handle.read()
+    except FileNotFoundError:
+        return None, None
+    except OSError:
+        return None, -1
+    try:
+        holder = json.loads(text.decode("utf-8"))
+    except ValueError:
+        return None, inode
+    return (holder if isinstance(holder, dict) else None), inode
 
 
 def _lock_holder(path: Path) -> dict | None:
