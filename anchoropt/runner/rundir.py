@@ -141,8 +141,9 @@ def locked(out: Path, what: str = "a run") -> Iterator[None]:
 
     The lock appears in one step with its owner written in it (:func:`_create_lock`: a complete temporary file
     hard-linked to the lock's name, which fails when the name exists), so a lock is never seen half-written.
-    A lock left by a process that no longer runs (same host) is taken over with a warning; a lock file that
-    cannot be read is refused (delete it by hand once no process uses the directory), never taken as stale.
+    A lock left by a process that no longer runs (same host) is taken over with a warning, by one process at a
+    time (:func:`_takeover_guard`), so two takers never both hold it; a lock file that cannot be read is
+    refused (delete it by hand once no process uses the directory), never taken as stale.
     """
     _parent_or_error(out)
     path = out / LOCK_NAME
@@ -151,23 +152,27 @@ def locked(out: Path, what: str = "a run") -> Iterator[None]:
     for _ in range(3):
         if _create_lock(path, record):
             break
-        holder, inode = _lock_holder_and_inode(path)
-        if inode is None:  # released in the meantime: try again
-            continue
-        if holder is None:
-            raise RunDirectoryError(
-                f"{path} exists but is not a readable lock (another anchoropt may be creating it, or it was left "
-                f"by an old anchoropt): if no process uses {out}, delete {path} and run again"
-            )
-        if _alive(holder):
-            raise RunDirectoryError(
-                f"{out} is in use by {holder.get('what', 'a run')} (pid {holder.get('pid')} on "
-                f"{holder.get('host')}, since {holder.get('started')}): two runs cannot share a directory; "
-                f"wait for it or choose another --output (delete {path} if that process is gone)"
-            )
-        if _remove_stale_lock(path, inode):
+        with _takeover_guard(out):
+            try:
+                holder = _lock_record(path.read_bytes())
+            except FileNotFoundError:  # released in the meantime: try again
+                continue
+            if holder is None:
+                raise RunDirectoryError(
+                    f"{path} exists but is not a readable lock (another anchoropt may be creating it, or it was "
+                    f"left by an old anchoropt): if no process uses {out}, delete {path} and run again"
+                )
+            if _alive(holder):
+                raise RunDirectoryError(
+                    f"{out} is in use by {holder.get('what', 'a run')} (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {holder.get('started')}): two runs cannot share a directory; "
+                    f"wait for it or choose another --output (delete {path} if that process is gone)"
+                )
             warnings.warn(f"{path}: taking over a lock left by a process that no longer runs ({holder})",
                           stacklevel=3)
+            path.unlink()  # stale; under the guard no other taker removes a lock meanwhile
+            if _create_lock(path, record):
+                break
     else:
         raise RunDirectoryError(f"{out}: could not take {path} (other processes keep taking it); try again")
     try:
@@ -220,47 +225,36 @@ def _create_lock_exclusive(path: Path, record: dict) -> bool:
     return True
 
 
-def _remove_stale_lock(path: Path, inode: int) -> bool:
-    """Remove the stale lock ``path`` if it is still the file (``inode``) judged stale: it is first renamed
-    aside, and a lock another process created in the meantime is put back.  ``True`` when it was removed."""
-    aside = path.with_name(f"{path.name}.stale.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+@contextlib.contextmanager
+def _takeover_guard(out: Path) -> Iterator[None]:
+    """Serialise the taking over of stale locks of ``out``: an exclusive ``flock`` on the directory itself (no
+    file is left behind; the kernel drops it when its process dies).  Without ``fcntl`` (Windows) there is no
+    guard."""
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return False
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
     try:
-        if os.stat(aside).st_ino == inode:
-            return True
-        with contextlib.suppress(FileExistsError):  # a live lock taken in between: give it back
-            os.link(aside, path)
-        return False
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        with contextlib.suppress(OSError):
-            aside.unlink()
-
-
-def _lock_holder_and_inode(path: Path) -> tuple[dict | None, int | None]:
-    """The lock's record (``None`` when unreadable) and its inode (``None`` when the lock is gone), read from
-    one open file so that both describe the same lock."""
-    try:
-        with open(path, "rb") as handle:
-            inode = os.fstat(handle.fileno()).st_ino
-            text = handle.read()
-    except FileNotFoundError:
-        return None, None
-    except OSError:
-        return None, -1
-    try:
-        holder = json.loads(text.decode("utf-8"))
-    except ValueError:
-        return None, inode
-    return (holder if isinstance(holder, dict) else None), inode
+        os.close(fd)  # releases the flock
 
 
 def _lock_holder(path: Path) -> dict | None:
     try:
-        holder = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return _lock_record(path.read_bytes())
+    except OSError:
+        return None
+
+
+def _lock_record(data: bytes) -> dict | None:
+    """A lock file's owner record; ``None`` when it is not one (empty, cut, not JSON)."""
+    try:
+        holder = json.loads(data.decode("utf-8"))
+    except ValueError:
         return None
     return holder if isinstance(holder, dict) else None
 
