@@ -118,10 +118,14 @@ def describe_os_error(err: OSError, where: str | os.PathLike | None = None) -> s
     """One line for an ``OSError`` a command met (a full disk, a read-only or blocked output): the path (the
     error's own file name, else ``where``, e.g. the command's output) and what to do."""
     path = err.filename or where
-    reason = _OS_ERROR_FIXES.get(err.errno, err.strerror or str(err))
     if err.filename2:
         path = f"{err.filename} -> {err.filename2}"
-    return f"{path}: {reason}" if path else reason
+    return f"{path}: {os_error_reason(err)}" if path else os_error_reason(err)
+
+
+def os_error_reason(err: OSError) -> str:
+    """What went wrong and what to do, for the common ``errno`` values (the system's words otherwise)."""
+    return _OS_ERROR_FIXES.get(err.errno, err.strerror or str(err))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -254,10 +254,26 @@ def test_a_read_only_output_and_one_under_a_file_are_one_line(folder, descriptio
     assert cli.main([*base, "-o", str(blocker / "run")]) == 2
     err = capsys.readouterr().err
     assert "not a directory" in err and str(blocker) in err and "Traceback" not in err
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
     ro = tmp_path / "ro"
     ro.mkdir()
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # a read-only file system (EROFS): refused to root as well
+        if ro in self.parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "mkdir", read_only)
+        assert cli.main([*base, "-o", str(ro / "run")]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot create {ro / 'run'}: read-only file system" in err and "Traceback" not in err
+        assert cli.main(["grid", "--methods", "zeroshot", "--data", str(folder), "--output", str(ro / "g"),
+                         *FAST[:4], "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{ro / 'g'}: read-only file system" in err and "Traceback" not in err
+    if os.geteuid() == 0:
+        return  # root writes into a 0500 folder
     ro.chmod(0o500)
     try:
         assert cli.main([*base, "-o", str(ro / "run")]) == 2

@@ -189,7 +189,7 @@ def _parent_or_error(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         check_writable(out)  # names a file in the way or a read-only parent
-        raise RunDirectoryError(f"cannot create {out}: {err.strerror or err}; choose another --output") from None
+        raise RunDirectoryError(f"cannot create {out}: {_files.os_error_reason(err)} (--output)") from None
 
 
 def _create_lock(path: Path, record: dict) -> bool:
@@ -199,8 +199,11 @@ def _create_lock(path: Path, record: dict) -> bool:
     link fails when ``path`` exists, and when it succeeds the lock is complete.  On a file system without hard
     links, ``O_CREAT | O_EXCL`` is the fallback (the record written straight after).
     """
-    tmp = _files.write_text(path.with_name(f"{path.name}.{os.getpid()}.{record['token'][:8]}.tmp"),
-                            json.dumps(record))
+    try:
+        tmp = _files.write_text(path.with_name(f"{path.name}.{os.getpid()}.{record['token'][:8]}.tmp"),
+                                json.dumps(record))
+    except OSError as err:  # a full disk, a read-only folder: name the lock, not its temporary file
+        raise type(err)(err.errno, err.strerror, str(path)) from err
     try:
         os.link(tmp, path)
         return True
