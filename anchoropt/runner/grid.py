@@ -10,8 +10,9 @@ Layout of ``OUT``::
 
 * **Resume**: a run whose ``results.json`` exists is skipped (its settings must match the grid's, else the
   grid stops and says which setting differs); an interrupted run started with the grid's settings continues
-  from its last checkpoint (``anchoropt train --resume``); any other unfinished run directory is cleared and
-  run again.
+  from its last checkpoint (``anchoropt train --resume``); any other unfinished run directory is cleared (under
+  its lock: never one another process is writing) and run again.  A ``results.json`` that cannot be read is
+  refused by name, not taken for an interrupted run.
 * **Shared image features**: with ``--augment none`` the image tower runs once per image for the whole grid.
 * **Parallel**: ``--jobs N`` runs N runs at once in local processes (each on its own GPU when there are
   several); under ``torchrun`` every run uses all processes (DDP) one after the other.

@@ -320,6 +320,8 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
                          *(r for t in targets for r in t.test)], "test", decode=False)
     ctx = dist_utils.init_from_env(cfg.device)
     with R.locked(run_dir, "anchoropt eval") if ctx.is_main else _nothing():
+        if ctx.is_main and R.check_one_run(run_dir) != run_id:  # again under the lock: re-run meanwhile
+            raise R.RunDirectoryError(f"{run_dir} was replaced by another run while eval got ready; run eval again")
         seed_everything(cfg.seed)
         bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, "none")
         learner = load_run_learner(run_dir, bundle, train_view.classnames)
