@@ -220,6 +220,8 @@ def test_a_report_leaves_out_a_results_json_copied_from_another_run(folder, tmp_
     with pytest.warns(UserWarning, match=r"its run id .* is not the run id .* of .*seed2/run_config.json"):
         report_grid(out, plot=False)
     assert [r["seed"] for r in json.loads((out / "results.json").read_text())] == [1]
+    with pytest.raises(ValueError, match=r"seed2/results.json is not this run's own: its run id"):
+        run_grid(RunConfig(**GRID), ["zeroshot"], [str(folder)], [1, 2], out, plot=False)  # not skipped as done
 
 
 # ---------------------------------------------------------------------- 5. datasets by resolved path

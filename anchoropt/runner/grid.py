@@ -141,11 +141,15 @@ def run_state(run: GridRun, cfg: RunConfig) -> str:
 
     Raises:
         ValueError: a finished run was made with other settings (naming the first that differs), or its
-            ``results.json`` cannot be read (it is not taken for an interrupted run and deleted).
+            ``results.json`` cannot be read (it is not taken for an interrupted run and deleted) or is another
+            run's (its run id or seed differ).
     """
     results = run.run_dir / RESULTS
     if results.is_file():
         finished = _finished_results(results)
+        foreign = _foreign_results(results, finished)
+        if foreign:  # another run's results.json copied here: this run is not finished
+            raise ValueError(f"{results} is not this run's own: {foreign} (or delete {run.run_dir} to redo it)")
         wanted = _comparable(_absolute_paths(cfg.resolve()).to_json())
         stored = _comparable(load_run_config(run.run_dir).to_json())
         stored.pop("n_anchor", None), wanted.pop("n_anchor", None)  # set from the anchors file
