@@ -591,12 +591,14 @@ def _(w):
 
 # ---------------------------------------------------------------------- files and run directories (issue 21)
 def _grid_args(w: World, out: Path, *data, seeds=("1",)) -> list[str]:
+    """A fast zero-shot ``anchoropt grid`` over ``data`` (the world's folder by default) into ``out``."""
     return ["grid", "--methods", "zeroshot", "--data", *map(str, data or (w.folder,)), "--seeds", *seeds,
             "--output", str(out), "--model", "tiny-test", "--pretrained", "none", "--augment", "none",
             "--no-progress", "--no-plots"]
 
 
 def _quiet_main(args: list[str]) -> tuple[int, str]:
+    """``anchoropt ARGS`` in-process, quietly: ``(exit status, stderr)``."""
     from anchoropt import cli as entry
 
     with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()), \
@@ -610,6 +612,7 @@ def _quiet_main(args: list[str]) -> tuple[int, str]:
 
 
 def _live_lock(directory: Path, holder) -> None:
+    """Write ``directory``'s run lock as held by the live process ``holder``."""
     import socket
 
     (directory / ".anchoropt.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _learner(model, seed: int = 0) -> AnchorOPTPromptLearner:
+    """A small AnchorOPT learner whose tensors depend only on ``seed``."""
     torch.manual_seed(seed)
     return AnchorOPTPromptLearner(model, ["cat", "dog"], torch.randn(1, 64) * 0.02, n_soft=4)
 
@@ -47,6 +48,7 @@ def _live_process():
 
 
 def _lock_of(pid: int) -> str:
+    """The content of a run lock held by ``pid`` on this host."""
     return json.dumps({"pid": pid, "host": rundir.socket.gethostname(), "started": "now", "what": "anchoropt grid"})
 
 

@@ -217,6 +217,7 @@ def _create_lock(path: Path, record: dict) -> bool:
 
 
 def _create_lock_exclusive(path: Path, record: dict) -> bool:
+    """:func:`_create_lock` where hard links fail: ``O_CREAT | O_EXCL``, then the record, fsynced."""
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
