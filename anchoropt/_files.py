@@ -16,13 +16,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 __all__ = [
     "MANIFEST_NAME",
@@ -71,12 +73,59 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # e.g. ENOSPC from write(): name the file
+            raise type(err)(err.errno, err.strerror, str(path)) from err
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def replace_fsynced(partial: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Finish a file another library wrote to ``partial`` (safetensors, matplotlib): fsync it, ``os.replace``
+    it over ``target``, fsync the directory; ``partial`` is removed when this fails."""
+    partial, target = Path(partial), Path(target)
+    try:
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "no space left on the device: free some space, or write somewhere else",
+    errno.EDQUOT: "disk quota exceeded: free some space, or write somewhere else",
+    errno.EFBIG: "file too large for this file system or limit: write somewhere else",
+    errno.EROFS: "read-only file system: write somewhere else",
+    errno.EACCES: "permission denied: make it writable, or write somewhere else",
+    errno.EPERM: "operation not permitted: make it writable, or write somewhere else",
+    errno.ENOTDIR: "a part of this path is a file, not a directory: choose another path",
+    errno.EISDIR: "this is a directory, not a file: choose another path",
+}
+
+
+def describe_os_error(err: OSError, where: str | os.PathLike | None = None) -> str:
+    """One line for an ``OSError`` a command met (a full disk, a read-only or blocked output): the path (the
+    error's own file name, else ``where``, e.g. the command's output) and what to do."""
+    path = err.filename or where
+    if err.filename2:
+        path = f"{err.filename} -> {err.filename2}"
+    return f"{path}: {os_error_reason(err)}" if path else os_error_reason(err)
+
+
+def os_error_reason(err: OSError) -> str:
+    """What went wrong and what to do, for the common ``errno`` values (the system's words otherwise)."""
+    return _OS_ERROR_FIXES.get(err.errno, err.strerror or str(err))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -104,18 +153,26 @@ def save_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> Path:
 
 
 # ---------------------------------------------------------------------- file sets with a manifest
-def commit_files(directory: str | os.PathLike, files: Mapping[str, bytes], info: Mapping[str, Any] | None = None) -> Path:
+def commit_files(directory: str | os.PathLike, files: Mapping[str, bytes], info: Mapping[str, Any] | None = None,
+                 known: Iterable[str] = ()) -> Path:
     """Write ``files`` (name -> bytes) into ``directory`` as one complete-or-absent set.
 
     ``info`` (JSON-able, e.g. tensor shapes or a run id) goes into the manifest.  Files of ``directory``
     not named in ``files`` are left alone (a directory may hold other things); a file of the previous set
-    that the new set lacks is removed.
+    that the new set lacks is removed only when its name is one of ``known`` (the file names this kind of
+    save writes, e.g. a checkpoint's trainer state): any other name an old manifest lists (a hand-edited or
+    hostile one: ``../x``, an absolute path, a file of the user's) is never touched.
     """
     directory = Path(directory)
     _parent_dir(directory / "x")
     staging = directory / STAGING_NAME
+    known = frozenset(known) | frozenset(files)
     if (staging / MANIFEST_NAME).is_file():  # a previous commit was interrupted after its set was complete
-        _finish_commit(directory)
+        try:
+            _finish_commit(directory, known)
+        except IncompleteSaveError as err:  # not a set this code staged: drop it, keep the previous set
+            warnings.warn(f"{staging}: discarding an unfinished save that cannot be completed ({err})",
+                          stacklevel=2)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     manifest = {
@@ -128,16 +185,19 @@ def commit_files(directory: str | os.PathLike, files: Mapping[str, bytes], info:
         _check_name(name)
         write_bytes(staging / name, data)
     write_text(staging / MANIFEST_NAME, json_text(manifest))
-    _finish_commit(directory)
+    _finish_commit(directory, known)
     return directory
 
 
-def _finish_commit(directory: Path) -> None:
-    """Move a complete staged set into ``directory``, the manifest last, then drop the staging folder."""
+def _finish_commit(directory: Path, known: frozenset[str]) -> None:
+    """Move a complete staged set into ``directory``, the manifest last, then drop the staging folder.
+
+    Of the previous manifest's files, only those named in ``known`` are removed (:func:`_own_old_files`).
+    """
     staging = directory / STAGING_NAME
     manifest = _read_manifest(staging / MANIFEST_NAME)
     old = directory / MANIFEST_NAME
-    old_files = set(_read_manifest(old)["files"]) if old.is_file() else set()
+    old_files = _own_old_files(old, known)
     for name in manifest["files"]:
         if (staging / name).is_file():
             os.replace(staging / name, directory / name)
@@ -148,6 +208,36 @@ def _finish_commit(directory: Path) -> None:
         with contextlib.suppress(OSError):
             (directory / name).unlink()
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _own_old_files(old_manifest: Path, known: frozenset[str]) -> set[str]:
+    """The files of the previous set in ``old_manifest`` that a new commit may remove: plain names of this
+    directory that are in ``known``.  Other names (``../x``, ``/abs/path``, a file of the user's) are left
+    alone (a warning names those outside the folder); an unreadable old manifest is replaced and removes
+    nothing."""
+    if not old_manifest.is_file():
+        return set()
+    try:
+        listed = json.loads(old_manifest.read_bytes()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, dict):
+        warnings.warn(f"{old_manifest} is not a readable anchoropt manifest: it is replaced and none of the "
+                      "files it may list is removed", stacklevel=4)
+        return set()
+    outside = sorted(str(name) for name in listed if not _plain_name(name))
+    if outside:
+        warnings.warn(f"{old_manifest} lists names outside its folder ({', '.join(map(repr, outside[:5]))}): a "
+                      "hand-edited or hostile manifest; those files are left in place, not removed", stacklevel=4)
+    return {name for name in listed if _plain_name(name) and name in known}
+
+
+def _plain_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name of its directory (no separator, not ``.``/``..``, not absolute,
+    not hidden, not the manifest itself): the only names a committed set may list."""
+    return (isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name
+            and "\\" not in name and "\0" not in name and not name.startswith(".") and name != MANIFEST_NAME
+            and not os.path.isabs(name) and Path(name).name == name)
 
 
 def read_committed(directory: str | os.PathLike, names: tuple[str, ...] | None = None) -> tuple[dict, dict[str, bytes]] | None:
@@ -193,6 +283,10 @@ def _read_manifest(path: Path) -> dict:
     if (not isinstance(files, dict) or manifest.get("format") != "anchoropt-manifest"
             or not all(isinstance(v, dict) for v in files.values())):
         raise IncompleteSaveError(f"{path} is not an anchoropt manifest")
+    outside = [name for name in files if not _plain_name(name)]
+    if outside:
+        raise IncompleteSaveError(f"{path} lists {outside[0]!r}, not a plain file name of its folder (a hand-edited "
+                                  "or hostile manifest); save the set again")
     if not isinstance(manifest.get("manifest_version"), int) or manifest["manifest_version"] > MANIFEST_VERSION:
         raise IncompleteSaveError(
             f"{path} has manifest_version {manifest.get('manifest_version')!r}; this anchoropt reads "
@@ -202,7 +296,7 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _check_name(name: str) -> None:
-    if not name or "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST_NAME:
+    if not _plain_name(name):
         raise ValueError(f"invalid file name in a committed set: {name!r}")
 
 

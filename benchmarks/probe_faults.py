@@ -850,6 +850,228 @@ case("report", "results.json without results.base")(
                   "results.json", "base"))
 
 
+# ---------------------------------------------------------------------- files and run directories (issue 21)
+def _grid_args(w: World, out: Path, *data, seeds=("1",)) -> list[str]:
+    """A fast zero-shot ``anchoropt grid`` over ``data`` (the world's folder by default) into ``out``."""
+    return ["grid", "--methods", "zeroshot", "--data", *map(str, data or (w.folder,)), "--seeds", *seeds,
+            "--output", str(out), "--model", "tiny-test", "--pretrained", "none", "--augment", "none",
+            "--no-progress", "--no-plots"]
+
+
+def _quiet_main(args: list[str]) -> tuple[int, str]:
+    """``anchoropt ARGS`` in-process, quietly: ``(exit status, stderr)``."""
+    from anchoropt.runner import cli as entry
+
+    with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            code = entry.main(args)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, err.getvalue()
+
+
+def _live_lock(directory: Path, holder) -> None:
+    """Write ``directory``'s run lock as held by the live process ``holder``."""
+    import socket
+
+    (directory / ".anchoropt.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                                           "started": "now", "what": "anchoropt grid"}))
+
+
+@case("save", "hostile manifest lists ../victim and an absolute path")
+def _(w):
+    d = _save_dir(w)
+    victims = [d.parent / "victim.txt", w.tmp() / "abs.txt"]
+    for victim in victims:
+        victim.write_text("keep")
+    manifest = json.loads((d / "anchoropt_manifest.json").read_text())
+    manifest["files"].update({"../victim.txt": {"size": 4, "sha256": "x"}, str(victims[1]): {"size": 4, "sha256": "x"}})
+    (d / "anchoropt_manifest.json").write_text(json.dumps(manifest))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            w.learner(2).save_pretrained(d)
+        except Exception as err:  # noqa: BLE001
+            raise Outcome("other", f"the save failed: {type(err).__name__}: {str(err)[:120]}") from None
+    lost = [str(v) for v in victims if not v.is_file()]
+    if lost:
+        raise Outcome("other", f"the save deleted {lost}")
+    _load(w, d)
+    raise Outcome("correct", "files outside the save left alone; the new save loads")
+
+
+@case("rundir", "lock file created but not yet written")
+def _(w):
+    out = w.tmp() / "run"
+    out.mkdir()
+    (out / ".anchoropt.lock").write_bytes(b"")
+    cli(w.train_args(out), "lock", ".anchoropt.lock")
+
+
+@case("rundir", "second grid on a run folder in use")
+def _(w):
+    out = w.tmp() / "grid"
+    run_dir = out / "runs" / w.folder.name / "zeroshot" / "seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run_config.json").write_text(json.dumps({"run_id": "first"}))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _live_lock(run_dir, holder)
+        code, err = _quiet_main(_grid_args(w, out))
+    finally:
+        holder.kill()
+        holder.wait()
+    if not (run_dir / "run_config.json").is_file():
+        raise Outcome("other", "the second grid deleted the run folder the first one holds")
+    if code == 2 and "in use" in err and "Traceback" not in err:
+        raise Outcome("clear", err.strip().splitlines()[-1][:160])
+    raise Outcome("other", f"exit {code}: {err.strip()[-160:]}")
+
+
+@case("rundir", "run finished between train's check and its lock")
+def _(w):
+    from anchoropt.runner import rundir
+
+    out = w.tmp() / "run"
+    real = rundir.locked
+
+    @contextlib.contextmanager
+    def finished_meanwhile(directory, what="a run"):
+        with real(directory, what):
+            (directory / "run_config.json").write_text(json.dumps({"run_id": "A"}))
+            (directory / "results.json").write_text(json.dumps({"run_id": "A", "results": {}}))
+            yield
+
+    rundir.locked = finished_meanwhile
+    try:
+        cli(w.train_args(out), "finished", "--overwrite")
+    finally:
+        rundir.locked = real
+
+
+@case("rundir", "grid over a finished run with a corrupt results.json")
+def _(w):
+    out = w.tmp() / "grid"
+    code, err = _quiet_main(_grid_args(w, out))
+    results = out / "runs" / w.folder.name / "zeroshot" / "seed1" / "results.json"
+    if code != 0 or not results.is_file():
+        raise Outcome("other", f"the first grid failed: {err.strip()[-120:]}")
+    results.write_text('{"results": {"ba')
+    code, err = _quiet_main(_grid_args(w, out))
+    if results.read_text() != '{"results": {"ba':
+        raise Outcome("other", "the damaged run was deleted and retrained")
+    if code == 2 and "results.json" in err and "Traceback" not in err:
+        raise Outcome("clear", err.strip().splitlines()[-1][:160])
+    raise Outcome("other", f"exit {code}: {err.strip()[-160:]}")
+
+
+@case("rundir", "grid.json on a full disk (RLIMIT_FSIZE)")
+def _(w):
+    out = w.tmp() / "grid"
+    out.mkdir()
+    (out / "grid.json").write_text('{"methods": ["previous"]}\n')
+    script = (f"import resource, signal, sys\nsys.path.insert(0, {str(REPO)!r})\nfrom anchoropt.runner import cli\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\nresource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))\n"
+              f"sys.exit(cli.main({_grid_args(w, out)!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    if (out / "grid.json").read_text() != '{"methods": ["previous"]}\n':
+        raise Outcome("other", f"grid.json lost: {(out / 'grid.json').stat().st_size} bytes left")
+    if proc.returncode == 2 and "grid.json" in proc.stderr and "Traceback" not in proc.stderr:
+        raise Outcome("clear", proc.stderr.strip().splitlines()[-1][:160])
+    raise Outcome("other", f"exit {proc.returncode}: {proc.stderr.strip()[-160:]}")
+
+
+@case("rundir", "results.json copied into another seed's folder")
+def _(w):
+    out = w.tmp() / "grid"
+    code, err = _quiet_main(_grid_args(w, out, seeds=("1", "2")))
+    runs = out / "runs" / w.folder.name / "zeroshot"
+    if code != 0:
+        raise Outcome("other", f"the grid failed: {err.strip()[-120:]}")
+    shutil.copy(runs / "seed1" / "results.json", runs / "seed2" / "results.json")
+    from anchoropt.runner.grid import report_grid
+
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("always")
+        report_grid(out, plot=False)
+    seeds = sorted(r["seed"] for r in json.loads((out / "results.json").read_text()))
+    said = [str(c.message) for c in caught if "seed2" in str(c.message)]
+    if seeds == [1] and said:
+        raise Outcome("correct", said[0][:140])
+    raise Outcome("other", f"reported seeds {seeds}" + ("" if said else ", nothing said"))
+
+
+@case("option", "grid --data DIR and DIR/ (one dataset twice)")
+def _(w):
+    cli(_grid_args(w, w.tmp() / "grid", str(w.folder), f"{w.folder}/"), "twice", str(w.folder))
+
+
+@case("option", "grid over two datasets both named mini")
+def _(w):
+    from anchoropt.datasets import folders as D
+
+    root = w.tmp()
+    a = D.make_synthetic_image_folder(root / "a" / "mini", per_class=8, size=32, seed=1)
+    b = D.make_synthetic_image_folder(root / "b" / "mini", ["red", "green", "blue", "black"], per_class=8, size=32,
+                                      seed=2)
+    out = root / "grid"
+    code, err = _quiet_main(_grid_args(w, out, a, b))
+    if code != 0:
+        raise Outcome("other", f"exit {code}: {err.strip()[-140:]}")
+    names = [r["dataset"] for r in json.loads((out / "results.json").read_text())]
+    if len(set(names)) == 2:
+        raise Outcome("correct", f"reported apart as {names}")
+    raise Outcome("other", f"reported as {names}: averaged together")
+
+
+@case("option", "train --output in a read-only folder")
+def _(w):
+    ro = w.tmp() / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root writes into a 0500 folder: a read-only file system (EROFS) stands in
+        real = Path.mkdir
+
+        def read_only(self, *args, **kwargs):
+            if ro in self.parents:
+                raise OSError(30, "Read-only file system", str(self))
+            return real(self, *args, **kwargs)
+
+        Path.mkdir = read_only
+        try:
+            cli(w.train_args(ro / "run"), str(ro), "read-only")
+        finally:
+            Path.mkdir = real
+    ro.chmod(0o500)
+    try:
+        cli(w.train_args(ro / "run"), str(ro), "writable")
+    finally:
+        ro.chmod(0o700)
+
+
+@case("option", "grid --output under a regular file")
+def _(w):
+    blocker = w.tmp() / "file"
+    blocker.write_text("x")
+    cli(_grid_args(w, blocker / "grid"), str(blocker), "not a directory")
+
+
+@case("option", "train on a full disk (ENOSPC while writing)")
+def _(w):
+    from anchoropt import _files
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    out = w.tmp() / "run"
+    real, _files.os.fsync = _files.os.fsync, full
+    try:
+        cli(w.train_args(out), str(out), "no space left", no_model=False)
+    finally:
+        _files.os.fsync = real
+
+
 # ---------------------------------------------------------------------- interruptions (subprocess kills)
 _SAVER = """
 import sys, torch

@@ -420,4 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"anchoropt {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a read-only output, a file in the way: the path and the fix
+        where = getattr(args, "output", None) or getattr(args, "report", None)
+        print(f"anchoropt {args.command}: error: {_files.describe_os_error(err, where)}", file=sys.stderr)
+        return 2
 

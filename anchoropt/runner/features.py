@@ -16,6 +16,7 @@ Axes: ``N`` images, ``E`` joint-embedding width.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from .. import _files
 from ..datasets import folders as D
 from .models import ModelBundle, encode_images, encode_images_raw
 
@@ -126,11 +128,15 @@ class FeatureStore:
         features = torch.stack(self._rows) if self._rows else torch.zeros(0, 0)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         stamps = [self._stamps[self._index[p]] for p in paths]
-        save_file({"features": features.contiguous()}, str(partial),
-                  metadata={"paths": json.dumps(paths), "stamps": json.dumps(stamps),
-                            **({} if self.normalize else {"normalized": "false"})})
-        os.replace(partial, target)
-        return target
+        try:
+            save_file({"features": features.contiguous()}, str(partial),
+                      metadata={"paths": json.dumps(paths), "stamps": json.dumps(stamps),
+                                **({} if self.normalize else {"normalized": "false"})})
+        except BaseException:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            raise
+        return _files.replace_fsynced(partial, target)
 
     def _load(self, file: Path) -> None:
         from safetensors import safe_open

@@ -10,8 +10,9 @@ Layout of ``OUT``::
 
 * **Resume**: a run whose ``results.json`` exists is skipped (its settings must match the grid's, else the
   grid stops and says which setting differs); an interrupted run started with the grid's settings continues
-  from its last checkpoint (``anchoropt train --resume``); any other unfinished run directory is cleared and
-  run again.
+  from its last checkpoint (``anchoropt train --resume``); any other unfinished run directory is cleared (under
+  its lock: never one another process is writing) and run again.  A ``results.json`` that cannot be read is
+  refused by name, not taken for an interrupted run.
 * **Shared image features**: with ``--augment none`` the image tower runs once per image for the whole grid.
 * **Parallel**: ``--jobs N`` runs N runs at once in local processes (each on its own GPU when there are
   several); under ``torchrun`` every run uses all processes (DDP) one after the other.
@@ -24,13 +25,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .. import _files
 from ..datasets import folders as D
+from . import rundir as R
 from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_config
 from .console import _log
 from .tables import record_from_results, write_report
@@ -59,7 +62,8 @@ class GridRun:
 
 def plan_grid(methods: Sequence[str], data: Sequence[str], seeds: Sequence[int], output: str | os.PathLike) -> list[GridRun]:
     """The runs in their fixed order (dataset, then method, then seed); dataset names are the folder names
-    (``name_2`` ... when two folders share one)."""
+    (``name_2`` ... when two folders share one).  A dataset is its resolved folder: the same folder given twice
+    (``DIR`` and ``DIR/``, or through a symbolic link) is refused."""
     from ..methods.registry import parse_method
 
     if not methods or not data or not seeds:
@@ -68,6 +72,7 @@ def plan_grid(methods: Sequence[str], data: Sequence[str], seeds: Sequence[int],
         if len(set(values)) != len(values):
             raise ValueError(f"--{group} lists an entry twice: {list(values)}")
     choices = [parse_method(m) for m in methods]  # unknown methods / options fail here, before any run
+    _check_distinct_datasets(data)
     names: list[str] = []
     for path in data:
         base, name, n = Path(path).name or "data", Path(path).name or "data", 2
@@ -80,6 +85,18 @@ def plan_grid(methods: Sequence[str], data: Sequence[str], seeds: Sequence[int],
     if len(set(slugs)) != len(slugs):
         raise ValueError("two methods map to the same run directory name; make their specs differ in letters")
     return runs
+
+
+def _check_distinct_datasets(data: Sequence[str]) -> None:
+    """Refuse two ``--data`` entries naming one folder (``DIR`` and ``DIR/``, ``~/d`` and its absolute path, a
+    symbolic link and its target): the grid would train and report the same dataset twice."""
+    seen: dict[Path, str] = {}
+    for path in data:
+        resolved = Path(path).expanduser().resolve()
+        if resolved in seen:
+            raise ValueError(f"--data lists one dataset twice: {seen[resolved]!r} and {str(path)!r} are both "
+                             f"{resolved}; give each dataset once")
+        seen[resolved] = str(path)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -123,16 +140,16 @@ def run_state(run: GridRun, cfg: RunConfig) -> str:
     """``"done"`` (results.json written with the same settings), ``"partial"`` or ``"new"``.
 
     Raises:
-        ValueError: a finished run was made with other settings (naming the first that differs).
+        ValueError: a finished run was made with other settings (naming the first that differs), or its
+            ``results.json`` cannot be read (it is not taken for an interrupted run and deleted) or is another
+            run's (its run id or seed differ).
     """
     results = run.run_dir / RESULTS
     if results.is_file():
-        try:
-            finished = json.loads(results.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return "partial"
-        if "results" not in finished:
-            return "partial"
+        finished = _finished_results(results)
+        foreign = _foreign_results(results, finished)
+        if foreign:  # another run's results.json copied here: this run is not finished
+            raise ValueError(f"{results} is not this run's own: {foreign} (or delete {run.run_dir} to redo it)")
         wanted = _comparable(_absolute_paths(cfg.resolve()).to_json())
         stored = _comparable(load_run_config(run.run_dir).to_json())
         stored.pop("n_anchor", None), wanted.pop("n_anchor", None)  # set from the anchors file
@@ -144,6 +161,22 @@ def run_state(run: GridRun, cfg: RunConfig) -> str:
                 )
         return "done"
     return "partial" if run.run_dir.exists() else "new"
+
+
+def _finished_results(results: Path) -> dict:
+    """The content of a finished run's ``results.json``; a file that cannot be read, or holds no ``results``,
+    is refused by name (the run may well have finished: redoing it would delete what it wrote)."""
+    from .._jsonfile import read_json
+
+    fix = (f"restore it, or delete {results.parent} to run it again (nothing is deleted without you saying "
+           "so)")
+    try:
+        finished = read_json(results, f"{results} not found")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{results} is damaged ({err}): {fix}") from None
+    if not isinstance(finished, dict) or not isinstance(finished.get("results"), dict):
+        raise ValueError(f"{results} holds no 'results' (not a finished grid run's file): {fix}")
+    return finished
 
 
 def resumable(run: GridRun, cfg: RunConfig) -> bool:
@@ -196,18 +229,17 @@ def run_grid(
     todo = [run for run in mine if states[run] != "done"]
     skipped = [run for run in mine if states[run] == "done"]
     if ctx.is_main:
-        output.mkdir(parents=True, exist_ok=True)
         spec = {"methods": list(methods), "data": [str(d) for d in data], "datasets": _names(runs),
                 "seeds": list(seeds), "protocol": base.protocol, "targets": list(base.targets)}
-        (output / GRID_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+        _files.write_json(output / GRID_FILE, spec)  # atomic: a full disk leaves the previous grid.json
         partial = [run for run in todo if states[run] == "partial"]
         resumed = [run for run in partial if resumable(run, _run_config(base, run))]
         _log(ctx, f"grid: {len(runs)} runs ({len(mine)} in this shard): {len(skipped)} finished, "
                   f"{len(todo)} to run" + (f" ({len(partial)} interrupted: {len(resumed)} resumed, "
                                            f"{len(partial) - len(resumed)} redone)" if partial else ""))
         for run in partial:
-            if run not in resumed:
-                shutil.rmtree(run.run_dir)
+            if run not in resumed:  # under the run's lock: a directory another process is writing is refused
+                R.clear_unfinished(run.run_dir, "anchoropt grid (clearing an unfinished run)")
     dist_utils.barrier(ctx)
     store_file = None
     if todo and base.augment == "none":
@@ -319,6 +351,8 @@ def _run_one(base: RunConfig, run: GridRun, store_file: Path | None, ctx=None, d
                                                          normalize=not raw)
     from . import rundir as R
 
+    if R.run_state(run.run_dir) == "finished" and run_state(run, cfg) == "done":
+        return run.name  # finished meanwhile by another process (a second grid on the same --output)
     # run_grid cleared every unfinished directory it could not resume: what is still interrupted continues
     run_training(cfg, bundle=bundle, ctx=ctx, features=features, resume=R.run_state(run.run_dir) == "interrupted")
     return run.name
@@ -377,17 +411,51 @@ def _run_pool(base: RunConfig, todo: Sequence[GridRun], store_file: Path | None,
 
 
 def collect_records(output: str | os.PathLike) -> list[dict]:
-    """One record per finished run under ``output/runs`` (unfinished runs are left out)."""
+    """One record per finished run under ``output/runs`` (unfinished runs are left out).
+
+    A record's dataset is the grid's name of it (the ``runs/<dataset>/`` folder, unique per dataset folder),
+    not the dataset's folder name, which two datasets may share.  A ``results.json`` that is not its run
+    directory's own (its run id differs from ``run_config.json``'s, or its seed from the ``seed<k>`` folder's:
+    a file copied from another run) is left out with a warning naming it.
+    """
     records = []
     for results in sorted(Path(output).glob(f"runs/*/*/seed*/{RESULTS}")):
         try:
             data = json.loads(results.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if "results" in data:
+        if isinstance(data, dict) and "results" in data:
+            foreign = _foreign_results(results, data)
+            if foreign:
+                warnings.warn(f"grid report: leaving out {results}: {foreign}", stacklevel=2)
+                continue
             method = data.get("method") or _method_of(results.parent)
-            records.append(record_from_results(data, str(results.parent), method))
+            record = record_from_results(data, str(results.parent), method)
+            record["dataset"] = results.parent.parent.parent.name
+            records.append(record)
     return records
+
+
+def _foreign_results(results: Path, data: dict) -> str | None:
+    """Why ``results`` is not the result of the run in its directory (``None`` when it is)."""
+    from .._jsonfile import read_json
+
+    run_dir = results.parent
+    seed = run_dir.name[len("seed"):]
+    if str(data.get("seed")) != seed:
+        return (f"it is the result of seed {data.get('seed')!r}, but lies in {run_dir.name}/ (copied from another "
+                "run?); move it back or re-run this one")
+    config = run_dir / RUN_CONFIG
+    if "run_id" not in data and not config.is_file():
+        return None  # written before run ids
+    try:
+        own = read_json(config, f"{config} not found").get("run_id")
+    except (OSError, ValueError, AttributeError) as err:
+        return f"its run's {RUN_CONFIG} cannot be read ({err})"
+    if data.get("run_id") != own:
+        return (f"its run id {data.get('run_id')!r} is not the run id {own!r} of {config} (copied from another "
+                "run?); re-run this one")
+    return None
 
 
 def _method_of(run_dir: Path) -> str:

@@ -64,10 +64,7 @@ def run_learn_anchors(cfg: RunConfig, bundle: ModelBundle | None = None, classna
         raise ValueError("learn-anchors needs --descriptions (a {class: [sentences]} JSON file)")
     _check_dataset_paths(cfg)
     out = Path(cfg.output)
-    R.check_writable(out)
-    if R.run_state(out) != "empty":
-        raise R.RunDirectoryError(f"{out} holds a training run: learn-anchors would replace its anchors and mix "
-                                  "two runs; choose another --output")
+    _check_anchors_output(out)
     ctx = dist_utils.init_from_env(cfg.device)
     if classnames is None:  # the inputs are read before the model is built: a wrong path fails at once
         if cfg.data:
@@ -82,6 +79,8 @@ def run_learn_anchors(cfg: RunConfig, bundle: ModelBundle | None = None, classna
     checks.check_descriptions(cfg, classnames)
     checks.check_pretrained(cfg)
     with R.locked(out, "anchoropt learn-anchors") if ctx.is_main else _nothing():
+        if ctx.is_main:
+            _check_anchors_output(out)  # again under the lock: a run may have started there meanwhile
         seed_everything(cfg.seed)
         bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
         anchors, info = learn_anchors(bundle, classnames, cfg.descriptions, cfg, ctx)
@@ -95,6 +94,14 @@ def run_learn_anchors(cfg: RunConfig, bundle: ModelBundle | None = None, classna
                   f"{info['loss_last']:.4f} | anchors -> {out / 'anchors.safetensors'}{flag}", flush=True)
     dist_utils.cleanup(ctx)
     return info
+
+
+def _check_anchors_output(out: Path) -> None:
+    """``learn-anchors`` writes only into a directory that holds no training run."""
+    R.check_writable(out)
+    if R.run_state(out) != "empty":
+        raise R.RunDirectoryError(f"{out} holds a training run: learn-anchors would replace its anchors and mix "
+                                  "two runs; choose another --output")
 
 
 def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_after: bool = True,
@@ -131,7 +138,10 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
     own_ctx = ctx is None
     ctx = ctx or dist_utils.init_from_env(cfg.device)
     with R.locked(out, "anchoropt train") if ctx.is_main else _nothing():
-        if ctx.is_main and plan.state != "empty" and overwrite:
+        state = plan.state
+        if ctx.is_main:  # again under the lock: another process may have finished or replaced a run there
+            state = R.recheck_output(out, overwrite, resume, run_id if resume else None)
+        if ctx.is_main and state != "empty" and overwrite:
             R.clear_run(out)
         seed_everything(cfg.seed)  # same frozen random towers and initial prompts on every process
         bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, cfg.augment)
@@ -390,6 +400,8 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
     checks.check_pretrained(cfg)
     ctx = dist_utils.init_from_env(cfg.device)
     with R.locked(run_dir, "anchoropt eval") if ctx.is_main else _nothing():
+        if ctx.is_main and R.check_one_run(run_dir) != run_id:  # again under the lock: re-run meanwhile
+            raise R.RunDirectoryError(f"{run_dir} was replaced by another run while eval got ready; run eval again")
         seed_everything(cfg.seed)
         bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, "none")
         learner = load_run_learner(run_dir, bundle, train_view.classnames)

@@ -95,6 +95,35 @@ def check_output(out: Path, overwrite: bool, resume: bool) -> str:
     return state
 
 
+def recheck_output(out: Path, overwrite: bool, resume: bool, run_id: str | None = None) -> str:
+    """:func:`check_output` again once ``out``'s lock is held (another process may have finished or replaced
+    the run between the first check and the lock); with ``resume``, the run must still be run ``run_id``."""
+    state = check_output(out, overwrite, resume)
+    if resume and run_id is not None:
+        values = read_json(out / RUN_CONFIG, f"{out / RUN_CONFIG} not found", RunDirectoryError)
+        now = values.get("run_id") if isinstance(values, dict) else None
+        if now != run_id:
+            raise RunDirectoryError(f"--resume: {out} now holds run {now}, not run {run_id} (another process "
+                                    "replaced it meanwhile); check it, then resume or start over with --overwrite")
+    return state
+
+
+def clear_unfinished(run_dir: Path, what: str) -> bool:
+    """Remove the parts of the unfinished run in ``run_dir`` while holding its lock (refused while a live
+    process holds it); ``False`` (nothing removed) when the run turns out finished once the lock is held."""
+    with locked(run_dir, what):
+        if run_state(run_dir) == "finished":
+            return False
+        for child in run_dir.iterdir():
+            if child.name == LOCK_NAME:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    return True
+
+
 def clear_run(out: Path) -> None:
     """Remove a previous run's parts (``--overwrite``), results first so the directory never looks finished."""
     for name in RUN_PARTS:
@@ -110,43 +139,126 @@ def clear_run(out: Path) -> None:
 def locked(out: Path, what: str = "a run") -> Iterator[None]:
     """Hold ``out/.anchoropt.lock`` while the body runs; refuse when a live process holds it.
 
-    A lock left by a process that no longer runs (same host) is taken over with a warning.
+    The lock appears in one step with its owner written in it (:func:`_create_lock`: a complete temporary file
+    hard-linked to the lock's name, which fails when the name exists), so a lock is never seen half-written.
+    A lock left by a process that no longer runs (same host) is taken over with a warning, by one process at a
+    time (:func:`_takeover_guard`), so two takers never both hold it; a lock file that cannot be read is
+    refused (delete it by hand once no process uses the directory), never taken as stale.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    _parent_or_error(out)
     path = out / LOCK_NAME
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "what": what}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(path)
-            if holder is not None and _alive(holder):
+              "what": what, "token": uuid.uuid4().hex}
+    for _ in range(3):
+        if _create_lock(path, record):
+            break
+        with _takeover_guard(out):
+            try:
+                holder = _lock_record(path.read_bytes())
+            except FileNotFoundError:  # released in the meantime: try again
+                continue
+            if holder is None:
+                raise RunDirectoryError(
+                    f"{path} exists but is not a readable lock (another anchoropt may be creating it, or it was "
+                    f"left by an old anchoropt): if no process uses {out}, delete {path} and run again"
+                )
+            if _alive(holder):
                 raise RunDirectoryError(
                     f"{out} is in use by {holder.get('what', 'a run')} (pid {holder.get('pid')} on "
                     f"{holder.get('host')}, since {holder.get('started')}): two runs cannot share a directory; "
                     f"wait for it or choose another --output (delete {path} if that process is gone)"
-                ) from None
+                )
             warnings.warn(f"{path}: taking over a lock left by a process that no longer runs ({holder})",
                           stacklevel=3)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            continue
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle)
-        break
+            path.unlink()  # stale; under the guard no other taker removes a lock meanwhile
+            if _create_lock(path, record):
+                break
+    else:
+        raise RunDirectoryError(f"{out}: could not take {path} (other processes keep taking it); try again")
     try:
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
-            if (_lock_holder(path) or {}).get("pid") == os.getpid():
+            if (_lock_holder(path) or {}).get("token") == record["token"]:
                 path.unlink()
+
+
+def _parent_or_error(out: Path) -> None:
+    """Create ``out`` (and its parents), or raise :class:`RunDirectoryError` naming the path and the cause."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        check_writable(out)  # names a file in the way or a read-only parent
+        raise RunDirectoryError(f"cannot create {out}: {_files.os_error_reason(err)} (--output)") from None
+
+
+def _create_lock(path: Path, record: dict) -> bool:
+    """Create ``path`` holding ``record`` in one step; ``False`` when it exists already.
+
+    The record goes to a temporary file first (written, fsynced), which is then hard-linked to ``path``: the
+    link fails when ``path`` exists, and when it succeeds the lock is complete.  On a file system without hard
+    links, ``O_CREAT | O_EXCL`` is the fallback (the record written straight after).
+    """
+    try:
+        tmp = _files.write_text(path.with_name(f"{path.name}.{os.getpid()}.{record['token'][:8]}.tmp"),
+                                json.dumps(record))
+    except OSError as err:  # a full disk, a read-only folder: name the lock, not its temporary file
+        raise type(err)(err.errno, err.strerror, str(path)) from err
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here (some network / FUSE file systems)
+        return _create_lock_exclusive(path, record)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _create_lock_exclusive(path: Path, record: dict) -> bool:
+    """:func:`_create_lock` where hard links fail: ``O_CREAT | O_EXCL``, then the record, fsynced."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(record))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return True
+
+
+@contextlib.contextmanager
+def _takeover_guard(out: Path) -> Iterator[None]:
+    """Serialise the taking over of stale locks of ``out``: an exclusive ``flock`` on the directory itself (no
+    file is left behind; the kernel drops it when its process dies).  Without ``fcntl`` (Windows) there is no
+    guard."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _lock_holder(path: Path) -> dict | None:
     try:
-        holder = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return _lock_record(path.read_bytes())
+    except OSError:
+        return None
+
+
+def _lock_record(data: bytes) -> dict | None:
+    """A lock file's owner record; ``None`` when it is not one (empty, cut, not JSON)."""
+    try:
+        holder = json.loads(data.decode("utf-8"))
+    except ValueError:
         return None
     return holder if isinstance(holder, dict) else None
 

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .. import _files
 from .evaluation import harmonic_mean
 
 __all__ = ["mean_std", "format_cell", "record_from_results", "base2novel_tables", "transfer_tables",
@@ -205,10 +206,11 @@ def plot_hm(records: Sequence[dict], path: str | os.PathLike, methods: Sequence[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.png")
-    fig.savefig(partial, dpi=120)
-    plt.close(fig)
-    os.replace(partial, path)
-    return path
+    try:
+        fig.savefig(partial, dpi=120)
+    finally:
+        plt.close(fig)
+    return _files.replace_fsynced(partial, path)
 
 
 def write_report(output: str | os.PathLike, records: Sequence[dict], methods: Sequence[str] = (),
@@ -232,6 +234,4 @@ def _rank(value: str, order: Sequence[str]) -> tuple[int, str]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    _files.write_text(path, text)  # atomic: temp file, fsync, os.replace

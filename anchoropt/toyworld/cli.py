@@ -168,6 +168,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"anchoropt toyworld {args.toyworld_command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a read-only folder, a file in the way: the path and the fix
+        from .._files import describe_os_error
+
+        where = getattr(args, "dir", None) or getattr(args, "output", None)
+        print(f"anchoropt toyworld {args.toyworld_command}: error: {describe_os_error(err, where)}",
+              file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
