@@ -2,6 +2,10 @@
 
     python examples/methods_on_open_clip.py                      # MaPLe + AnchorOPT on a 20-class toy world
     python examples/methods_on_open_clip.py --method dept --template coop
+    python examples/methods_on_open_clip.py --output my_toy_world   # keep the toy world it writes
+
+It writes only the toy world, into --output (default: a temporary folder, removed at the end); a folder that
+already exists is refused, never replaced.
 
 Offline: the toy world (invented classes, 32 px images) and its shipped small CLIP, `toy-clip`. The figures it
 prints are toy-world figures: they show the loop learns, not how the method does on real data. With your own
@@ -11,6 +15,8 @@ CLIP / CustomTextCLIP (MaPLe: an open_clip ViT or timm ViT / EVA image tower).
 
 import argparse
 import math
+import tempfile
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -27,11 +33,16 @@ p.add_argument("--template", choices=["coop", "atprompt", "anchoropt"], default=
 p.add_argument("--classes", type=int, default=20)
 p.add_argument("--epochs", type=int, default=5)
 p.add_argument("--stage1-steps", type=int, default=100)
+p.add_argument("--output", help="new folder for the toy world (default: a temporary one, removed at the end)")
 args = p.parse_args()
 
-make("toy_world", classes=args.classes, per_class=30, seed=1, overwrite=True)  # train/ val/ test/ + descriptions
+scratch = None if args.output else tempfile.TemporaryDirectory(prefix="anchoropt-example-")
+world = Path(args.output) if args.output else Path(scratch.name) / "toy_world"
+if world.exists():
+    p.error(f"--output {world} already exists: name a new folder (this example never replaces one)")
+make(world, classes=args.classes, per_class=30, seed=1)         # train/ val/ test/ + descriptions.json
 model, preprocess, tokenizer = load_model()                     # frozen toy CLIP, offline
-train_set, test_set = ImageFolder("toy_world/train", preprocess), ImageFolder("toy_world/test", preprocess)
+train_set, test_set = ImageFolder(world / "train", preprocess), ImageFolder(world / "test", preprocess)
 classnames = train_set.classes
 n_base = math.ceil(len(classnames) / 2)
 base, novel = classnames[:n_base], classnames[n_base:]          # base-to-novel: train on the first half
@@ -39,7 +50,7 @@ base, novel = classnames[:n_base], classnames[n_base:]          # base-to-novel:
 options = dict(tokenizer=tokenizer)
 if args.template == "anchoropt":                                # Stage I: anchors from the descriptions
     stage1 = AnchorLearner(model, base, n_anchor=1, tokenizer=tokenizer)
-    stage1.fit("toy_world/descriptions.json", steps=args.stage1_steps, progress=False)
+    stage1.fit(world / "descriptions.json", steps=args.stage1_steps, progress=False)
     options["anchors"] = stage1.frozen_anchors()
 if args.template == "atprompt":
     options["attributes"] = ["color", "shape"]
@@ -89,3 +100,5 @@ hm = 2 * acc_base * acc_novel / (acc_base + acc_novel)
 label = args.method if args.template == "coop" else f"{args.method}+{args.template}"
 print(f"{label}: base {acc_base:.1f}% | novel {acc_novel:.1f}% | HM {hm:.1f}% "
       f"(toy-world figures, {args.classes} classes)")
+if scratch is not None:
+    scratch.cleanup()

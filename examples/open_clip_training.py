@@ -2,7 +2,11 @@
 
     python examples/open_clip_training.py                       # offline: tiny random tower, synthetic images
     python examples/open_clip_training.py --model ViT-B-16 --pretrained openai \
-        --images my_images --descriptions descriptions.json      # a real model on my_images/{train,test}/<class>/
+        --images my_images --descriptions descriptions.json \
+        --output runs/example                                   # a real model on my_images/{train,test}/<class>/
+
+It writes only under --output (default: a temporary folder, removed at the end): the synthetic images of the
+offline run and the saved learner. It reads --images and --descriptions and never writes into them.
 
 Offline the accuracy means nothing (random weights); with a real model it is the base-to-novel protocol:
 train on the first half of the classes, report base accuracy (normal prompt) and novel accuracy (ensemble).
@@ -11,6 +15,7 @@ train on the first half of the classes, report base accuracy (normal prompt) and
 import argparse
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import open_clip
@@ -24,11 +29,18 @@ from anchoropt import AnchorLearner, AnchorOPTPromptLearner, StageIILoss
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--model", default="tiny", help="open_clip model name; 'tiny': a random test tower (offline)")
 p.add_argument("--pretrained", default=None, help="open_clip tag or a local checkpoint file (default: none)")
-p.add_argument("--images", default="demo_images", help="folder with train/<class>/ and test/<class>/ images")
-p.add_argument("--descriptions", default="demo_images/descriptions.json", help="{class: [sentences]} JSON")
+p.add_argument("--images", help="folder with train/<class>/ and test/<class>/ images (offline: synthetic ones)")
+p.add_argument("--descriptions", help="{class: [sentences]} JSON (offline: made with the synthetic images)")
+p.add_argument("--output", help="where to write (default: a temporary folder, removed at the end)")
 p.add_argument("--epochs", type=int, default=5)
 p.add_argument("--stage1-steps", type=int, default=100)
 args = p.parse_args()
+scratch = None if args.output else tempfile.TemporaryDirectory(prefix="anchoropt-example-")
+output = Path(args.output or scratch.name)
+if args.images is None and args.model != "tiny":
+    p.error("--model needs --images (a folder with train/<class>/ and test/<class>/) and --descriptions")
+if args.images is not None and not Path(args.images, "train").is_dir():
+    p.error(f"--images {args.images}: no train/ folder in it (expected train/<class>/ and test/<class>/)")
 
 if args.model == "tiny":  # offline stand-in for open_clip.create_model_and_transforms(...)
     from anchoropt.datasets.folders import make_synthetic_image_folder
@@ -40,7 +52,8 @@ if args.model == "tiny":  # offline stand-in for open_clip.create_model_and_tran
     preprocess_train, preprocess = train_transform(model), eval_transform(model)
     tokenizer = open_clip.get_tokenizer("ViT-B-16")  # the CLIP BPE tokenizer ships with open_clip
     shapes = ["circle", "square", "stripe", "cross"]
-    if not Path(args.images).is_dir():
+    if args.images is None:  # synthetic images and their descriptions, under --output
+        args.images, args.descriptions = str(output / "images"), str(output / "images" / "descriptions.json")
         make_synthetic_image_folder(Path(args.images) / "train", shapes, per_class=8)
         make_synthetic_image_folder(Path(args.images) / "test", shapes, per_class=4, seed=1)
         Path(args.descriptions).write_text(json.dumps({s: [f"a {s}.", f"a drawing of a {s}."] for s in shapes}))
@@ -93,8 +106,11 @@ for epoch in range(args.epochs):
     print(f"epoch {epoch + 1}: loss {loss.item():.4f}")
 
 learner.eval()                                                      # deterministic position matrix
-learner.save_pretrained("runs/anchoropt")                           # safetensors + JSON
-novel_learner = AnchorOPTPromptLearner.from_pretrained("runs/anchoropt", model, novel, tokenizer=tokenizer)
+learner.save_pretrained(output / "anchoropt")                       # safetensors + JSON
+novel_learner = AnchorOPTPromptLearner.from_pretrained(output / "anchoropt", model, novel, tokenizer=tokenizer)
 acc_base = accuracy(learner, base, "base")                          # normal prompt
 acc_novel = accuracy(novel_learner.eval(), novel, "novel")          # ensemble with the anchor prompt
 print(f"base {acc_base:.1f}% | novel {acc_novel:.1f}% on {len(test_set)} test images")
+print(f"learner saved to {output / 'anchoropt'}" if scratch is None else "(pass --output DIR to keep the saved learner)")
+if scratch is not None:
+    scratch.cleanup()

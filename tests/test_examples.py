@@ -56,6 +56,33 @@ def test_example_runs_offline(name, monkeypatch, tmp_path, capsys):
     assert "RANDOM WEIGHTS" in out or "toy-world figures" in out or "skipped" in out
 
 
+@pytest.mark.parametrize("name", ["open_clip_training.py", "methods_on_open_clip.py"])
+def test_examples_write_nothing_into_the_current_folder(name, monkeypatch, tmp_path, capsys):
+    argv, expected = CASES[name]
+    _run(EXAMPLES / name, argv, monkeypatch, tmp_path, capsys)
+    assert list(tmp_path.iterdir()) == []  # their files went to a temporary --output, removed at the end
+
+
+def test_an_example_refuses_an_existing_output_folder(monkeypatch, tmp_path, capsys):
+    mine = tmp_path / "toy_world"
+    mine.mkdir()
+    (mine / "my_notes.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["methods_on_open_clip.py", "--output", str(mine), "--epochs", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(EXAMPLES / "methods_on_open_clip.py"), run_name="__main__")
+    assert exit_.value.code == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["my_notes.txt"]
+
+
+def test_an_example_keeps_what_it_writes_under_a_given_output(monkeypatch, tmp_path, capsys):
+    out = _run(EXAMPLES / "open_clip_training.py", ["--epochs", "1", "--stage1-steps", "3", "--output", "kept"],
+               monkeypatch, tmp_path, capsys)
+    assert (tmp_path / "kept" / "anchoropt").is_dir() and (tmp_path / "kept" / "images" / "train").is_dir()
+    assert "learner saved to kept" in out
+
+
 def test_quickstart_random_flag_runs_the_random_tower(monkeypatch, tmp_path, capsys):
     out = _run(EXAMPLES / "quickstart.py", ["--random", "--stage1-steps", "5", "--epochs", "1", "--shots", "4"],
                monkeypatch, tmp_path, capsys)
