@@ -142,13 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", dest="targets", action="append", default=[], metavar="DIR",
                    help="a target dataset directory for cross-dataset / domain generalisation (repeatable)")
     _add_train_options(p)
+    p.add_argument("--config", metavar="RUN/run_config.json",
+                   help="re-run a run from its saved run_config.json (or its run directory): every setting from the "
+                        "file, the options typed here override it (give a new --output)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --output (a finished or interrupted one); refused otherwise")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --output from its last complete checkpoint "
                         "(same options as it was started with)")
     _add_model_args(p)
-    _add_data_args(p)
+    _add_data_args(p, required=False)  # required unless --config gives it (checked in _cmd_train)
     _add_common_args(p)
     _add_hyper_args(p)
 
@@ -158,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`anchoropt grid --report OUT` only merges the finished runs into the report. "
                                    "Docs: grid.md.")
     p.add_argument("--report", metavar="OUT", help="only (re)write the report of the grid in OUT")
+    p.add_argument("--config", metavar="GRID/grid.json",
+                   help="re-run a grid from its grid.json (or its directory): methods, datasets, seeds and every "
+                        "setting from the file, the options typed here override them (default --output: that grid)")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
                    help="method specs, e.g. zeroshot coop coop+atprompt coop+anchoropt coop+anchoropt:pooling=released")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds (1 2 3)")
@@ -304,10 +310,65 @@ def _cmd_learn_anchors(args) -> int:
     return 0
 
 
+def _typed_dests(argv: Sequence[str], command: str) -> set[str]:
+    """The ``dest`` of every option of ``command`` the user typed in ``argv`` (argparse defaults left out):
+    a re-run from a saved config takes only these from the command line."""
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_action in action.choices[command]._actions:
+                sub_action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(list(argv)))) - {"command"}
+
+
+def _saved_file(path: str, name: str, what: str) -> Path:
+    """``path`` itself, or ``path/name`` when ``path`` is a directory; missing: an error naming the fix."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / name
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {path}: {file} not found (give the {name} {what} wrote, or its "
+                                "directory)")
+    return file
+
+
+def _config_from_file(args: argparse.Namespace):
+    """``anchoropt train --config``: the saved run's :class:`RunConfig`, the typed options on top."""
+    from .._jsonfile import read_json
+    from .config import RUN_CONFIG, RunConfig
+
+    file = _saved_file(args.config, RUN_CONFIG, "`anchoropt train`")
+    values = read_json(file, f"{file} not found")
+    if isinstance(values, dict) and "methods" in values and "seeds" in values:
+        raise ValueError(f"--config {args.config}: {file} is a grid's file; re-run it with "
+                         "`anchoropt grid --config`")
+    try:
+        saved = RunConfig.from_json(values)
+    except ValueError as err:
+        raise ValueError(f"--config {args.config}: {file}: {err}") from None
+    return dataclasses.replace(saved, **_typed_fields(args))
+
+
+def _typed_fields(args: argparse.Namespace, leave_out: tuple[str, ...] = ()) -> dict:
+    """The :class:`RunConfig` fields among the options typed on the command line (``args._typed``)."""
+    from .config import RunConfig
+
+    typed = getattr(args, "_typed", set())
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+            if f.name in typed and f.name not in leave_out}
+
+
 def _cmd_train(args) -> int:
     from .run import run_training
 
-    run_training(_config(args), overwrite=args.overwrite, resume=args.resume)
+    if args.config:
+        cfg = _config_from_file(args)
+    elif not args.data:
+        raise ValueError("the following argument is required: --data DIR (or --config RUN/run_config.json to "
+                         "re-run a saved run)")
+    else:
+        cfg = _config(args)
+    run_training(cfg, overwrite=args.overwrite, resume=args.resume)
     return 0
 
 
@@ -317,12 +378,42 @@ def _cmd_grid(args) -> int:
     if args.report:
         report_grid(args.report)
         return 0
+    if args.config:
+        return _grid_from_file(args)
     missing = [flag for flag, value in (("--methods", args.methods), ("--data", args.data),
                                         ("--output", args.output)) if not value]
     if missing:
         raise ValueError(f"anchoropt grid needs {', '.join(missing)} (or --report OUT to only write the report)")
     base = _config(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("data", "output", "seeds")}))
     done = run_grid(base, args.methods, args.data, args.seeds, args.output, jobs=args.jobs, shard=args.shard,
+                    threads=getattr(args, "threads", None))
+    print(f"grid: {len(done['ran'])} run(s) done, {len(done['skipped'])} already finished", flush=True)
+    return 0
+
+
+def _grid_from_file(args: argparse.Namespace) -> int:
+    """``anchoropt grid --config GRID/grid.json``: the saved grid again (methods, datasets, seeds, settings),
+    the typed options on top; ``--output`` defaults to the saved grid's directory (finished runs are skipped)."""
+    from .._jsonfile import read_json
+    from .config import RunConfig
+    from .grid import GRID_FILE, run_grid
+
+    file = _saved_file(args.config, GRID_FILE, "`anchoropt grid`")
+    spec = read_json(file, f"{file} not found")
+    if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict) or "data_dirs" not in spec:
+        raise ValueError(f"--config {args.config}: {file} holds no saved settings (a grid.json of an older "
+                         "anchoropt, or not a grid's file): run the grid with its options instead")
+    try:
+        base = RunConfig.from_json(spec["config"])
+    except ValueError as err:
+        raise ValueError(f"--config {args.config}: {file}: {err}") from None
+    base = dataclasses.replace(base, **_typed_fields(args, leave_out=("data", "output", "seed")))
+    typed = getattr(args, "_typed", set())
+    methods = args.methods if "methods" in typed else spec["methods"]
+    data = args.data if "data" in typed else spec["data_dirs"]
+    seeds = args.seeds if "seeds" in typed else spec["seeds"]
+    output = args.output if "output" in typed else str(file.parent)
+    done = run_grid(base, methods, data, seeds, output, jobs=args.jobs, shard=args.shard,
                     threads=getattr(args, "threads", None))
     print(f"grid: {len(done['ran'])} run(s) done, {len(done['skipped'])} already finished", flush=True)
     return 0
@@ -400,7 +491,10 @@ _COMMANDS = {"learn-anchors": _cmd_learn_anchors, "train": _cmd_train, "grid": _
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anchoropt`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "config", None):
+        args._typed = _typed_dests(argv, args.command)
     if getattr(args, "threads", None):
         import torch
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .. import _files
 from ..datasets import folders as D
 from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_config
 from .console import _log
@@ -197,9 +198,7 @@ def run_grid(
     skipped = [run for run in mine if states[run] == "done"]
     if ctx.is_main:
         output.mkdir(parents=True, exist_ok=True)
-        spec = {"methods": list(methods), "data": [str(d) for d in data], "datasets": _names(runs),
-                "seeds": list(seeds), "protocol": base.protocol, "targets": list(base.targets)}
-        (output / GRID_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+        _files.write_json(output / GRID_FILE, grid_spec(base, methods, data, seeds, runs))
         partial = [run for run in todo if states[run] == "partial"]
         resumed = [run for run in partial if resumable(run, _run_config(base, run))]
         _log(ctx, f"grid: {len(runs)} runs ({len(mine)} in this shard): {len(skipped)} finished, "
@@ -220,6 +219,16 @@ def run_grid(
     if ctx.distributed:
         dist_utils.cleanup(ctx)
     return {"ran": [r.name for r in todo], "skipped": [r.name for r in skipped], "report": report}
+
+
+def grid_spec(base: RunConfig, methods: Sequence[str], data: Sequence[str], seeds: Sequence[int],
+              runs: Sequence[GridRun]) -> dict:
+    """``grid.json``: the report's order (methods, datasets, seeds) and what ``anchoropt grid --config`` needs
+    to run the same grid again: ``config`` (the runs' shared settings, paths absolute) and ``data_dirs``."""
+    return {"methods": list(methods), "data": [str(d) for d in data], "datasets": _names(runs),
+            "seeds": list(seeds), "protocol": base.protocol, "targets": list(base.targets),
+            "data_dirs": [os.path.abspath(Path(d).expanduser()) for d in data],
+            "config": _absolute_paths(base).to_json()}
 
 
 def _names(runs: Sequence[GridRun]) -> list[str]:
