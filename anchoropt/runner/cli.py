@@ -260,6 +260,9 @@ def _add_train_options(p: argparse.ArgumentParser, grid: bool = False) -> None:
     p.add_argument("--eval-batch-size", type=int, default=100, help="evaluation batch size (100)")
     p.add_argument("--save-every", type=int, default=0, help="also save the learner every N epochs")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write plots/*.png")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write TensorBoard event files to RUN/tensorboard/ (pip install \"anchoropt[tensorboard]\"); "
+                        "metrics.jsonl and metrics.csv are written always")
 
 
 def _add_released_args(p: argparse.ArgumentParser, stage1_only: bool = False) -> None:

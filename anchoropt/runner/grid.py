@@ -40,7 +40,8 @@ __all__ = ["GridRun", "plan_grid", "parse_shard", "select_shard", "run_grid", "c
 
 GRID_FILE = "grid.json"
 # settings that do not change a run's numbers (where it runs, how it logs)
-_VOLATILE = {"output", "device", "workers", "progress", "plots", "save_every", "threads", "cache_image_features"}
+_VOLATILE = {"output", "device", "workers", "progress", "plots", "save_every", "threads", "cache_image_features",
+             "tensorboard"}
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,14 @@ from . import checks
 from . import rundir as R
 from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_config
 from .console import _log
+from .metrics import MetricsLog, check_tensorboard
 from .models import ModelBundle, _text_width, build_model
 from .protocols import _evaluations, _open_targets, _source_dataset, _training_view
 from .reports import RANDOM_FLAG, _plots, summary_line, weights_record
 from .training import learn_anchors, seed_everything, train_stage2
 
 # options that may differ between an interrupted run and its --resume (they do not change the results)
-_RESUMABLE_CHANGES = {"progress", "workers", "device", "plots", "eval_batch_size"}
+_RESUMABLE_CHANGES = {"progress", "workers", "device", "plots", "eval_batch_size", "tensorboard"}
 
 
 @dataclass
@@ -145,11 +146,14 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         settings = method_settings(cfg, anchors, bundle.tokenizer)
         learner = build_learner(choice, bundle, plan.trained, settings)
         start_from = _resume_point(learner, plan, ctx) if resume and method.trains else None
+        metrics = MetricsLog(out, start_from[0]["epochs_done"] if start_from else None,
+                             tensorboard=cfg.tensorboard) if ctx.is_main else None
         stage2: dict[str, Any] | None = None
         if method.trains and any(p.requires_grad for p in learner.parameters()):
             stage2 = train_stage2(learner, bundle, plan.train_view.train, cfg, ctx,
                                   on_checkpoint=_checkpointer(learner, out, run_id, cfg, ctx), resume=start_from,
-                                  loss_fn=method.loss(settings), image_input=method.image_input, features=features)
+                                  loss_fn=method.loss(settings), image_input=method.image_input, features=features,
+                                  on_metrics=metrics.epoch if metrics is not None else None)
             _log(ctx, f"Stage II: {stage2['epochs']} epochs x {stage2['steps_per_epoch']} steps, loss "
                       f"{stage2['epoch_losses'][0]:.4f} -> {stage2['epoch_losses'][-1]:.4f} ({stage2['seconds']} s)")
         if ctx.is_main:
@@ -164,6 +168,10 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
             results["eval_seconds"] = round(time.perf_counter() - start, 3)
             learner.set_classnames(list(plan.trained))
             results["summary"] = summary_line(results)
+            if metrics is not None:
+                metrics.evaluation(results["results"])
+        if metrics is not None:
+            metrics.close()
         results["seconds"] = round(time.perf_counter() - wall, 3)
         if ctx.is_main:
             _write_results(results, learner, bundle, out, cfg.plots and anchoropt_learner)
@@ -203,6 +211,8 @@ def _plan_training(cfg: RunConfig, evaluate_after: bool, overwrite: bool, resume
     cfg = cfg.resolve()
     choice = cfg.method_choice()
     method = choice.method
+    if cfg.tensorboard:
+        check_tensorboard()  # its install hint, before anything is read or built
     if method.needs_anchors and not (cfg.anchors or cfg.descriptions):
         raise ValueError(f"{choice.label} needs anchors: pass --descriptions JSON (Stage I runs first) or "
                          "--anchors FILE")
