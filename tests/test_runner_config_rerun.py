@@ -74,6 +74,9 @@ def test_grid_config_reruns_the_same_grid(tmp_path, folder, descriptions):
     grid = tmp_path / "grid"
     assert cli.main(["grid", "--methods", "coop", "--data", str(folder), "--seeds", "1", "--model", "tiny-test",
                      "-o", str(grid), "--descriptions", str(descriptions), *GRID_FAST]) == 0
+    assert (grid / "table.csv").is_file() and "\\toprule" in (grid / "table.tex").read_text()
+    assert cli.main(["grid", "--report", str(grid), "--paper"]) == 0  # a folder the paper does not have
+    assert "paper_hm" in (grid / "table.csv").read_text().splitlines()[0]
     spec = json.loads((grid / "grid.json").read_text())
     assert spec["config"]["epochs"] == 2 and spec["data_dirs"] == [str(folder)]
     again = tmp_path / "again"

@@ -139,3 +139,97 @@ def test_tensorboard_writer_gets_every_epoch(folder, descriptions, tmp_path, mon
     assert ("eval/hm", run.results["results"]["hm"], 3) in [(t, pytest.approx(v), s) for t, v, s in writer.scalars]
     assert {t for t, _, _ in writer.scalars} >= {"train/loss", "train/ce", "lr/first_group", "time/epoch_seconds",
                                                 "eval/base", "eval/novel"}
+
+
+# ---------------------------------------------------------------------- table.csv / table.tex / --paper
+from anchoropt.runner import tables as T  # noqa: E402
+
+
+def _b2n(method, dataset, seed, base, novel):
+    return {"method": method, "dataset": dataset, "seed": seed, "protocol": "base2novel", "run_dir": "x",
+            "base": base, "novel": novel, "hm": 2 * base * novel / (base + novel)}
+
+
+RECORDS = [_b2n("coop+anchoropt", "caltech-101", 1, 98.0, 95.0), _b2n("coop+anchoropt", "caltech-101", 2, 98.5, 96.0),
+           _b2n("coop", "caltech-101", 1, 97.0, 90.0), _b2n("coop", "caltech-101", 2, 98.0, 89.0),
+           _b2n("my_method", "caltech-101", 1, 50.0, 40.0)]
+
+
+def test_table_csv_has_mean_and_std_per_method_and_dataset(tmp_path):
+    written = T.write_report(tmp_path, RECORDS, plot=False)
+    with open(written["csv"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    anchor = next(r for r in rows if r["method"] == "coop+anchoropt" and r["dataset"] == "caltech-101")
+    assert float(anchor["base_mean"]) == pytest.approx(98.25) and float(anchor["base_std"]) == pytest.approx(0.353553, abs=1e-4)
+    assert anchor["seeds"] == "2" and "paper_hm" not in anchor
+    assert {(r["method"], r["dataset"]) for r in rows} >= {("coop", "average"), ("my_method", "caltech-101")}
+
+
+def test_table_tex_is_booktabs_with_mean_pm_std(tmp_path):
+    T.write_report(tmp_path, RECORDS, plot=False)
+    tex = (tmp_path / "table.tex").read_text()
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex and "booktabs" in tex
+    assert "$98.25 \\pm 0.35$" in tex  # coop+anchoropt's base on caltech-101
+    assert "my\\_method" in tex and "caltech-101" in tex
+    assert tex.count("\\begin{tabular}") == tex.count("\\end{tabular}") == 1
+    assert "$50.00$" in tex  # one seed: the mean alone
+
+
+def test_paper_numbers_beside_the_rows_they_exist_for(tmp_path, capsys):
+    written = T.write_report(tmp_path, RECORDS, plot=False, paper=True)
+    with open(written["csv"], newline="") as handle:
+        rows = {(r["method"], r["dataset"]): r for r in csv.DictReader(handle)}
+    anchor = rows[("coop+anchoropt", "caltech-101")]
+    # the paper's Table 1, CoOp + AnchorOPT on Caltech101: 98.26 / 95.34 / 96.78
+    assert (float(anchor["paper_base"]), float(anchor["paper_novel"]), float(anchor["paper_hm"])) == (98.26, 95.34, 96.78)
+    assert float(anchor["diff_base"]) == pytest.approx(98.25 - 98.26, abs=0.006)
+    assert float(rows[("coop", "caltech-101")]["paper_hm"]) == 93.73
+    assert rows[("my_method", "caltech-101")]["paper_hm"] == ""  # not in the paper
+    assert rows[("coop", "average")]["paper_hm"] == ""  # one dataset's average is not the paper's 11-dataset one
+    tex = (tmp_path / "table.tex").read_text()
+    assert "$96.78$" in tex and "2511.21188" in tex and "$\\Delta$HM" in tex
+    assert written["paper_rows"] == 2
+
+
+def test_paper_numbers_match_datasets_by_their_spellings():
+    assert T.paper_numbers("maple+anchoropt", "eurosat") == {"base": 95.92, "novel": 81.63, "hm": 88.2}
+    assert T.paper_numbers("dept+atprompt", "OxfordPets")["hm"] == 96.29
+    assert T.paper_numbers("coop+anchoropt:pooling=released", "oxford_flowers")["novel"] == 75.41
+    assert T.paper_numbers("coop", "my_folder") is None and T.paper_numbers("zeroshot", "dtd") is None
+    paper11 = ["imagenet", "caltech-101", "oxford_pets", "stanford_cars", "oxford_flowers", "food-101",
+               "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
+    assert T.paper_numbers("cocoop+anchoropt", "average", paper11) == {"base": 81.87, "novel": 77.06, "hm": 79.39}
+
+
+def _paper_text() -> Path:
+    from conftest import shared_data_dir
+
+    path = shared_data_dir().parent / "reference" / "anchoropt_paper.md"
+    if not path.is_file():
+        pytest.skip(f"{path} absent: the paper's text is in the workplace's shared/reference folder")
+    return path
+
+
+@pytest.mark.parametrize("block_title", ["Average", "StanfordCars", "SUN397"])
+def test_shipped_table_matches_the_papers_text(block_title):
+    """Each line of the paper's Table 1 (as text) against the shipped JSON: every number of every row of the
+    block whose header names ``block_title``."""
+    lines = _paper_text().read_text(encoding="utf-8").splitlines()
+    end = next(i for i, line in enumerate(lines) if line.startswith("Table 1. Base-to-novel"))
+    header = max(i for i, line in enumerate(lines[:end]) if line.startswith("Method\t") and block_title in line)
+    heads = [h for h in lines[header].split("\t")[1:] if h]
+    names = dict(zip(T.paper_table()["datasets"], ["Average", "ImageNet", "Caltech101", "OxfordPets", "StanfordCars",
+                                                   "Flowers102", "Food101", "FGVCAircraft", "SUN397", "DTD",
+                                                   "EuroSAT", "UCF101"]))
+    keys = [next(k for k, v in names.items() if v == h) for h in heads]
+    shipped = T.paper_table()["rows"]
+    block = []
+    for line in lines[header + 2:]:
+        if not line.strip():
+            break
+        block.append(line)
+    assert len(block) == len(shipped) == 17
+    for line, row in zip(block, shipped):
+        cells = [c for c in line.split("\t")[1:]]
+        numbers = [float(c.replace("<b>", "").replace("</b>", "").split("(")[0]) for c in cells]
+        assert numbers == [row["datasets"][k][m] for k in keys for m in ("base", "novel", "hm")], line

@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("grid", help="methods x datasets x seeds under one protocol: tables with mean ± std",
                        description="Run every method x dataset x seed (anchoropt train for each; finished runs are "
-                                   "skipped), then write OUT/results.json, OUT/table.md and OUT/hm.png. "
+                                   "skipped), then write OUT/results.json, OUT/table.md, OUT/table.csv, "
+                                   "OUT/table.tex (booktabs) and OUT/hm.png. "
                                    "`anchoropt grid --report OUT` only merges the finished runs into the report. "
                                    "Docs: grid.md.")
     p.add_argument("--report", metavar="OUT", help="only (re)write the report of the grid in OUT")
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", metavar="METHOD",
                    help="method specs, e.g. zeroshot coop coop+atprompt coop+anchoropt coop+anchoropt:pooling=released")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds (1 2 3)")
+    p.add_argument("--paper", action="store_true",
+                   help="put the paper's published base / novel / HM (arXiv 2511.21188, Table 1) and the difference "
+                        "beside each row of table.csv / table.tex that the paper has")
     p.add_argument("--jobs", type=_positive_int, default=1, help="runs at once, in local processes (1)")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (I from 0) of the fixed run order")
     p.add_argument("--protocol", choices=("base2novel", "cross-dataset", "domain-generalization"),
@@ -379,7 +383,7 @@ def _cmd_grid(args) -> int:
     from .grid import report_grid, run_grid
 
     if args.report:
-        report_grid(args.report)
+        report_grid(args.report, paper=args.paper)
         return 0
     if args.config:
         return _grid_from_file(args)
@@ -389,7 +393,7 @@ def _cmd_grid(args) -> int:
         raise ValueError(f"anchoropt grid needs {', '.join(missing)} (or --report OUT to only write the report)")
     base = _config(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("data", "output", "seeds")}))
     done = run_grid(base, args.methods, args.data, args.seeds, args.output, jobs=args.jobs, shard=args.shard,
-                    threads=getattr(args, "threads", None))
+                    threads=getattr(args, "threads", None), paper=args.paper)
     print(f"grid: {len(done['ran'])} run(s) done, {len(done['skipped'])} already finished", flush=True)
     return 0
 
@@ -417,7 +421,7 @@ def _grid_from_file(args: argparse.Namespace) -> int:
     seeds = args.seeds if "seeds" in typed else spec["seeds"]
     output = args.output if "output" in typed else str(file.parent)
     done = run_grid(base, methods, data, seeds, output, jobs=args.jobs, shard=args.shard,
-                    threads=getattr(args, "threads", None))
+                    threads=getattr(args, "threads", None), paper=args.paper)
     print(f"grid: {len(done['ran'])} run(s) done, {len(done['skipped'])} already finished", flush=True)
     return 0
 

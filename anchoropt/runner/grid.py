@@ -175,6 +175,7 @@ def run_grid(
     shard: str | None = None,
     plot: bool = True,
     threads: int | None = None,
+    paper: bool = False,
 ) -> dict:
     """Run (the shard of) the grid, skipping finished runs, then write the report of everything in ``output``.
 
@@ -216,7 +217,7 @@ def run_grid(
         _run_sequential(base, todo, store_file, ctx)
     else:
         _run_pool(base, todo, store_file, jobs, threads)
-    report = report_grid(output, plot=plot) if ctx.is_main else {}
+    report = report_grid(output, plot=plot, paper=paper) if ctx.is_main else {}
     if ctx.distributed:
         dist_utils.cleanup(ctx)
     return {"ran": [r.name for r in todo], "skipped": [r.name for r in skipped], "report": report}
@@ -405,13 +406,21 @@ def _method_of(run_dir: Path) -> str:
     return load_run_config(run_dir).method if cfg_file.is_file() else "coop+anchoropt"
 
 
-def report_grid(output: str | os.PathLike, plot: bool = True) -> dict:
-    """``anchoropt grid --report OUT``: merge every finished run into results.json, table.md, hm.png."""
+def report_grid(output: str | os.PathLike, plot: bool = True, paper: bool = False) -> dict:
+    """``anchoropt grid --report OUT``: merge every finished run into results.json, table.md, table.csv,
+    table.tex and hm.png; ``paper``: the paper's Table 1 numbers beside each row it has (``--paper``)."""
     output = Path(output)
     if not (output / "runs").is_dir():
         raise FileNotFoundError(f"{output} holds no runs/ directory: is it the --output of an `anchoropt grid`?")
     spec = json.loads((output / GRID_FILE).read_text(encoding="utf-8")) if (output / GRID_FILE).is_file() else {}
     records = collect_records(output)
-    written = write_report(output, records, spec.get("methods", ()), spec.get("datasets", ()), plot=plot)
-    print(f"grid report: {len(records)} finished runs -> {written['table']}", flush=True)
+    written = write_report(output, records, spec.get("methods", ()), spec.get("datasets", ()), plot=plot,
+                           paper=paper)
+    print(f"grid report: {len(records)} finished runs -> {written['table']}, {written['csv']}, {written['tex']}",
+          flush=True)
+    if paper:
+        print(f"grid report: {written['paper_rows']} row(s) beside the paper's Table 1 (arXiv 2511.21188)"
+              + ("" if written["paper_rows"] else ": none of the grid's methods and datasets is in it (datasets "
+                 "are matched by folder name, e.g. caltech-101, oxford_pets; methods by spec, e.g. coop+anchoropt)"),
+              flush=True)
     return written
