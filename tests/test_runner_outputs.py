@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from anchoropt.runner import RunConfig, cli, rundir, run_training
 from anchoropt.runner import metrics as M
@@ -233,3 +234,55 @@ def test_shipped_table_matches_the_papers_text(block_title):
         cells = [c for c in line.split("\t")[1:]]
         numbers = [float(c.replace("<b>", "").replace("</b>", "").split("(")[0]) for c in cells]
         assert numbers == [row["datasets"][k][m] for k in keys for m in ("base", "novel", "hm")], line
+
+
+# ---------------------------------------------------------------------- anchors placed by the evaluation arrangement
+def test_anchors_placed_counts_the_evaluation_arrangement():
+    from anchoropt.position import PositionMatrix
+
+    position = PositionMatrix(3, 1, arrangement="anchor_after")
+    assert position.anchors_placed() == 1
+    with torch.no_grad():
+        position.logits.copy_(torch.eye(4)[[0, 1, 2, 2]] * 10)  # slot 4 takes soft3 again: the anchor is dropped
+    position.arrangement = "learned"
+    assert position.anchors_placed() == 0 and position.describe() == ["soft1", "soft2", "soft3", "soft3"]
+
+
+def _drop_the_anchor(real):
+    def train_then_drop(learner, *args, **kwargs):
+        summary = real(learner, *args, **kwargs)
+        with torch.no_grad():  # every slot's argmax on a soft token: the evaluation prompt has no anchor
+            size = learner.position.size
+            learner.position.logits.copy_(torch.eye(size)[[min(i, learner.position.n_soft - 1) for i in range(size)]])
+        return summary
+    return train_then_drop
+
+
+def test_a_run_whose_evaluation_places_no_anchor_says_so(folder, descriptions, tmp_path, monkeypatch, capsys):
+    from anchoropt.runner import run as run_module
+
+    monkeypatch.setattr(run_module, "train_stage2", _drop_the_anchor(run_module.train_stage2))
+    run = run_training(_cfg(folder, descriptions, tmp_path / "run", epochs=1))
+    saved = json.loads((run.output / "results.json").read_text())
+    assert saved["anchors_placed"] == 0 and saved["no_anchor_placed"] is True
+    assert "anchor1" not in saved["position"]["slots"]
+    assert "NO ANCHOR PLACED" in saved["summary"] and "NO ANCHOR PLACED" in capsys.readouterr().out
+
+
+def test_a_run_that_places_its_anchor_records_it(folder, descriptions, tmp_path):
+    run = run_training(_cfg(folder, descriptions, tmp_path / "run", epochs=1))
+    saved = json.loads((run.output / "results.json").read_text())
+    placed = sum(1 for slot in saved["position"]["slots"] if slot.startswith("anchor")) > 0
+    assert saved["anchors_placed"] == int(placed) and saved["no_anchor_placed"] is (not placed)
+    assert ("NO ANCHOR PLACED" in saved["summary"]) is (not placed)
+
+
+def test_position_plot_caption_says_no_anchor_placed():
+    pytest.importorskip("matplotlib")
+    from anchoropt import viz
+
+    logits = torch.eye(4)[[0, 1, 2, 2]] * 10
+    figure = viz.position_matrix_figure((logits, 3))
+    assert "NO ANCHOR PLACED" in figure._supxlabel.get_text()
+    figure = viz.position_matrix_figure((torch.eye(4) * 10, 3))
+    assert "NO ANCHOR" not in figure._supxlabel.get_text()

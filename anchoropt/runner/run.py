@@ -159,8 +159,7 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         if ctx.is_main:
             save_run_learner(learner, choice, settings, out, run_id)
         anchoropt_learner = isinstance(learner, AnchorOPTPromptLearner)  # plots, position
-        results = _results_record(plan, cfg, bundle, ctx, settings, stage1, stage2,
-                                  learner.position if anchoropt_learner else None)
+        results = _results_record(plan, cfg, bundle, ctx, settings, stage1, stage2, _position_of(learner))
         if evaluate_after:
             start = time.perf_counter()
             results["results"] = _evaluations(learner, bundle, cfg, ctx, plan.train_view, plan.novel_view,
@@ -333,10 +332,20 @@ def _results_record(plan: _TrainingPlan, cfg: RunConfig, bundle: ModelBundle, ct
         "method_settings": settings.to_json(),
     }
     if position is not None:
+        placed = position.anchors_placed()
         results["position"] = {"assignment": position.assignment().tolist(), "slots": position.describe()}
+        results["anchors_placed"] = placed  # of position.n_anchor; 0: the test-time prompt has no anchor
+        results["no_anchor_placed"] = placed == 0 and position.n_anchor > 0
     if plan.short:
         results["classes_short_of_shots"] = plan.short
     return results
+
+
+def _position_of(learner: nn.Module):
+    """The learner's AnchorOPT position matrix (its own, or inside a method's text prompt), or ``None``."""
+    from ..position import PositionMatrix
+
+    return next((m for m in learner.modules() if isinstance(m, PositionMatrix)), None)
 
 
 def _write_results(results: dict, learner: nn.Module, bundle: ModelBundle, out: Path, plots: bool) -> None:
