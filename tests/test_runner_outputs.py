@@ -286,3 +286,112 @@ def test_position_plot_caption_says_no_anchor_placed():
     assert "NO ANCHOR PLACED" in figure._supxlabel.get_text()
     figure = viz.position_matrix_figure((torch.eye(4) * 10, 3))
     assert "NO ANCHOR" not in figure._supxlabel.get_text()
+
+
+# ---------------------------------------------------------------------- noise: warnings, Ctrl-C, wording, threads
+def test_cli_prints_each_warning_once_as_one_plain_line(monkeypatch, capsys):
+    import warnings
+
+    def noisy(args):
+        for _ in range(3):
+            warnings.warn("the same thing", UserWarning, stacklevel=1)
+        warnings.warn("another thing", UserWarning)
+        return 0
+
+    monkeypatch.setitem(cli._COMMANDS, "presets", noisy)
+    assert cli.main(["presets"]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["warning: the same thing", "warning: another thing"]
+    assert warnings.showwarning is not None and "warning:" not in warnings.formatwarning("x", UserWarning, "f", 1)
+
+
+def test_ctrl_c_during_train_names_the_resume_command(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_config.json").write_text("{}")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli._COMMANDS, "train", interrupted)
+    code = cli.main(["train", "--data", "d e", "--anchors", "a", "-o", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.strip() == f"interrupted: continue with: anchoropt train --data 'd e' --anchors a -o {out} --resume"
+    assert cli.main(["train", "--data", "d", "--anchors", "a", "-o", str(tmp_path / "new")]) == 130
+    assert "before the run started" in capsys.readouterr().err
+    monkeypatch.setitem(cli._COMMANDS, "grid", interrupted)
+    assert cli.main(["grid", "--methods", "coop", "--data", "d", "-o", "g"]) == 130
+    assert capsys.readouterr().err.startswith("interrupted: continue with: anchoropt grid --methods coop --data d -o g")
+
+
+def test_ctrl_c_in_a_real_training_run(folder, descriptions, tmp_path, monkeypatch, capsys):
+    from anchoropt.runner import training
+
+    real = training.train_stage2
+
+    def stopped_after_one_epoch(*args, **kwargs):
+        def stop(state, tensors, checkpoint=kwargs["on_checkpoint"]):
+            checkpoint(state, tensors)
+            raise KeyboardInterrupt
+        return real(*args, **{**kwargs, "on_checkpoint": stop})
+
+    from anchoropt.runner import run as run_module
+
+    monkeypatch.setattr(run_module, "train_stage2", stopped_after_one_epoch)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(folder), "--descriptions", str(descriptions), "--model", "tiny-test",
+            "--pretrained", "none", "--shots", "2", "--epochs", "2", "--warmup-epochs", "0", "--stage1-steps", "2",
+            "--no-progress", "--no-plots", "-o", str(out)]
+    assert cli.main(argv) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("interrupted: continue with: anchoropt train ") and line.endswith(" --resume")
+    monkeypatch.undo()
+    assert cli.main(line.split("anchoropt ", 1)[1].split()) == 0  # the printed command continues the run
+    assert [r["epoch"] for r in M.read_metrics(out)] == [1, 2]
+
+
+def test_toyworld_make_error_names_the_flag(tmp_path, capsys):
+    (tmp_path / "x").write_text("")
+    assert cli.main(["toyworld", "make", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite" in err and "overwrite=True" not in err
+    from anchoropt.toyworld.make import make
+
+    with pytest.raises(FileExistsError, match=r"pass overwrite=True$"):
+        make(tmp_path)
+
+
+def test_demo_help_has_no_run_of_spaces_inside_a_line(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "openai \\" in out
+    assert not [line for line in out.splitlines() if "        --" in line.strip() and "#" not in line]
+
+
+def test_demo_and_toyworld_use_one_thread_others_keep_torchs(monkeypatch, capsys):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setitem(cli._COMMANDS, "demo", lambda args: 0)
+    monkeypatch.setitem(cli._COMMANDS, "train", lambda args: 0)
+    assert cli.main(["demo"]) == 0 and calls == [1]
+    assert cli.main(["demo", "--threads", "3"]) == 0 and calls == [1, 3]
+    assert cli.main(["toyworld", "info"]) == 0 and calls == [1, 3, 1]
+    monkeypatch.setattr(cli, "busy_machine_hint", lambda: None)
+    assert cli.main(["train", "--data", "d", "--anchors", "a"]) == 0 and calls == [1, 3, 1]
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "busy_machine_hint", lambda: "note: busy")
+    assert cli.main(["train", "--data", "d", "--anchors", "a"]) == 0
+    assert capsys.readouterr().err.splitlines() == ["note: busy"]
+
+
+def test_busy_machine_hint_only_when_the_load_exceeds_the_cores(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert cli.busy_machine_hint(load=1.5, cores=2) is None
+    hint = cli.busy_machine_hint(load=5.2, cores=2)
+    assert "--threads" in hint and "5.2" in hint and len(hint.splitlines()) == 1
+    monkeypatch.setenv("RANK", "1")
+    assert cli.busy_machine_hint(load=5.2, cores=2) is None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -497,15 +498,26 @@ _COMMANDS = {"learn-anchors": _cmd_learn_anchors, "train": _cmd_train, "grid": _
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``anchoropt`` console script; returns the exit status."""
+    """Entry point of the ``anchoropt`` console script; returns the exit status.
+
+    Warnings print as one plain ``warning: <message>`` line each, once; Ctrl-C prints one line (for ``train``
+    and ``grid`` the command that continues the work) and returns 130.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None):
         args._typed = _typed_dests(argv, args.command)
-    if getattr(args, "threads", None):
-        import torch
+    _set_threads(args)
+    with warnings.catch_warnings():
+        warnings.showwarning = _plain_warning_printer()
+        try:
+            return _run_command(args)
+        except KeyboardInterrupt:
+            print(_interrupted_line(args, argv), file=sys.stderr, flush=True)
+            return 130
 
-        torch.set_num_threads(args.threads)
+
+def _run_command(args: argparse.Namespace) -> int:
     if args.command == "toyworld":
         from ..toyworld.cli import run as run_toyworld
 
@@ -522,3 +534,75 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"anchoropt {args.command}: error: {message}", file=sys.stderr)
         return 2
 
+
+# commands whose models are small enough that more than one torch thread only adds overhead
+_ONE_THREAD_COMMANDS = ("demo", "toyworld")
+_COMPUTE_COMMANDS = ("learn-anchors", "train", "grid", "eval", "plot")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """``--threads N``; else one thread for the demo and the toy world, torch's default for the rest, with a
+    one-line hint on stderr when the machine is busier than its cores."""
+    threads = getattr(args, "threads", None)
+    if not threads and args.command in _ONE_THREAD_COMMANDS:
+        threads = 1
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    elif args.command in _COMPUTE_COMMANDS:
+        hint = busy_machine_hint()
+        if hint:
+            print(hint, file=sys.stderr, flush=True)
+
+
+def busy_machine_hint(load: float | None = None, cores: int | None = None) -> str | None:
+    """The note printed when the 1-minute load average exceeds the core count (``None`` otherwise, on the
+    non-zero ranks of a torchrun job, and where the load is unknown)."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except (AttributeError, OSError):  # no load average on this platform
+        return None
+    cores = cores or os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (f"note: this machine is busy (1-minute load {load:.1f} on {cores} cores): torch uses one thread per "
+            "core by default; --threads 1 (or a few) is often faster here")
+
+
+def _plain_warning_printer():
+    """A ``warnings.showwarning`` that prints ``warning: <message>`` on stderr, each message once, without the
+    source line Python adds."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text in seen:
+            return
+        seen.add(text)
+        print(f"warning: {text}", file=file or sys.stderr, flush=True)
+
+    return show
+
+
+def _interrupted_line(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """The one line Ctrl-C prints: for ``train`` the ``--resume`` command, for ``grid`` the same command (it
+    skips finished runs and resumes interrupted ones)."""
+    import shlex
+
+    from .config import RUN_CONFIG
+
+    if args.command == "train":
+        words = [w for w in argv if w not in ("--overwrite", "--resume")] + ["--resume"]
+        started = (Path(args.output) / RUN_CONFIG).is_file() or (args.config and "output" not in args._typed)
+        if started:
+            return f"interrupted: continue with: anchoropt {shlex.join(words)}"
+        return "interrupted before the run started: nothing was written; run the same command again"
+    if args.command == "grid" and not args.report:
+        return (f"interrupted: continue with: anchoropt {shlex.join(argv)} (finished runs are skipped, the "
+                "interrupted one resumes from its last checkpoint)")
+    return f"interrupted: anchoropt {args.command} stopped"

@@ -24,7 +24,7 @@ from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_co
 from .console import _log
 from .metrics import MetricsLog, check_tensorboard
 from .models import ModelBundle, _text_width, build_model
-from .protocols import _evaluations, _open_targets, _source_dataset, _training_view
+from .protocols import _evaluations, _few_shot, _open_targets, _source_dataset, _training_view
 from .reports import RANDOM_FLAG, _plots, summary_line, weights_record
 from .training import learn_anchors, seed_everything, train_stage2
 
@@ -73,7 +73,7 @@ def run_learn_anchors(cfg: RunConfig, bundle: ModelBundle | None = None, classna
     if classnames is None:  # the inputs are read before the model is built: a wrong path fails at once
         if cfg.data:
             source = _source_dataset(cfg)
-            classnames = D.subsample_classes(D.sample_few_shot(source, cfg.shots, cfg.seed), subsample).classnames
+            classnames = D.subsample_classes(_few_shot(source, cfg), subsample).classnames
             _log(ctx, f"{source.summary()}; Stage I on the {subsample} classes: {len(classnames)}")
         else:
             keys = list(load_descriptions(cfg.descriptions))
