@@ -385,6 +385,9 @@ def test_demo_and_toyworld_use_one_thread_others_keep_torchs(monkeypatch, capsys
     capsys.readouterr()
     monkeypatch.setattr(cli, "busy_machine_hint", lambda: "note: busy")
     assert cli.main(["train", "--data", "d", "--anchors", "a"]) == 0
+    assert capsys.readouterr().err == ""  # torch runs one thread already (the suite's setting): no hint
+    monkeypatch.setattr(cli, "_torch_threads", lambda: 4)
+    assert cli.main(["train", "--data", "d", "--anchors", "a"]) == 0
     assert capsys.readouterr().err.splitlines() == ["note: busy"]
 
 

@@ -550,10 +550,16 @@ def _set_threads(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(threads)
-    elif args.command in _COMPUTE_COMMANDS:
+    elif args.command in _COMPUTE_COMMANDS and _torch_threads() > 1:  # one thread already: nothing to add
         hint = busy_machine_hint()
         if hint:
             print(hint, file=sys.stderr, flush=True)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def busy_machine_hint(load: float | None = None, cores: int | None = None) -> str | None:
