@@ -266,7 +266,7 @@ def _add_train_options(p: argparse.ArgumentParser, grid: bool = False) -> None:
     p.add_argument("--save-every", type=int, default=0, help="also save the learner every N epochs")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write plots/*.png")
     p.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also write TensorBoard event files to RUN/tensorboard/ (pip install \"anchoropt[tensorboard]\"); "
+                   help="also write TensorBoard event files to RUN/tensorboard/ (pip install tensorboard); "
                         "metrics.jsonl and metrics.csv are written always")
 
 

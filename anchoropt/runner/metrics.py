@@ -11,7 +11,7 @@ row, epoch 0, with the evaluation alone.
 Both files are rewritten atomically after every epoch (:mod:`anchoropt._files`): an interrupted run leaves
 the rows of the epochs it finished.  ``--resume`` keeps the rows up to its checkpoint and drops any later
 ones, so no epoch appears twice.  With ``--tensorboard`` every number also goes to TensorBoard event files in
-``RUN/tensorboard/`` (needs the ``tensorboard`` package: ``pip install "anchoropt[tensorboard]"``).
+``RUN/tensorboard/`` (needs the ``tensorboard`` package: ``pip install tensorboard``, the ``tensorboard`` extra).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ __all__ = ["METRICS_JSONL", "METRICS_CSV", "TENSORBOARD_DIR", "MetricsLog", "che
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
-TENSORBOARD_HINT = ("--tensorboard needs the tensorboard package: pip install \"anchoropt[tensorboard]\" "
-                    "(or pip install tensorboard); metrics.jsonl and metrics.csv are written without it")
+TENSORBOARD_HINT = ("--tensorboard needs the tensorboard package: pip install tensorboard (metrics.jsonl and "
+                    "metrics.csv are written without it; leave out --tensorboard)")
 
 
 def check_tensorboard():
