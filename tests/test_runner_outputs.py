@@ -190,6 +190,9 @@ def test_paper_numbers_beside_the_rows_they_exist_for(tmp_path, capsys):
     tex = (tmp_path / "table.tex").read_text()
     assert "$96.78$" in tex and "2511.21188" in tex and "$\\Delta$HM" in tex
     assert written["paper_rows"] == 2
+    md = (tmp_path / "table.md").read_text()
+    assert "### Beside the paper" in md and "| coop+anchoropt | caltech-101 | 98.25 ± 0.35 |" in md
+    assert "| 98.26 | 95.34 | 96.78 |" in md and "my_method | caltech-101 | 50" not in md.split("Beside the paper")[1]
 
 
 def test_paper_numbers_match_datasets_by_their_spellings():

@@ -215,8 +215,8 @@ def write_report(output: str | os.PathLike, records: Sequence[dict], methods: Se
     out.mkdir(parents=True, exist_ok=True)
     records = sorted(records, key=lambda r: (_rank(r["dataset"], datasets), _rank(r["method"], methods), r["seed"]))
     _write_text(out / "results.json", json.dumps(records, indent=2) + "\n")
-    _write_text(out / "table.md", render_tables(records, methods, datasets))
     rows = table_rows(records, methods, datasets, paper=paper)
+    _write_text(out / "table.md", render_tables(records, methods, datasets) + (paper_markdown(rows) if paper else ""))
     seeds = sorted({r["seed"] for r in records})
     _files.write_text(out / "table.csv", render_csv(rows))
     _files.write_text(out / "table.tex", render_tex(rows, seeds, paper_table()["source"] if paper else None))
@@ -322,6 +322,24 @@ def _add_paper(row: dict, numbers: dict | None) -> None:
     for k in _B2N:
         row[f"paper_{k}"] = numbers[k] if numbers else None
         row[f"diff_{k}"] = round(row[f"{k}_mean"] - numbers[k], 2) if numbers else None
+
+
+def paper_markdown(rows: Sequence[dict]) -> str:
+    """``table.md``'s block beside the paper: each row the paper has, ours (mean ± std), the paper's, the
+    differences."""
+    source = paper_table()["source"]
+    matched = [r for r in rows if r.get("paper_hm") is not None]
+    lines = ["", "### Beside the paper", "", f"Paper: {source}. Δ: ours minus the paper's.", ""]
+    if not matched:
+        return "\n".join(lines + ["None of the grid's methods and datasets is in the paper's Table 1.", ""])
+    lines += ["| Method | Dataset | Base | Novel | HM | Paper base | Paper novel | Paper HM | Δ base | Δ novel | Δ HM |",
+              "|---|---|" + "---:|" * 9]
+    for r in matched:
+        ours = [f"{r[f'{k}_mean']:.2f}" + (f" ± {r[f'{k}_std']:.2f}" if r["seeds"] > 1 else "") for k in _B2N]
+        lines.append(f"| {r['method']} | {r['dataset']} | " + " | ".join(ours) + " | "
+                     + " | ".join(f"{r[f'paper_{k}']:.2f}" for k in _B2N) + " | "
+                     + " | ".join(f"{r[f'diff_{k}']:+.2f}" for k in _B2N) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def render_csv(rows: Sequence[dict]) -> str:
