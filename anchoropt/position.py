@@ -109,6 +109,11 @@ class PositionMatrix(nn.Module):
         """Human-readable slot -> source names, e.g. ``['soft2', 'anchor1', 'soft1', ...]``."""
         return [self.source_name(int(j)) for j in self.assignment()]
 
+    def anchors_placed(self) -> int:
+        """How many of the ``N`` anchor tokens the deterministic (evaluation) arrangement places in some slot;
+        0 means the evaluation prompt holds soft tokens only (the anchors shaped training, not the test prompt)."""
+        return len({int(j) for j in self.assignment() if int(j) >= self.n_soft})
+
     def source_name(self, j: int) -> str:
         return f"soft{j + 1}" if j < self.n_soft else f"anchor{j - self.n_soft + 1}"
 

@@ -119,6 +119,8 @@ def position_matrix_figure(source, title: str | None = None, probabilities: bool
         notes.append("repeated: " + ", ".join(repeated))
     if dropped:
         notes.append("dropped: " + ", ".join(dropped))
+    if n_anchor and all(name in dropped for name in names[n_soft:]):
+        notes.append("NO ANCHOR PLACED: the test-time prompt holds soft tokens only")
     fig.suptitle(title or "AnchorOPT position matrix", fontsize=11)
     fig.supxlabel(caption + ("\n" + "; ".join(notes) if notes else ""), fontsize=9)
     return fig

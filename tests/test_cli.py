@@ -84,7 +84,7 @@ def test_base_to_novel_run_writes_everything(b2n_run, capsys):
     assert r["novel"]["accuracy"] == r["novel"]["accuracy_ensemble"]  # novel classes: the ensemble
     assert r["hm"] == pytest.approx(runner.harmonic_mean(r["base"]["accuracy"], r["novel"]["accuracy"]), abs=1e-3)
     assert results["stage1"]["steps"] == 3 and len(results["stage2"]["epoch_losses"]) == 2
-    assert results["summary"].startswith("base2novel shapes seed 1 | base ")
+    assert results["summary"].startswith("base2novel shapes coop+anchoropt seed 1 | base ")
     for name in ("run_config.json", "anchors.safetensors", "prompt_learner/anchoropt.safetensors"):
         assert (b2n_run / name).is_file(), name
     pytest.importorskip("matplotlib")
@@ -98,7 +98,7 @@ def test_eval_reloads_the_run_and_reproduces_it(b2n_run, capsys):
     for part in ("base", "novel"):
         for key in ("accuracy_normal", "accuracy_anchor", "accuracy_ensemble", "n_images"):
             assert again[part][key] == first[part][key], (part, key)
-    assert capsys.readouterr().out.strip().startswith("base2novel shapes seed 1 | base")
+    assert capsys.readouterr().out.strip().startswith("base2novel shapes coop+anchoropt seed 1 | base")
 
 
 def test_plot_command_redraws_a_run(b2n_run, tmp_path, capsys):
@@ -260,4 +260,4 @@ def test_cifar10_mini_end_to_end(shared_data, tmp_path):
     assert results["trained_classes"] == ["airplane", "automobile", "bird", "cat", "deer"]
     # 20 images per class: 10 train / 4 val / 6 test; 5 base and 5 novel classes
     assert r["base"]["n_images"] == r["novel"]["n_images"] == 30
-    assert 0 <= r["hm"] <= 100 and results["summary"].startswith("base2novel cifar10_mini seed 1")
+    assert 0 <= r["hm"] <= 100 and results["summary"].startswith("base2novel cifar10_mini coop+anchoropt seed 1")

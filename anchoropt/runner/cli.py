@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -142,25 +143,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", dest="targets", action="append", default=[], metavar="DIR",
                    help="a target dataset directory for cross-dataset / domain generalisation (repeatable)")
     _add_train_options(p)
+    p.add_argument("--config", metavar="RUN/run_config.json",
+                   help="re-run a run from its saved run_config.json (or its run directory): every setting from the "
+                        "file, the options typed here override it (give a new --output)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --output (a finished or interrupted one); refused otherwise")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --output from its last complete checkpoint "
                         "(same options as it was started with)")
     _add_model_args(p)
-    _add_data_args(p)
+    _add_data_args(p, required=False)  # required unless --config gives it (checked in _cmd_train)
     _add_common_args(p)
     _add_hyper_args(p)
 
     p = sub.add_parser("grid", help="methods x datasets x seeds under one protocol: tables with mean ± std",
                        description="Run every method x dataset x seed (anchoropt train for each; finished runs are "
-                                   "skipped), then write OUT/results.json, OUT/table.md and OUT/hm.png. "
+                                   "skipped), then write OUT/results.json, OUT/table.md, OUT/table.csv, "
+                                   "OUT/table.tex (booktabs) and OUT/hm.png. "
                                    "`anchoropt grid --report OUT` only merges the finished runs into the report. "
                                    "Docs: grid.md.")
     p.add_argument("--report", metavar="OUT", help="only (re)write the report of the grid in OUT")
+    p.add_argument("--config", metavar="GRID/grid.json",
+                   help="re-run a grid from its grid.json (or its directory): methods, datasets, seeds and every "
+                        "setting from the file, the options typed here override them (default --output: that grid)")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
                    help="method specs, e.g. zeroshot coop coop+atprompt coop+anchoropt coop+anchoropt:pooling=released")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds (1 2 3)")
+    p.add_argument("--paper", action="store_true",
+                   help="put the paper's published base / novel / HM (arXiv 2511.21188, Table 1) and the difference "
+                        "beside each row of table.csv / table.tex that the paper has")
     p.add_argument("--jobs", type=_positive_int, default=1, help="runs at once, in local processes (1)")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (I from 0) of the fixed run order")
     p.add_argument("--protocol", choices=("base2novel", "cross-dataset", "domain-generalization"),
@@ -254,6 +265,9 @@ def _add_train_options(p: argparse.ArgumentParser, grid: bool = False) -> None:
     p.add_argument("--eval-batch-size", type=int, default=100, help="evaluation batch size (100)")
     p.add_argument("--save-every", type=int, default=0, help="also save the learner every N epochs")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not write plots/*.png")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write TensorBoard event files to RUN/tensorboard/ (pip install tensorboard); "
+                        "metrics.jsonl and metrics.csv are written always")
 
 
 def _add_released_args(p: argparse.ArgumentParser, stage1_only: bool = False) -> None:
@@ -304,10 +318,65 @@ def _cmd_learn_anchors(args) -> int:
     return 0
 
 
+def _typed_dests(argv: Sequence[str], command: str) -> set[str]:
+    """The ``dest`` of every option of ``command`` the user typed in ``argv`` (argparse defaults left out):
+    a re-run from a saved config takes only these from the command line."""
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_action in action.choices[command]._actions:
+                sub_action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(list(argv)))) - {"command"}
+
+
+def _saved_file(path: str, name: str, what: str) -> Path:
+    """``path`` itself, or ``path/name`` when ``path`` is a directory; missing: an error naming the fix."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / name
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {path}: {file} not found (give the {name} {what} wrote, or its "
+                                "directory)")
+    return file
+
+
+def _config_from_file(args: argparse.Namespace):
+    """``anchoropt train --config``: the saved run's :class:`RunConfig`, the typed options on top."""
+    from .._jsonfile import read_json
+    from .config import RUN_CONFIG, RunConfig
+
+    file = _saved_file(args.config, RUN_CONFIG, "`anchoropt train`")
+    values = read_json(file, f"{file} not found")
+    if isinstance(values, dict) and "methods" in values and "seeds" in values:
+        raise ValueError(f"--config {args.config}: {file} is a grid's file; re-run it with "
+                         "`anchoropt grid --config`")
+    try:
+        saved = RunConfig.from_json(values)
+    except ValueError as err:
+        raise ValueError(f"--config {args.config}: {file}: {err}") from None
+    return dataclasses.replace(saved, **_typed_fields(args))
+
+
+def _typed_fields(args: argparse.Namespace, leave_out: tuple[str, ...] = ()) -> dict:
+    """The :class:`RunConfig` fields among the options typed on the command line (``args._typed``)."""
+    from .config import RunConfig
+
+    typed = getattr(args, "_typed", set())
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+            if f.name in typed and f.name not in leave_out}
+
+
 def _cmd_train(args) -> int:
     from .run import run_training
 
-    run_training(_config(args), overwrite=args.overwrite, resume=args.resume)
+    if args.config:
+        cfg = _config_from_file(args)
+    elif not args.data:
+        raise ValueError("the following argument is required: --data DIR (or --config RUN/run_config.json to "
+                         "re-run a saved run)")
+    else:
+        cfg = _config(args)
+    run_training(cfg, overwrite=args.overwrite, resume=args.resume)
     return 0
 
 
@@ -315,15 +384,45 @@ def _cmd_grid(args) -> int:
     from .grid import report_grid, run_grid
 
     if args.report:
-        report_grid(args.report)
+        report_grid(args.report, paper=args.paper)
         return 0
+    if args.config:
+        return _grid_from_file(args)
     missing = [flag for flag, value in (("--methods", args.methods), ("--data", args.data),
                                         ("--output", args.output)) if not value]
     if missing:
         raise ValueError(f"anchoropt grid needs {', '.join(missing)} (or --report OUT to only write the report)")
     base = _config(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("data", "output", "seeds")}))
     done = run_grid(base, args.methods, args.data, args.seeds, args.output, jobs=args.jobs, shard=args.shard,
-                    threads=getattr(args, "threads", None))
+                    threads=getattr(args, "threads", None), paper=args.paper)
+    print(f"grid: {len(done['ran'])} run(s) done, {len(done['skipped'])} already finished", flush=True)
+    return 0
+
+
+def _grid_from_file(args: argparse.Namespace) -> int:
+    """``anchoropt grid --config GRID/grid.json``: the saved grid again (methods, datasets, seeds, settings),
+    the typed options on top; ``--output`` defaults to the saved grid's directory (finished runs are skipped)."""
+    from .._jsonfile import read_json
+    from .config import RunConfig
+    from .grid import GRID_FILE, run_grid
+
+    file = _saved_file(args.config, GRID_FILE, "`anchoropt grid`")
+    spec = read_json(file, f"{file} not found")
+    if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict) or "data_dirs" not in spec:
+        raise ValueError(f"--config {args.config}: {file} holds no saved settings (a grid.json of an older "
+                         "anchoropt, or not a grid's file): run the grid with its options instead")
+    try:
+        base = RunConfig.from_json(spec["config"])
+    except ValueError as err:
+        raise ValueError(f"--config {args.config}: {file}: {err}") from None
+    base = dataclasses.replace(base, **_typed_fields(args, leave_out=("data", "output", "seed")))
+    typed = getattr(args, "_typed", set())
+    methods = args.methods if "methods" in typed else spec["methods"]
+    data = args.data if "data" in typed else spec["data_dirs"]
+    seeds = args.seeds if "seeds" in typed else spec["seeds"]
+    output = args.output if "output" in typed else str(file.parent)
+    done = run_grid(base, methods, data, seeds, output, jobs=args.jobs, shard=args.shard,
+                    threads=getattr(args, "threads", None), paper=args.paper)
     print(f"grid: {len(done['ran'])} run(s) done, {len(done['skipped'])} already finished", flush=True)
     return 0
 
@@ -399,12 +498,26 @@ _COMMANDS = {"learn-anchors": _cmd_learn_anchors, "train": _cmd_train, "grid": _
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``anchoropt`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
+    """Entry point of the ``anchoropt`` console script; returns the exit status.
 
-        torch.set_num_threads(args.threads)
+    Warnings print as one plain ``warning: <message>`` line each, once; Ctrl-C prints one line (for ``train``
+    and ``grid`` the command that continues the work) and returns 130.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None):
+        args._typed = _typed_dests(argv, args.command)
+    _set_threads(args)
+    with warnings.catch_warnings():
+        warnings.showwarning = _plain_warning_printer()
+        try:
+            return _run_command(args)
+        except KeyboardInterrupt:
+            print(_interrupted_line(args, argv), file=sys.stderr, flush=True)
+            return 130
+
+
+def _run_command(args: argparse.Namespace) -> int:
     if args.command == "toyworld":
         from ..toyworld.cli import run as run_toyworld
 
@@ -425,3 +538,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"anchoropt {args.command}: error: {_files.describe_os_error(err, where)}", file=sys.stderr)
         return 2
 
+
+# commands whose models are small enough that more than one torch thread only adds overhead
+_ONE_THREAD_COMMANDS = ("demo", "toyworld")
+_COMPUTE_COMMANDS = ("learn-anchors", "train", "grid", "eval", "plot")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """``--threads N``; else one thread for the demo and the toy world, torch's default for the rest, with a
+    one-line hint on stderr when the machine is busier than its cores."""
+    threads = getattr(args, "threads", None)
+    if not threads and args.command in _ONE_THREAD_COMMANDS:
+        threads = 1
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    elif args.command in _COMPUTE_COMMANDS and _torch_threads() > 1:  # one thread already: nothing to add
+        hint = busy_machine_hint()
+        if hint:
+            print(hint, file=sys.stderr, flush=True)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def busy_machine_hint(load: float | None = None, cores: int | None = None) -> str | None:
+    """The note printed when the 1-minute load average exceeds the core count (``None`` otherwise, on the
+    non-zero ranks of a torchrun job, and where the load is unknown)."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except (AttributeError, OSError):  # no load average on this platform
+        return None
+    cores = cores or os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (f"note: this machine is busy (1-minute load {load:.1f} on {cores} cores): torch uses one thread per "
+            "core by default; --threads 1 (or a few) is often faster here")
+
+
+def _plain_warning_printer():
+    """A ``warnings.showwarning`` that prints ``warning: <message>`` on stderr, each message once, without the
+    source line Python adds."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text in seen:
+            return
+        seen.add(text)
+        print(f"warning: {text}", file=file or sys.stderr, flush=True)
+
+    return show
+
+
+def _interrupted_line(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """The one line Ctrl-C prints: for ``train`` the ``--resume`` command, for ``grid`` the same command (it
+    skips finished runs and resumes interrupted ones)."""
+    import shlex
+
+    from .config import RUN_CONFIG
+
+    if args.command == "train":
+        words = [w for w in argv if w not in ("--overwrite", "--resume")] + ["--resume"]
+        started = (Path(args.output) / RUN_CONFIG).is_file() or (args.config and "output" not in args._typed)
+        if started:
+            return f"interrupted: continue with: anchoropt {shlex.join(words)}"
+        return "interrupted before the run started: nothing was written; run the same command again"
+    if args.command == "grid" and not args.report:
+        return (f"interrupted: continue with: anchoropt {shlex.join(argv)} (finished runs are skipped, the "
+                "interrupted one resumes from its last checkpoint)")
+    return f"interrupted: anchoropt {args.command} stopped"

@@ -95,6 +95,7 @@ class RunConfig:
     progress: bool = True
     plots: bool = True
     save_every: int = 0
+    tensorboard: bool = False
 
     _DEFAULTS = dict(
         shots=16, n_soft=4, n_anchor=1, tau=1.0, epochs=100, batch_size=32, lr=0.002, momentum=0.9,
@@ -305,7 +306,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "stage1_mse_weight": _OPT_FLOAT, "stage1_lr": _OPT_FLOAT, "max_descriptions": _OPT_INT, "augment": (str,),
     "cache_image_features": (bool,), "cache_views": (int,), "eval_mode": (str,), "eval_batch_size": (int,),
     "p_train": (float,), "p_val": (float,), "split_seed": (int,), "device": _OPT_STR, "workers": (int,),
-    "progress": (bool,), "plots": (bool,), "save_every": (int,),
+    "progress": (bool,), "plots": (bool,), "save_every": (int,), "tensorboard": (bool,),
     "pae": (bool,), "pae_alpha": (float,), "pae_beta": (float,), "pae_dim": (int,), "pae_mode": (str,),
     "pae_reading": (str,), "pae_decay": (bool,),
 }

@@ -9,7 +9,7 @@ not comparable with the paper's::
 
 The real thing (an open_clip model, an ImageFolder dataset, a {class: [sentences]} descriptions JSON)::
 
-    anchoropt demo --model ViT-B-16 --pretrained openai \
+    anchoropt demo --model ViT-B-16 --pretrained openai \\
         --data path/to/imagefolder --descriptions path/to/descriptions.json --save runs/quickstart
 
 Classes are sorted as ImageFolder sorts them; the first ceil(C/2) are the base classes (trained on, K shots
@@ -310,6 +310,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch device (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed for shots, initialisation and shuffling")
     p.add_argument("--save", metavar="DIR", help="save the anchors and the prompt learner (safetensors + JSON)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's own; 1 is fastest on a machine shared with\n"
-                        "other busy processes)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the demo's small models gain nothing from more)")

@@ -42,7 +42,8 @@ __all__ = ["GridRun", "plan_grid", "parse_shard", "select_shard", "run_grid", "c
 
 GRID_FILE = "grid.json"
 # settings that do not change a run's numbers (where it runs, how it logs)
-_VOLATILE = {"output", "device", "workers", "progress", "plots", "save_every", "threads", "cache_image_features"}
+_VOLATILE = {"output", "device", "workers", "progress", "plots", "save_every", "threads", "cache_image_features",
+             "tensorboard"}
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ def run_grid(
     shard: str | None = None,
     plot: bool = True,
     threads: int | None = None,
+    paper: bool = False,
 ) -> dict:
     """Run (the shard of) the grid, skipping finished runs, then write the report of everything in ``output``.
 
@@ -229,9 +231,7 @@ def run_grid(
     todo = [run for run in mine if states[run] != "done"]
     skipped = [run for run in mine if states[run] == "done"]
     if ctx.is_main:
-        spec = {"methods": list(methods), "data": [str(d) for d in data], "datasets": _names(runs),
-                "seeds": list(seeds), "protocol": base.protocol, "targets": list(base.targets)}
-        _files.write_json(output / GRID_FILE, spec)  # atomic: a full disk leaves the previous grid.json
+        _files.write_json(output / GRID_FILE, grid_spec(base, methods, data, seeds, runs))  # atomic, makes output/
         partial = [run for run in todo if states[run] == "partial"]
         resumed = [run for run in partial if resumable(run, _run_config(base, run))]
         _log(ctx, f"grid: {len(runs)} runs ({len(mine)} in this shard): {len(skipped)} finished, "
@@ -248,10 +248,20 @@ def run_grid(
         _run_sequential(base, todo, store_file, ctx)
     else:
         _run_pool(base, todo, store_file, jobs, threads)
-    report = report_grid(output, plot=plot) if ctx.is_main else {}
+    report = report_grid(output, plot=plot, paper=paper) if ctx.is_main else {}
     if ctx.distributed:
         dist_utils.cleanup(ctx)
     return {"ran": [r.name for r in todo], "skipped": [r.name for r in skipped], "report": report}
+
+
+def grid_spec(base: RunConfig, methods: Sequence[str], data: Sequence[str], seeds: Sequence[int],
+              runs: Sequence[GridRun]) -> dict:
+    """``grid.json``: the report's order (methods, datasets, seeds) and what ``anchoropt grid --config`` needs
+    to run the same grid again: ``config`` (the runs' shared settings, paths absolute) and ``data_dirs``."""
+    return {"methods": list(methods), "data": [str(d) for d in data], "datasets": _names(runs),
+            "seeds": list(seeds), "protocol": base.protocol, "targets": list(base.targets),
+            "data_dirs": [os.path.abspath(Path(d).expanduser()) for d in data],
+            "config": _absolute_paths(base).to_json()}
 
 
 def _names(runs: Sequence[GridRun]) -> list[str]:
@@ -463,15 +473,23 @@ def _method_of(run_dir: Path) -> str:
     return load_run_config(run_dir).method if cfg_file.is_file() else "coop+anchoropt"
 
 
-def report_grid(output: str | os.PathLike, plot: bool = True) -> dict:
-    """``anchoropt grid --report OUT``: merge every finished run into results.json, table.md, hm.png."""
+def report_grid(output: str | os.PathLike, plot: bool = True, paper: bool = False) -> dict:
+    """``anchoropt grid --report OUT``: merge every finished run into results.json, table.md, table.csv,
+    table.tex and hm.png; ``paper``: the paper's Table 1 numbers beside each row it has (``--paper``)."""
     output = Path(output)
     if not (output / "runs").is_dir():
         raise FileNotFoundError(f"{output} holds no runs/ directory: is it the --output of an `anchoropt grid`?")
     spec = _read_grid_spec(output / GRID_FILE)
     records = collect_records(output)
-    written = write_report(output, records, spec.get("methods", ()), spec.get("datasets", ()), plot=plot)
-    print(f"grid report: {len(records)} finished runs -> {written['table']}", flush=True)
+    written = write_report(output, records, spec.get("methods", ()), spec.get("datasets", ()), plot=plot,
+                           paper=paper)
+    print(f"grid report: {len(records)} finished runs -> {written['table']}, {written['csv']}, {written['tex']}",
+          flush=True)
+    if paper:
+        print(f"grid report: {written['paper_rows']} row(s) beside the paper's Table 1 (arXiv 2511.21188)"
+              + ("" if written["paper_rows"] else ": none of the grid's methods and datasets is in it (datasets "
+                 "are matched by folder name, e.g. caltech-101, oxford_pets; methods by spec, e.g. coop+anchoropt)"),
+              flush=True)
     return written
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 from ..datasets import folders as D
@@ -22,9 +23,17 @@ def _target_dataset(path: str, cfg: RunConfig) -> D.DatasetSplits:
     return D.open_dataset(path, holdout=False, split_seed=cfg.split_seed)
 
 
+def _few_shot(source: D.DatasetSplits, cfg: RunConfig) -> D.DatasetSplits:
+    """:func:`~anchoropt.datasets.folders.sample_few_shot` without its shortage warnings: the runner reports the
+    training split's shortage itself, once (:func:`.checks.short_class_report`), and never uses the val split."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*class\(es\) have fewer than", category=UserWarning)
+        return D.sample_few_shot(source, cfg.shots, cfg.seed)
+
+
 def _training_view(source: D.DatasetSplits, cfg: RunConfig) -> tuple[D.DatasetSplits, D.DatasetSplits | None]:
     """The (K-shot, subsampled) training dataset and, for base-to-novel, the novel view."""
-    few = D.sample_few_shot(source, cfg.shots, cfg.seed)
+    few = _few_shot(source, cfg)
     if cfg.protocol == "base2novel":
         if source.n_classes < 2:
             raise ValueError("base-to-novel needs at least two classes")

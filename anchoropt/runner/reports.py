@@ -9,6 +9,7 @@ from .models import RANDOM, ModelBundle
 
 
 RANDOM_FLAG = "RANDOM WEIGHTS"
+NO_ANCHOR_FLAG = "NO ANCHOR PLACED"  # the learned evaluation arrangement maps no slot to an anchor
 
 
 def random_weights(pretrained: str | None, bundle: ModelBundle | None = None) -> bool:
@@ -28,10 +29,15 @@ def weights_record(pretrained: str | None, bundle: ModelBundle | None) -> dict:
 
 
 def summary_line(results: dict) -> str:
-    """One line for logs: ``base2novel cifar10_mini seed 1 | base 81.2 | novel 70.3 | HM 75.4``, ending in
-    ``| RANDOM WEIGHTS`` when the model had no trained weights."""
-    head = f"{results['protocol']} {results['dataset']} seed {results['seed']}"
+    """One line for logs: ``base2novel cifar10_mini coop+anchoropt seed 1 | base 81.2 | novel 70.3 | HM 75.4``
+    (the method when ``results`` names it), ending in
+    ``| RANDOM WEIGHTS`` when the model had no trained weights and ``| NO ANCHOR PLACED ...`` when AnchorOPT's
+    learned evaluation arrangement places none of its anchors (``results["anchors_placed"] == 0``)."""
+    method = f" {results['method']}" if results.get("method") else ""  # a grid prints one line per method
+    head = f"{results['protocol']} {results['dataset']}{method} seed {results['seed']}"
     flag = f" | {RANDOM_FLAG}" if results.get("random_weights") else ""
+    if results.get("anchors_placed") == 0:
+        flag += f" | {NO_ANCHOR_FLAG} (the test-time prompt holds soft tokens only)"
     r = results["results"]
     if results["protocol"] == "base2novel":
         return (f"{head} | base {r['base']['accuracy']:.2f} | novel {r['novel']['accuracy']:.2f} | "

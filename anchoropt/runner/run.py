@@ -22,13 +22,14 @@ from . import checks
 from . import rundir as R
 from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_config
 from .console import _log
+from .metrics import MetricsLog, check_tensorboard
 from .models import ModelBundle, _text_width, build_model
-from .protocols import _evaluations, _open_targets, _source_dataset, _training_view
+from .protocols import _evaluations, _few_shot, _open_targets, _source_dataset, _training_view
 from .reports import RANDOM_FLAG, _plots, summary_line, weights_record
 from .training import learn_anchors, seed_everything, train_stage2
 
 # options that may differ between an interrupted run and its --resume (they do not change the results)
-_RESUMABLE_CHANGES = {"progress", "workers", "device", "plots", "eval_batch_size"}
+_RESUMABLE_CHANGES = {"progress", "workers", "device", "plots", "eval_batch_size", "tensorboard"}
 
 
 @dataclass
@@ -69,7 +70,7 @@ def run_learn_anchors(cfg: RunConfig, bundle: ModelBundle | None = None, classna
     if classnames is None:  # the inputs are read before the model is built: a wrong path fails at once
         if cfg.data:
             source = _source_dataset(cfg)
-            classnames = D.subsample_classes(D.sample_few_shot(source, cfg.shots, cfg.seed), subsample).classnames
+            classnames = D.subsample_classes(_few_shot(source, cfg), subsample).classnames
             _log(ctx, f"{source.summary()}; Stage I on the {subsample} classes: {len(classnames)}")
         else:
             keys = list(load_descriptions(cfg.descriptions))
@@ -156,18 +157,20 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         settings = method_settings(cfg, anchors, bundle.tokenizer)
         learner = build_learner(choice, bundle, plan.trained, settings)
         start_from = _resume_point(learner, plan, ctx) if resume and method.trains else None
+        metrics = MetricsLog(out, start_from[0]["epochs_done"] if start_from else None,
+                             tensorboard=cfg.tensorboard) if ctx.is_main else None
         stage2: dict[str, Any] | None = None
         if method.trains and any(p.requires_grad for p in learner.parameters()):
             stage2 = train_stage2(learner, bundle, plan.train_view.train, cfg, ctx,
                                   on_checkpoint=_checkpointer(learner, out, run_id, cfg, ctx), resume=start_from,
-                                  loss_fn=method.loss(settings), image_input=method.image_input, features=features)
+                                  loss_fn=method.loss(settings), image_input=method.image_input, features=features,
+                                  on_metrics=metrics.epoch if metrics is not None else None)
             _log(ctx, f"Stage II: {stage2['epochs']} epochs x {stage2['steps_per_epoch']} steps, loss "
                       f"{stage2['epoch_losses'][0]:.4f} -> {stage2['epoch_losses'][-1]:.4f} ({stage2['seconds']} s)")
         if ctx.is_main:
             save_run_learner(learner, choice, settings, out, run_id)
         anchoropt_learner = isinstance(learner, AnchorOPTPromptLearner)  # plots, position
-        results = _results_record(plan, cfg, bundle, ctx, settings, stage1, stage2,
-                                  learner.position if anchoropt_learner else None)
+        results = _results_record(plan, cfg, bundle, ctx, settings, stage1, stage2, _position_of(learner))
         if evaluate_after:
             start = time.perf_counter()
             results["results"] = _evaluations(learner, bundle, cfg, ctx, plan.train_view, plan.novel_view,
@@ -175,6 +178,10 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
             results["eval_seconds"] = round(time.perf_counter() - start, 3)
             learner.set_classnames(list(plan.trained))
             results["summary"] = summary_line(results)
+            if metrics is not None:
+                metrics.evaluation(results["results"])
+        if metrics is not None:
+            metrics.close()
         results["seconds"] = round(time.perf_counter() - wall, 3)
         if ctx.is_main:
             _write_results(results, learner, bundle, out, cfg.plots and anchoropt_learner)
@@ -214,6 +221,8 @@ def _plan_training(cfg: RunConfig, evaluate_after: bool, overwrite: bool, resume
     cfg = cfg.resolve()
     choice = cfg.method_choice()
     method = choice.method
+    if cfg.tensorboard:
+        check_tensorboard()  # its install hint, before anything is read or built
     if method.needs_anchors and not (cfg.anchors or cfg.descriptions):
         raise ValueError(f"{choice.label} needs anchors: pass --descriptions JSON (Stage I runs first) or "
                          "--anchors FILE")
@@ -336,10 +345,20 @@ def _results_record(plan: _TrainingPlan, cfg: RunConfig, bundle: ModelBundle, ct
         "method_settings": settings.to_json(),
     }
     if position is not None:
+        placed = position.anchors_placed()
         results["position"] = {"assignment": position.assignment().tolist(), "slots": position.describe()}
+        results["anchors_placed"] = placed  # of position.n_anchor; 0: the test-time prompt has no anchor
+        results["no_anchor_placed"] = placed == 0 and position.n_anchor > 0
     if plan.short:
         results["classes_short_of_shots"] = plan.short
     return results
+
+
+def _position_of(learner: nn.Module):
+    """The learner's AnchorOPT position matrix (its own, or inside a method's text prompt), or ``None``."""
+    from ..position import PositionMatrix
+
+    return next((m for m in learner.modules() if isinstance(m, PositionMatrix)), None)
 
 
 def _write_results(results: dict, learner: nn.Module, bundle: ModelBundle, out: Path, plots: bool) -> None:

@@ -41,7 +41,7 @@ TRAINER_TENSORS = "trainer_state.safetensors"
 TRAINER_INFO = "trainer_state.json"
 # what `train --overwrite` removes before starting (so no part of the old run can mix with the new one)
 RUN_PARTS = (RESULTS, "eval_results.json", "prompt_learner", "anchors.safetensors", CHECKPOINTS, "plots", STAGE1,
-             RUN_CONFIG)
+             RUN_CONFIG, "metrics.jsonl", "metrics.csv", "tensorboard")
 
 
 class RunDirectoryError(ValueError):

@@ -23,7 +23,8 @@ from .. import _files
 from .evaluation import harmonic_mean
 
 __all__ = ["mean_std", "format_cell", "record_from_results", "base2novel_tables", "transfer_tables",
-           "render_tables", "plot_hm", "write_report"]
+           "render_tables", "plot_hm", "write_report", "table_rows", "render_csv", "render_tex", "paper_table",
+           "paper_numbers"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -214,14 +215,23 @@ def plot_hm(records: Sequence[dict], path: str | os.PathLike, methods: Sequence[
 
 
 def write_report(output: str | os.PathLike, records: Sequence[dict], methods: Sequence[str] = (),
-                 datasets: Sequence[str] = (), plot: bool = True) -> dict:
-    """Write ``results.json``, ``table.md`` and (matplotlib permitting) ``hm.png`` into ``output``."""
+                 datasets: Sequence[str] = (), plot: bool = True, paper: bool = False) -> dict:
+    """Write ``results.json``, ``table.md``, ``table.csv``, ``table.tex`` (booktabs) and (matplotlib permitting)
+    ``hm.png`` into ``output``; with ``paper`` the CSV and LaTeX tables carry the paper's Table 1 numbers and
+    the differences (:func:`table_rows`)."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     records = sorted(records, key=lambda r: (_rank(r["dataset"], datasets), _rank(r["method"], methods), r["seed"]))
     _write_text(out / "results.json", json.dumps(records, indent=2) + "\n")
-    _write_text(out / "table.md", render_tables(records, methods, datasets))
-    written = {"results": str(out / "results.json"), "table": str(out / "table.md")}
+    rows = table_rows(records, methods, datasets, paper=paper)
+    _write_text(out / "table.md", render_tables(records, methods, datasets) + (paper_markdown(rows) if paper else ""))
+    seeds = sorted({r["seed"] for r in records})
+    _files.write_text(out / "table.csv", render_csv(rows))
+    _files.write_text(out / "table.tex", render_tex(rows, seeds, paper_table()["source"] if paper else None))
+    written = {"results": str(out / "results.json"), "table": str(out / "table.md"),
+               "csv": str(out / "table.csv"), "tex": str(out / "table.tex")}
+    if paper:
+        written["paper_rows"] = sum(1 for r in rows if r.get("paper_hm") is not None)
     if plot and records:
         png = plot_hm(records, out / "hm.png", methods, datasets)
         if png is not None:
@@ -235,3 +245,195 @@ def _rank(value: str, order: Sequence[str]) -> tuple[int, str]:
 
 def _write_text(path: Path, text: str) -> None:
     _files.write_text(path, text)  # atomic: temp file, fsync, os.replace
+
+
+# ---------------------------------------------------------------------- table.csv / table.tex, the paper's numbers
+PAPER_TABLE = Path(__file__).with_name("paper_table1.json")
+_B2N = ("base", "novel", "hm")
+
+
+def paper_table() -> dict:
+    """The paper's Table 1 as shipped (``paper_table1.json``: its ``source``, ``datasets`` and ``rows``)."""
+    return json.loads(PAPER_TABLE.read_text(encoding="utf-8"))
+
+
+def paper_numbers(method: str, dataset: str, datasets: Sequence[str] = (), table: dict | None = None) -> dict | None:
+    """The paper's ``{"base", "novel", "hm"}`` for a grid's ``method`` spec (its options after ``:`` ignored) on
+    ``dataset`` (a folder name such as ``caltech-101``, read with the presets' spellings); ``None`` when the
+    paper has no such row.  ``dataset="average"`` matches the paper's average only when ``datasets`` are the
+    paper's 11."""
+    from ..methods.presets import canonical_name
+
+    table = table or paper_table()
+    spec = method.partition(":")[0].strip()
+    row = next((r for r in table["rows"] if r["spec"] == spec), None)
+    if row is None:
+        return None
+    if dataset == "average":
+        try:
+            names = sorted(canonical_name(d) for d in datasets)
+        except KeyError:
+            return None
+        return row["datasets"]["average"] if names == sorted(table["datasets"][1:]) else None
+    try:
+        return row["datasets"].get(canonical_name(dataset))
+    except KeyError:
+        return None
+
+
+def table_rows(records: Sequence[dict], methods: Sequence[str] = (), datasets: Sequence[str] = (),
+               paper: bool = False) -> list[dict]:
+    """One flat row per method and dataset (base-to-novel: the datasets, then ``average``; transfer: the source
+    and each target, then ``target_average``) with the mean, std and seed count of each number; with ``paper``
+    the paper's base / novel / HM (``paper_*``) and ours minus the paper's (``diff_*``) where it has the row."""
+    rows: list[dict] = []
+    b2n = [r for r in records if r["protocol"] == "base2novel"]
+    if b2n:
+        methods_ = _ordered((r["method"] for r in b2n), methods)
+        names = _ordered((r["dataset"] for r in b2n), datasets)
+        cells = _by(b2n, "method", "dataset")
+        table = paper_table() if paper else None
+        for d in [*names, "average"]:
+            for m in methods_:
+                values = (_average_block(cells, m, names) if d == "average"
+                          else {k: [r[k] for r in cells.get((m, d), [])] for k in _B2N})
+                if not values["hm"]:
+                    continue
+                row = {"protocol": "base2novel", "method": m, "dataset": d, "seeds": len(values["hm"])}
+                for k in _B2N:
+                    row[f"{k}_mean"], row[f"{k}_std"] = (round(x, 4) for x in mean_std(values[k]))
+                if table is not None:
+                    _add_paper(row, paper_numbers(m, d, names, table))
+                rows.append(row)
+    for protocol in ("cross-dataset", "domain-generalization"):
+        mine = [r for r in records if r["protocol"] == protocol]
+        for source in _ordered(r["dataset"] for r in mine):
+            runs = [r for r in mine if r["dataset"] == source]
+            targets = _ordered(name for r in runs for name in r["targets"])
+            for m in _ordered((r["method"] for r in runs), methods):
+                own = [r for r in runs if r["method"] == m]
+                columns = [("source", [r["source"] for r in own])]
+                columns += [(t, [r["targets"][t] for r in own if t in r["targets"]]) for t in targets]
+                columns += [("target_average", [r["target_mean"] for r in own if r["target_mean"] is not None])]
+                for target, values in columns:
+                    if values:
+                        mean, std = mean_std(values)
+                        rows.append({"protocol": protocol, "method": m, "dataset": source, "target": target,
+                                     "seeds": len(values), "accuracy_mean": round(mean, 4),
+                                     "accuracy_std": round(std, 4)})
+    return rows
+
+
+def _add_paper(row: dict, numbers: dict | None) -> None:
+    for k in _B2N:
+        row[f"paper_{k}"] = numbers[k] if numbers else None
+        row[f"diff_{k}"] = round(row[f"{k}_mean"] - numbers[k], 2) if numbers else None
+
+
+def paper_markdown(rows: Sequence[dict]) -> str:
+    """``table.md``'s block beside the paper: each row the paper has, ours (mean ± std), the paper's, the
+    differences."""
+    source = paper_table()["source"]
+    matched = [r for r in rows if r.get("paper_hm") is not None]
+    lines = ["", "### Beside the paper", "", f"Paper: {source}. Δ: ours minus the paper's.", ""]
+    if not matched:
+        return "\n".join(lines + ["None of the grid's methods and datasets is in the paper's Table 1.", ""])
+    lines += ["| Method | Dataset | Base | Novel | HM | Paper base | Paper novel | Paper HM | Δ base | Δ novel | Δ HM |",
+              "|---|---|" + "---:|" * 9]
+    for r in matched:
+        ours = [f"{r[f'{k}_mean']:.2f}" + (f" ± {r[f'{k}_std']:.2f}" if r["seeds"] > 1 else "") for k in _B2N]
+        lines.append(f"| {r['method']} | {r['dataset']} | " + " | ".join(ours) + " | "
+                     + " | ".join(f"{r[f'paper_{k}']:.2f}" for k in _B2N) + " | "
+                     + " | ".join(f"{r[f'diff_{k}']:+.2f}" for k in _B2N) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(rows: Sequence[dict]) -> str:
+    """``table.csv``: :func:`table_rows` with a header (the union of the rows' columns, empty where absent)."""
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(k for row in rows for k in row)) or ["protocol", "method", "dataset"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    return buffer.getvalue()
+
+
+def _tex(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped."""
+    out = str(text).replace("\\", "\x00")
+    for char, escaped in (("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"), ("_", r"\_"), ("{", r"\{"),
+                          ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")):
+        out = out.replace(char, escaped)
+    return out.replace("\x00", r"\textbackslash{}")
+
+
+def _tex_cell(mean: float, std: float, seeds: int) -> str:
+    return f"${mean:.2f}$" if seeds < 2 else f"${mean:.2f} \\pm {std:.2f}$"
+
+
+def _tex_number(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "--"
+    return f"${value:+.2f}$" if signed else f"${value:.2f}$"
+
+
+def render_tex(rows: Sequence[dict], seeds: Sequence[int] = (), source: str | None = None) -> str:
+    """``table.tex``: booktabs tables (``\\usepackage{booktabs}``), mean $\\pm$ std over seeds; base-to-novel in
+    the paper's blocks (one per dataset, then the average), with the paper's numbers and the differences when
+    the rows carry them (``source`` names the paper's table)."""
+    note = f"% mean $\\pm$ sample std over seeds {', '.join(map(str, seeds))}; accuracies in \\%\n" if seeds else ""
+    parts = ["% anchoropt grid report; needs \\usepackage{booktabs}\n" + note]
+    b2n = [r for r in rows if r["protocol"] == "base2novel"]
+    if b2n:
+        parts.append(_tex_base2novel(b2n, source))
+    for protocol, title in (("cross-dataset", "Cross-dataset"), ("domain-generalization", "Domain generalisation")):
+        mine = [r for r in rows if r["protocol"] == protocol]
+        if mine:
+            parts.append(_tex_transfer(mine, title))
+    return "\n".join(parts)
+
+
+def _tex_base2novel(rows: Sequence[dict], source: str | None) -> str:
+    paper = any("paper_hm" in r for r in rows)
+    head = ["Method", "Base", "Novel", "HM"] + (["Paper B", "Paper N", "Paper HM", "$\\Delta$B", "$\\Delta$N",
+                                                  "$\\Delta$HM"] if paper else [])
+    lines = ["\\begin{table}[t]", "\\centering", "\\small", "\\begin{tabular}{l" + "c" * (len(head) - 1) + "}",
+             "\\toprule", " & ".join(head) + " \\\\"]
+    for dataset in _ordered(r["dataset"] for r in rows):
+        title = "Average" if dataset == "average" else _tex(dataset)
+        lines += ["\\midrule", f"\\multicolumn{{{len(head)}}}{{l}}{{\\textit{{{title}}}}} \\\\"]
+        for r in (r for r in rows if r["dataset"] == dataset):
+            cells = [_tex(r["method"])] + [_tex_cell(r[f"{k}_mean"], r[f"{k}_std"], r["seeds"]) for k in _B2N]
+            if paper:
+                cells += [_tex_number(r.get(f"paper_{k}")) for k in _B2N]
+                cells += [_tex_number(r.get(f"diff_{k}"), signed=True) for k in _B2N]
+            lines.append(" & ".join(cells) + " \\\\")
+    caption = "Base-to-novel generalisation: base / novel accuracy and HM (\\%), mean $\\pm$ std over seeds."
+    if paper and source:
+        caption += f" Paper: {_tex(source)}; $\\Delta$: ours minus the paper's."
+    lines += ["\\bottomrule", "\\end{tabular}", f"\\caption{{{caption}}}", "\\end{table}", ""]
+    return "\n".join(lines)
+
+
+def _tex_transfer(rows: Sequence[dict], title: str) -> str:
+    lines = []
+    for source in _ordered(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == source]
+        columns = _ordered(r["target"] for r in mine)
+        head = ["Method"] + ["Source" if c == "source" else "Target average" if c == "target_average" else _tex(c)
+                             for c in columns]
+        lines += ["\\begin{table}[t]", "\\centering", "\\small", "\\begin{tabular}{l" + "c" * len(columns) + "}",
+                  "\\toprule", " & ".join(head) + " \\\\", "\\midrule"]
+        for m in _ordered(r["method"] for r in mine):
+            cell = {r["target"]: r for r in mine if r["method"] == m}
+            lines.append(" & ".join([_tex(m)] + [
+                _tex_cell(cell[c]["accuracy_mean"], cell[c]["accuracy_std"], cell[c]["seeds"]) if c in cell else "--"
+                for c in columns]) + " \\\\")
+        lines += ["\\bottomrule", "\\end{tabular}",
+                  f"\\caption{{{title}: source {_tex(source)}; accuracy (\\%), mean $\\pm$ std over seeds.}}",
+                  "\\end{table}", ""]
+    return "\n".join(lines)

@@ -125,6 +125,7 @@ def train_stage2(
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
     image_input: str = "features",
     features=None,
+    on_metrics: Callable[[dict], None] | None = None,
 ) -> dict:
     """Stage II: SGD on the learner's trainable tensors over ``records`` for ``cfg.epochs`` epochs.
 
@@ -154,6 +155,9 @@ def train_stage2(
     continue from there (epochs done, losses, optimizer buffers, RNG states); ``resume`` = such a pair
     continues an interrupted training (the learner must hold the checkpoint's tensors already).  One process
     resumes bit-exactly; under ``torchrun`` every rank continues from rank 0's random state.
+
+    ``on_metrics(row)`` gets each epoch's metrics before its checkpoint is written (:func:`epoch_metrics`:
+    epoch, loss, ce, PAE's terms, learning rates, seconds; :mod:`anchoropt.runner.metrics` writes them).
     """
     ctx = ctx or dist_utils.DistContext()
     timer = timer or _no_timer
@@ -186,8 +190,8 @@ def train_stage2(
             group["lr"] = dassl_lr(epoch, group["base_lr"], cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr)
         if data.sampler is not None:
             data.sampler.set_epoch(epoch)
-        total, seen, pae_sums = 0.0, 0, [0.0, 0.0]
-        fetch_start = time.perf_counter()
+        total, seen, pae_sums, ce_sum = 0.0, 0, [0.0, 0.0], 0.0
+        epoch_start = fetch_start = time.perf_counter()
         for batch, labels, _ in data.loader:
             if timer is not _no_timer:
                 timer.add("data", time.perf_counter() - fetch_start)
@@ -209,10 +213,14 @@ def train_stage2(
                     _clip_pae_gradients(regularizer, epoch)
                 optimizer.step()
             total, seen = total + loss.item() * len(labels), seen + len(labels)
+            if on_metrics is not None:
+                ce_sum = _add_ce(ce_sum, outputs, labels)
             if bar is not None:
                 bar.update(epoch=epoch + 1, loss=f"{loss.item():.4f}")
             fetch_start = time.perf_counter()
         progress.end_epoch(total, seen, pae_sums if regularizer is not None else None)
+        if on_metrics is not None:
+            on_metrics(epoch_metrics(epoch, progress, optimizer, ce_sum, seen, time.perf_counter() - epoch_start))
         if on_checkpoint is not None:
             on_checkpoint(*progress.checkpoint(epoch, stage2_start, optimizer, regularizer, data, device))
         if on_epoch_end is not None:
@@ -227,6 +235,31 @@ def train_stage2(
                           "epoch_lyapunov": progress.pae_history["lyapunov"],
                           "spectral_radius": round(regularizer.spectral_radius(), 6)}
     return summary
+
+
+def _add_ce(ce_sum: float | None, outputs, labels: torch.Tensor) -> float | None:
+    """``ce_sum`` plus the batch's summed cross-entropy of the learner's first ``(B, C)`` logits (no gradient);
+    ``None`` once a batch's output has no such logits."""
+    logits = outputs[0] if isinstance(outputs, (tuple, list)) and outputs else outputs
+    if ce_sum is None or not isinstance(logits, torch.Tensor) or logits.dim() != 2 or len(logits) != len(labels):
+        return None
+    with torch.no_grad():
+        return ce_sum + float(nn.functional.cross_entropy(logits.detach().float(), labels, reduction="sum"))
+
+
+def epoch_metrics(epoch: int, progress: "_Progress", optimizer: torch.optim.Optimizer, ce_sum: float | None,
+                  seen: int, seconds: float) -> dict:
+    """One epoch's row of ``metrics.jsonl``: epochs done, mean loss (and CE, PAE's terms) per image, the
+    learning rate of each parameter group during the epoch, wall seconds."""
+    row: dict[str, Any] = {"epoch": epoch + 1, "loss": progress.losses[-1]}
+    if ce_sum is not None and seen:
+        row["ce"] = ce_sum / seen
+    if progress.pae_history["koopman"]:
+        row.update(pae_koopman=progress.pae_history["koopman"][-1], pae_lyapunov=progress.pae_history["lyapunov"][-1])
+    for i, group in enumerate(optimizer.param_groups):
+        row["lr" if i == 0 else f"lr_{group.get('name', i)}"] = group["lr"]
+    row["seconds"] = round(seconds, 3)
+    return row
 
 
 class _TrainingData:

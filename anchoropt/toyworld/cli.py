@@ -59,7 +59,7 @@ def _fill(p: argparse.ArgumentParser) -> None:
     z.add_argument("--weights", help="a checkpoint from 'toyworld pretrain' (default: the shipped one)")
     z.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (test)")
     z.add_argument("--template", default="a photo of a {}.", help="prompt template ('a photo of a {}.')")
-    z.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    z.add_argument("--threads", type=int, default=1, help="torch threads (1: the toy CLIP gains nothing from more)")
     z.set_defaults(toyworld_func=_zeroshot)
 
     c = sub.add_parser("calibrate", help="zero-shot top-1 on the calibration worlds (100 classes, seed 0, "
@@ -68,7 +68,7 @@ def _fill(p: argparse.ArgumentParser) -> None:
     c.add_argument("--workdir", required=True, help="where the calibration datasets are (or are written)")
     c.add_argument("--card", help="write the model card (sha256, pretraining record, figures) to this JSON file")
     c.add_argument("--rerun", help="JSON of another pretraining run's figures, recorded in the card")
-    c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    c.add_argument("--threads", type=int, default=1, help="torch threads (1: the toy CLIP gains nothing from more)")
     c.set_defaults(toyworld_func=_calibrate)
 
     i = sub.add_parser("info", help="print the shipped checkpoint's record (sha256, command, calibration)")
@@ -76,8 +76,13 @@ def _fill(p: argparse.ArgumentParser) -> None:
 
 
 def _make(args) -> int:
+    from pathlib import Path
+
     from .make import make
 
+    root = Path(args.dir)
+    if not args.overwrite and root.is_dir() and any(root.iterdir()):  # the library's message names overwrite=True
+        raise FileExistsError(f"{root} exists and is not empty; choose a new directory or pass --overwrite")
     record = make(args.dir, seed=args.seed, classes=args.classes, per_class=args.per_class, domain=args.domain,
                   group=args.group, overwrite=args.overwrite)
     sizes = record["split_sizes"]

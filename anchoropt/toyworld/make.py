@@ -76,8 +76,7 @@ def make(
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{root} exists and is not empty; choose a new directory or pass overwrite=True "
-                                  "(--overwrite)")
+            raise FileExistsError(f"{root} exists and is not empty; choose a new directory or pass overwrite=True")
         if not (root / "world.json").is_file():
             raise FileExistsError(f"{root} is not empty and holds no toy world (no world.json): refusing to overwrite")
     from PIL import Image
