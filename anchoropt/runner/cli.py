@@ -75,6 +75,13 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--p-train", type=float, default=0.5, help="plain ImageFolder: train fraction per class (0.5)")
     g.add_argument("--p-val", type=float, default=0.2, help="plain ImageFolder: validation fraction per class (0.2)")
     g.add_argument("--split-seed", type=int, default=1, help="plain ImageFolder: seed of the per-class split (1)")
+    _add_shots_from_arg(g)
+
+
+def _add_shots_from_arg(g) -> None:
+    g.add_argument("--shots-from", choices=("sample", "dassl"), default=None,
+                   help="K shots drawn here with --seed (sample, default) or the images Dassl drew for the seed, "
+                        "read from DATA/split_fewshot/shot_K-seed_S.pkl (dassl)")
 
 
 def _add_common_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
@@ -174,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--p-train", type=float, default=0.5, help="plain ImageFolder: train fraction per class (0.5)")
     g.add_argument("--p-val", type=float, default=0.2, help="plain ImageFolder: validation fraction per class (0.2)")
     g.add_argument("--split-seed", type=int, default=1, help="plain ImageFolder: seed of the per-class split (1)")
+    _add_shots_from_arg(g)
     _add_common_args(p, grid=True)
     _add_hyper_args(p)
 
