@@ -7,6 +7,7 @@ Commands::
     anchoropt eval           evaluate a finished run again (other targets, another protocol)
     anchoropt plot           position-matrix heatmap and the anchors' nearest tokens of a run (PNG)
     anchoropt presets        the per-dataset settings of the released tables
+    anchoropt datasets check what the runner reads from dataset folders (layout, classes, shots, preset)
     anchoropt demo           the whole method end to end on an offline tiny model (see anchoropt.runner.demo)
 
 Run ``anchoropt COMMAND --help`` for the options.  Multi-GPU: ``torchrun --nproc_per_node 4 -m anchoropt
@@ -218,12 +219,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="a dataset (all when omitted)")
     p.add_argument("--method", choices=("coop", "cocoop", "maple", "dept"), default="coop")
 
+    _add_datasets_parser(sub)
+
     from . import demo
 
     p = sub.add_parser("demo", help="the whole method end to end, offline (Stage I, Stage II, base / novel / HM)",
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(p)
     return parser
+
+
+def _add_datasets_parser(sub) -> None:
+    p = sub.add_parser("datasets", help="check dataset folders: layout, classes, splits, shots, preset, descriptions")
+    checks = p.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
+    c = checks.add_parser("check", help="what the runner would read from each folder; exit 1 on what it refuses",
+                          description="Per folder: the recognised layout, classes, images per split, Dassl's "
+                                      "split_fewshot files, the preset and descriptions that apply (docs: "
+                                      "howto/get-the-data.md).")
+    c.add_argument("folders", nargs="+", metavar="DIR", help="dataset folders (as --data / --target)")
+    c.add_argument("--descriptions", help="a descriptions JSON, or a folder of <preset>.json files")
+    c.add_argument("--shots", type=int, help="with --seeds: check split_fewshot/shot_K-seed_S.pkl (--shots-from dassl)")
+    c.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds for --shots (1 2 3)")
 
 
 def _add_train_options(p: argparse.ArgumentParser, grid: bool = False) -> None:
@@ -396,6 +412,12 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _cmd_datasets(args) -> int:
+    from .datasets_check import check_datasets
+
+    return check_datasets(args.folders, args.descriptions, args.shots, args.seeds)
+
+
 def _cmd_demo(args) -> int:
     from . import demo
 
@@ -403,7 +425,7 @@ def _cmd_demo(args) -> int:
 
 
 _COMMANDS = {"learn-anchors": _cmd_learn_anchors, "train": _cmd_train, "grid": _cmd_grid, "eval": _cmd_eval,
-             "plot": _cmd_plot, "presets": _cmd_presets, "demo": _cmd_demo}
+             "plot": _cmd_plot, "presets": _cmd_presets, "demo": _cmd_demo, "datasets": _cmd_datasets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
