@@ -72,7 +72,9 @@ _ALLOWED = {
     ("dassl.data.datasets.base_dataset", "Datum"): DasslDatum,
     ("dassl.data.datasets", "Datum"): DasslDatum,
     ("copyreg", "_reconstructor"): _reconstructor,
+    ("copy_reg", "_reconstructor"): _reconstructor,  # protocol 0 / 1 name it as Python 2 did
     ("builtins", "object"): object,
+    ("__builtin__", "object"): object,
 }
 
 
