@@ -1,0 +1,127 @@
+"""``anchoropt datasets check`` and the runner (``train``: base-to-novel, cross-dataset, domain generalisation,
+``--shots-from dassl``) over tiny copies of CoOp's DATASETS.md layouts (``tests/coop_layouts.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from anchoropt.datasets import layouts
+from anchoropt.runner import cli
+from coop_layouts import DATASETS, make_layout, write_dassl_fewshot
+
+FAST = ["--model", "tiny-test", "--pretrained", "none", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8",
+        "--no-progress", "--no-plots", "--method", "coop", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("DATA")
+    for key in DATASETS:
+        make_layout(root, key)
+    return root
+
+
+def _descriptions(folder: Path, name: str, classnames) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({c: [f"a photo of a {c}, a kind of thing."] for c in classnames}))
+    return path
+
+
+# ---------------------------------------------------------------------- datasets check
+def test_check_reports_every_layout_and_passes(data, tmp_path, capsys):
+    descriptions = tmp_path / "cupl"
+    _descriptions(descriptions, "oxford_pets", ["abyssinian", "american bulldog", "beagle"])
+    folders = [str(data / folder) for folder in DATASETS.values()]
+    assert cli.main(["datasets", "check", *folders, "--descriptions", str(descriptions)]) == 0
+    out = capsys.readouterr().out
+    for layout in ("split_json (Dassl OxfordPets)", "imagenet (Dassl ImageNet)", "fgvc_aircraft (Dassl FGVCAircraft)",
+                   "imagenetv2 (Dassl ImageNetV2)", "imagenet_a (Dassl ImageNetA)", "imagenet_r (Dassl ImageNetR)",
+                   "imagenet_sketch (Dassl ImageNetSketch)", "split_json (Dassl EuroSAT)"):
+        assert f"layout: {layout}" in out
+    assert "classes: 3 (707-320, A300B4, F-16A/B)" in out and "images: 24 train / 0 val / 18 test" in out
+    assert "preset: fgvc_aircraft" in out and "preset: dtd" in out and out.count("preset: imagenet\n") == 5
+    assert f"descriptions: {descriptions / 'oxford_pets.json'} (covers all 3 classes)" in out
+    assert "none for this dataset" in out and "no errors" in out
+
+
+def test_check_fails_on_what_the_runner_refuses(data, tmp_path, capsys):
+    D = __import__("anchoropt.datasets.folders", fromlist=["x"])
+    one = D.make_synthetic_image_folder(tmp_path / "one", ["cat"], per_class=3, size=8)
+    bad_descriptions = _descriptions(tmp_path / "cupl", "dtd", ["banded"])  # two classes missing
+    code = cli.main(["datasets", "check", str(data / "imagenet" / "images"), str(one), str(tmp_path / "absent"),
+                     str(data / "dtd"), "--descriptions", str(tmp_path / "cupl")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "split folders, not classes" in out and "needs at least two classes" in out
+    assert "not a directory" in out and f"descriptions {bad_descriptions}" in out and "4 error(s)" in out
+
+
+def test_check_reads_the_requested_dassl_fewshot_files(data, tmp_path, capsys):
+    root = make_layout(tmp_path, "fgvc_aircraft")
+    ds = layouts.open_dataset(root)
+    write_dassl_fewshot(root, ds.train[::4], ds.val[::2], shots=1, seed=1)
+    assert cli.main(["datasets", "check", str(root), "--shots", "1", "--seeds", "1", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "Dassl few-shot files: 1 shots, seeds 1" in out
+    assert "--shots 1 --seed 1: readable, matches the dataset" in out and "shot_1-seed_2.pkl is absent" in out
+
+
+# ---------------------------------------------------------------------- the runner over the layouts
+def test_train_base_to_novel_on_imagenet_and_fgvc_with_split_fewshot_present(data, tmp_path):
+    for folder in ("imagenet", "fgvc_aircraft"):
+        out = tmp_path / folder
+        assert cli.main(["train", "--data", str(data / folder), "--shots", "2", "-o", str(out), *FAST]) == 0
+        results = json.loads((out / "results.json").read_text())["results"]
+        n = 6 if folder == "imagenet" else 3
+        assert results["base"]["n_classes"] + results["novel"]["n_classes"] == n
+
+
+def test_cross_dataset_and_domain_generalisation_over_imagenet_and_its_variants(data, tmp_path):
+    xd = tmp_path / "xd"
+    assert cli.main(["train", "--data", str(data / "imagenet"), "--shots", "2", "-o", str(xd), *FAST,
+                     "--protocol", "cross-dataset", "--target", str(data / "fgvc_aircraft"),
+                     "--target", str(data / "imagenetv2")]) == 0
+    targets = json.loads((xd / "results.json").read_text())["results"]["targets"]
+    assert {k: (v["n_classes"], v["n_images"]) for k, v in targets.items()} == {
+        "fgvc_aircraft": (3, 9), "imagenetv2": (6, 12)}
+    dg = tmp_path / "dg"
+    variants = ["imagenetv2", "imagenet-sketch", "imagenet-adversarial", "imagenet-rendition"]
+    assert cli.main(["train", "--data", str(data / "imagenet"), "--shots", "2", "-o", str(dg), *FAST,
+                     "--protocol", "domain-generalization",
+                     *[arg for v in variants for arg in ("--target", str(data / v))]]) == 0
+    targets = json.loads((dg / "results.json").read_text())["results"]["targets"]
+    assert {k: v["n_classes"] for k, v in targets.items()} == {
+        "imagenetv2": 6, "imagenet-sketch": 6, "imagenet-adversarial": 3, "imagenet-rendition": 3}
+
+
+def test_a_one_class_target_is_refused_before_training(data, tmp_path, capsys):
+    D = __import__("anchoropt.datasets.folders", fromlist=["x"])
+    one = D.make_synthetic_image_folder(tmp_path / "one", ["tench"], per_class=3, size=8)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data / "imagenet"), "--shots", "2", "-o", str(out), *FAST,
+                     "--protocol", "cross-dataset", "--target", str(one)]) == 2
+    assert "a target needs at least two classes" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+
+
+def test_train_with_dassl_shots(tmp_path):
+    from anchoropt.runner import RunConfig
+    from anchoropt.runner.protocols import _source_dataset, _training_view
+
+    root = make_layout(tmp_path, "oxford_pets")
+    ds = layouts.open_dataset(root)
+    chosen = [r for r in ds.train if r.path.endswith("_0001.jpg")]  # one image per class, not the sampler's pick
+    write_dassl_fewshot(root, chosen, ds.val[:3], shots=1, seed=7, moved_from="/elsewhere/oxford_pets")
+    cfg = RunConfig(data=str(root), shots=1, seed=7, shots_from="dassl")
+    few, novel = _training_view(_source_dataset(cfg), cfg)
+    assert [r.path for r in few.train] + [r.path for r in novel.train] == [r.path for r in chosen]
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(root), "--shots", "1", "-o", str(out), *FAST[:-1], "7",
+                     "--shots-from", "dassl"]) == 0
+    assert json.loads((out / "run_config.json").read_text())["shots_from"] == "dassl"
+    assert cli.main(["train", "--data", str(root), "--shots", "2", "-o", str(tmp_path / "r2"), *FAST,
+                     "--shots-from", "dassl"]) == 2  # no shot_2-seed_1.pkl: refused before training
