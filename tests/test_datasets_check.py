@@ -125,3 +125,40 @@ def test_train_with_dassl_shots(tmp_path):
     assert json.loads((out / "run_config.json").read_text())["shots_from"] == "dassl"
     assert cli.main(["train", "--data", str(root), "--shots", "2", "-o", str(tmp_path / "r2"), *FAST,
                      "--shots-from", "dassl"]) == 2  # no shot_2-seed_1.pkl: refused before training
+
+
+# ---------------------------------------------------------------------- the grid's per-dataset recipes
+def test_each_dataset_gets_its_preset_and_descriptions_in_a_grid(tmp_path):
+    from anchoropt.runner.grid import _run_config, plan_grid
+    from anchoropt.runner import RunConfig
+
+    data = tmp_path / "DATA"
+    pets, dtd, imagenet = (make_layout(data, key) for key in ("oxford_pets", "dtd", "imagenet"))
+    cupl = tmp_path / "cupl"
+    _descriptions(cupl, "oxford_pets", ["abyssinian", "american bulldog", "beagle"])
+    _descriptions(cupl, "dtd", ["banded", "blotchy", "braided"])
+    base = RunConfig(descriptions=str(cupl))
+    runs = plan_grid(["coop+anchoropt"], [str(pets), str(dtd)], [1], tmp_path / "grid")
+    chosen = {Path(c.data).name: (c.preset, Path(c.descriptions).name) for c in (_run_config(base, r) for r in runs)}
+    assert chosen == {"oxford_pets": ("oxford_pets", "oxford_pets.json"), "dtd": ("dtd", "dtd.json")}
+    xd = plan_grid(["coop"], [str(imagenet)], [1], tmp_path / "xd")[0]
+    assert _run_config(RunConfig(protocol="cross-dataset", targets=[str(dtd)]), xd).preset == "xd"
+    with pytest.warns(UserWarning, match="--preset eurosat is another dataset's preset: .*holds oxford_pets"):
+        assert _run_config(RunConfig(preset="eurosat"), runs[0]).preset == "eurosat"  # explicit: kept
+    with pytest.raises(FileNotFoundError, match=r"no descriptions file for .*imagenet \(looked for imagenet.json"):
+        _run_config(base, xd)
+
+
+def test_a_grid_over_two_datasets_trains_each_with_its_recipe(tmp_path):
+    data = tmp_path / "DATA"
+    pets, dtd = make_layout(data, "oxford_pets"), make_layout(data, "dtd")
+    cupl = tmp_path / "cupl"
+    _descriptions(cupl, "oxford_pets", ["abyssinian", "american bulldog", "beagle"])
+    _descriptions(cupl, "dtd", ["banded", "blotchy", "braided"])
+    out = tmp_path / "grid"
+    assert cli.main(["grid", "--methods", "coop", "--data", str(pets), str(dtd), "--seeds", "1", "-o", str(out),
+                     "--descriptions", str(cupl), "--shots", "2", "--stage1-steps", "1",
+                     *FAST[:-4]]) == 0
+    configs = [json.loads(p.read_text()) for p in sorted(out.rglob("run_config.json"))]
+    assert sorted((c["preset"], Path(c["descriptions"]).name) for c in configs) == [
+        ("dtd", "dtd.json"), ("oxford_pets", "oxford_pets.json")]

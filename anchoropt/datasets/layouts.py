@@ -38,7 +38,7 @@ from pathlib import Path
 from . import folders as F
 from .folders import DatasetSplits, Record
 
-__all__ = ["LAYOUTS", "DASSL_NAMES", "open_dataset", "detect_layout", "LayoutError"]
+__all__ = ["LAYOUTS", "DASSL_NAMES", "open_dataset", "detect_layout", "recognise", "LayoutError"]
 
 LAYOUTS: dict[str, str] = {
     "split_json": "a CoOp split file split_zhou_<Name>.json ({\"train\": [[relpath, label, classname], ...], "
@@ -145,6 +145,21 @@ def detect_layout(root: str | os.PathLike) -> str:
     if (root / "train").is_dir() and (root / "test").is_dir():
         return "subfolders"
     return "folder"
+
+
+def recognise(root: str | os.PathLike) -> str:
+    """The Dassl dataset class a folder holds, from its files alone (no image is listed): ``"OxfordPets"`` for
+    ``split_zhou_OxfordPets.json``, ``"ImageNet"`` for the ImageNet layout, ...; ``""`` when the layout names none
+    (a plain folder) or the folder is unreadable."""
+    root = Path(root)
+    try:
+        layout = detect_layout(root)
+        if layout == "split_json":
+            found = _SPLIT_NAME.match(F._find_split_file(root).name)
+            return found.group(1) if found else ""
+    except (OSError, ValueError):
+        return ""
+    return DASSL_NAMES.get(layout, "")
 
 
 # ---------------------------------------------------------------------- readers

@@ -87,7 +87,8 @@ def _add_shots_from_arg(g) -> None:
 
 def _add_common_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
     p.add_argument("--preset", help="per-dataset settings of the released tables (see `anchoropt presets`); "
-                                    "explicit options override it")
+                                    "explicit options override it" + ("; default: each dataset's own, recognised "
+                                                                      "from its folder" if grid else ""))
     if grid:
         p.add_argument("--output", "-o", help="the grid's directory (runs/, results.json, table.md, hm.png)")
     else:
@@ -258,7 +259,8 @@ def _add_train_options(p: argparse.ArgumentParser, grid: bool = False) -> None:
     _add_released_args(p)
     anchors = p.add_mutually_exclusive_group()
     anchors.add_argument("--descriptions", help="descriptions JSON: run Stage I first on the training classes "
-                                                "(AnchorOPT methods)")
+                                                "(AnchorOPT methods)" + ("; or a folder of <preset>.json files, one "
+                                                                         "per dataset" if grid else ""))
     anchors.add_argument("--anchors", help="Stage I anchors: our .safetensors or the authors' model.pth.tar")
     p.add_argument("--n-anchor", type=int, default=None, help="N, anchor tokens for Stage I (1)")
     p.add_argument("--deep-depth", type=int, default=0,
