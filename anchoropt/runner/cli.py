@@ -68,8 +68,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required,
-                   help="dataset directory: ImageFolder (root/<class>/*.jpg), root with train/ and test/ "
-                        "ImageFolders, or a CoOp dataset folder with its split_zhou_*.json")
+                   help="dataset directory: any layout of CoOp's DATASETS.md (split_zhou_*.json, ImageNet, "
+                        "FGVCAircraft, ImageNet-V2 / -Sketch / -A / -R), root with train/ and test/ ImageFolders, or "
+                        "an ImageFolder (root/<class>/*.jpg); see `anchoropt datasets check`")
     g.add_argument("--split-json", help="CoOp split file (default: the split_zhou_*.json inside --data, if any)")
     g.add_argument("--image-root", help="directory the split file's paths are relative to (default: guessed)")
     g.add_argument("--classnames-file", help="lines '<folder> <class name>' (default: --data/classnames.txt if any)")
