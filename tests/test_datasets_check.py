@@ -162,3 +162,39 @@ def test_a_grid_over_two_datasets_trains_each_with_its_recipe(tmp_path):
     configs = [json.loads(p.read_text()) for p in sorted(out.rglob("run_config.json"))]
     assert sorted((c["preset"], Path(c["descriptions"]).name) for c in configs) == [
         ("dtd", "dtd.json"), ("oxford_pets", "oxford_pets.json")]
+
+
+# ---------------------------------------------------------------------- the documented commands, as written
+def _documented_commands(page: Path, starts: tuple[str, ...]) -> list[list[str]]:
+    import re
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+        text = re.sub(r"\\\n\s*", " ", block)
+        for line in text.splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith(starts):
+                commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_the_documented_cross_dataset_and_dg_commands_run_on_the_layouts(data, tmp_path, monkeypatch):
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    starts = ("anchoropt train --protocol cross-dataset", "anchoropt eval")
+    commands = _documented_commands(docs / "howto/get-the-data.md", starts)
+    assert [c[0] for c in commands] == ["train", "eval"]
+    assert _documented_commands(docs / "howto/reproduce.md", starts) == commands  # the same commands there
+    monkeypatch.chdir(tmp_path)
+    imagenet = layouts.open_dataset(data / "imagenet")
+    _descriptions(tmp_path / "descriptions", "imagenet", imagenet.classnames)
+    for args in commands:
+        args = [a.replace("DATA/", f"{data}/", 1) if a.startswith("DATA/") else a for a in args]
+        if args[0] == "train":  # the tiny model and a short schedule; everything else as written
+            args += FAST[:-4] + ["--shots", "2", "--stage1-steps", "1"]
+        assert cli.main(args) == 0, args
+    xd = json.loads((tmp_path / "runs/xd/seed1/results.json").read_text())["results"]["targets"]
+    assert len(xd) == 10 and all(t["n_classes"] == 3 for t in xd.values())
+    dg = json.loads((tmp_path / "runs/xd/seed1/eval_results.json").read_text())["results"]["targets"]
+    assert {k: v["n_classes"] for k, v in dg.items()} == {
+        "imagenetv2": 6, "imagenet-sketch": 6, "imagenet-adversarial": 3, "imagenet-rendition": 3}
