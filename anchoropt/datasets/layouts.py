@@ -2,25 +2,22 @@
 
 :func:`open_dataset` is the runner's entry point: it recognises the layout of a dataset folder (see
 :data:`LAYOUTS`), reads it into a :class:`~anchoropt.datasets.folders.DatasetSplits` and refuses a dataset with
-fewer than two classes (one class always scores 100 %).  The layouts, in the order they are tried:
+fewer than two classes (one class always scores 100 %).  The layouts, in the order they are tried, each read
+as the CoOp dataset class named in brackets reads it:
 
-============== ================================================================ ===============================
-layout         the folder holds                                                  read as (CoOp's ``datasets/``)
-============== ================================================================ ===============================
-split_json     ``split_zhou_<Name>.json`` (``{"train"|"val"|"test": [[relpath,   ``OxfordPets.read_split``: the
-               label, classname], ...]}``) and the image folder it names         file's splits and labels
-fgvc_aircraft  ``images/<id>.jpg``, ``variants.txt``,                            ``FGVCAircraft``: labels in
-               ``images_variant_{train,val,test}.txt`` (``<id> <variant>``)      ``variants.txt`` order
-imagenet       ``images/train/<wnid>/``, ``images/val/<wnid>/``,                 ``ImageNet``: labels in sorted
-               ``classnames.txt`` (``<wnid> <class name>`` lines)                folder order, val as test
-imagenetv2     ``imagenetv2-*-format-val/<i>/`` for ``i`` in ``0..C-1`` and      ``ImageNetV2``: folder ``i`` is
-               ``classnames.txt``                                                line ``i`` of classnames.txt
-imagenet_a     ``imagenet-a/<wnid>/`` (200 classes) and ``classnames.txt``       ``ImageNetA``: its 200 classes
-imagenet_r     ``imagenet-r/<wnid>/`` (200 classes) and ``classnames.txt``       ``ImageNetR``: its 200 classes
-imagenet_sketch ``images/<wnid>/`` and ``classnames.txt``                        ``ImageNetSketch``
-subfolders     ``train/<class>/`` and ``test/<class>/`` (``val/`` optional)      (ours) labels from train/
-folder         one sub-folder of images per class                               (ours) split per class
-============== ================================================================ ===============================
+* ``split_json``: ``split_zhou_<Name>.json`` (``{"train"|"val"|"test": [[relpath, label, classname], ...]}``)
+  and the image folder it lists (``OxfordPets.read_split``: the file's splits and labels);
+* ``fgvc_aircraft``: ``images/<id>.jpg``, ``variants.txt``, ``images_variant_{train,val,test}.txt`` (lines
+  ``<id> <variant>``; ``FGVCAircraft``: labels in ``variants.txt`` order);
+* ``imagenet``: ``images/train/<wnid>/``, ``images/val/<wnid>/``, ``classnames.txt`` (lines
+  ``<wnid> <class name>``; ``ImageNet``: labels in sorted folder order, val as test);
+* ``imagenetv2``: ``imagenetv2-*-format-val/<i>/`` for ``i`` in ``0..C-1`` and ``classnames.txt``
+  (``ImageNetV2``: folder ``i`` is line ``i`` of classnames.txt);
+* ``imagenet_a`` / ``imagenet_r``: ``imagenet-a/<wnid>/`` / ``imagenet-r/<wnid>/`` (200 classes) and
+  ``classnames.txt`` (``ImageNetA`` / ``ImageNetR``: their 200 classes only);
+* ``imagenet_sketch``: ``images/<wnid>/`` and ``classnames.txt`` (``ImageNetSketch``);
+* ``subfolders``: ``train/<class>/`` and ``test/<class>/`` (``val/`` optional), labels from ``train/``;
+* ``folder``: one sub-folder of images per class, split per class.
 
 ImageNet-V2 / -Sketch / -A / -R are test sets (Dassl reads them whole as ``test``); given as ``--data`` they
 are split per class like a plain folder.  ImageNet has no validation split here (CoOp reuses its test set
