@@ -258,3 +258,20 @@ def test_a_damaged_fewshot_file_is_named(tmp_path):
     path.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(ValueError, match="expected a dict with 'train'"):
         dassl_fewshot.read_fewshot_file(path)
+
+
+def test_a_classnames_file_given_elsewhere_serves_the_imagenet_layouts(tmp_path):
+    root = make_layout(tmp_path, "imagenet_a")
+    names = tmp_path / "names.txt"
+    (root / "classnames.txt").rename(names)
+    with pytest.raises(layouts.LayoutError, match="looks like the imagenet_a layout but lacks"):
+        layouts.open_dataset(root, holdout=False)
+    ds = layouts.open_dataset(root, holdout=False, classnames_file=names)
+    assert ds.layout == "imagenet_a" and ds.classnames == list(WNIDS.values())[1:4]
+
+
+def test_a_class_named_images_is_not_imagenet_sketch(tmp_path):
+    D.make_synthetic_image_folder(tmp_path, ("images", "cats"), per_class=5, size=8)
+    (tmp_path / "classnames.txt").write_text("images pictures\ncats cats\n")
+    assert layouts.detect_layout(tmp_path) == "folder"
+    assert layouts.open_dataset(tmp_path).classnames == ["cats", "pictures"]

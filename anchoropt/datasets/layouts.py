@@ -87,9 +87,9 @@ def open_dataset(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset directory not found: {root}")
-    layout = "split_json" if split_json is not None else detect_layout(root)
-    if layout in _READERS and not classnames_file:
-        data = _READERS[layout](root, holdout)
+    layout = "split_json" if split_json is not None else detect_layout(root, classnames_file)
+    if layout in _READERS:
+        data = _READERS[layout](root, holdout, Path(classnames_file or root / F.CLASSNAMES_FILE))
         if holdout and not data.train:  # a test set given as --data: split it per class as a plain folder
             train, val, test = F.split_per_class(data.test, p_train, p_val, split_seed)
             data = replace(data, train=train, val=val, test=test)
@@ -110,23 +110,25 @@ def open_dataset(
     return data
 
 
-def detect_layout(root: str | os.PathLike) -> str:
+def detect_layout(root: str | os.PathLike, classnames_file: str | os.PathLike | None = None) -> str:
     """The name of ``root``'s layout in :data:`LAYOUTS`, from the files and folders it holds.
 
     A folder that holds part of a dataset-specific layout (``images/train/`` without ``classnames.txt``,
-    ``variants.txt`` without its split files) raises :class:`LayoutError` naming the missing part.
+    ``variants.txt`` without its split files) raises :class:`LayoutError` naming the missing part;
+    ``classnames_file`` stands for a missing ``root/classnames.txt``.
     """
     root = Path(root)
     if F._find_split_file(root) is not None:
         return "split_json"
     names = {entry.name for entry in os.scandir(root) if not entry.name.startswith(".")}
-    has_classnames = F.CLASSNAMES_FILE in names
+    has_classnames = F.CLASSNAMES_FILE in names or classnames_file is not None
+    need_names = [] if classnames_file is not None else [F.CLASSNAMES_FILE]
     fgvc = {"variants.txt", "images_variant_train.txt", "images_variant_val.txt", "images_variant_test.txt"}
     if names & fgvc:
         _require(root, sorted(fgvc) + ["images/"], "fgvc_aircraft")
         return "fgvc_aircraft"
     if (root / "images" / "train").is_dir() and (root / "images" / "val").is_dir():
-        _require(root, [F.CLASSNAMES_FILE], "imagenet")
+        _require(root, need_names, "imagenet")
         return "imagenet"
     v2 = sorted(n for n in names if _V2_DIR.match(n) and (root / n).is_dir())
     for layout, found in (("imagenetv2", v2[:1]), ("imagenet_a", ["imagenet-a"] if "imagenet-a" in names else []),
@@ -135,9 +137,10 @@ def detect_layout(root: str | os.PathLike) -> str:
             if len(v2) > 1 and layout == "imagenetv2":
                 raise LayoutError(f"{root} holds several ImageNet-V2 image folders {v2}: keep one per dataset folder "
                                   "(CoOp reads imagenetv2-matched-frequency-format-val)")
-            _require(root, [F.CLASSNAMES_FILE], layout)
+            _require(root, need_names, layout)
             return layout
-    if (root / "images").is_dir() and has_classnames:
+    others = [n for n in names if n not in ("images", *F.IGNORED_FOLDERS) and (root / n).is_dir()]
+    if (root / "images").is_dir() and has_classnames and not others:  # else: a class named "images"
         return "imagenet_sketch"
     if (root / "train").is_dir() and (root / "test").is_dir():
         return "subfolders"
@@ -160,9 +163,9 @@ def recognise(root: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------- readers
-def _read_imagenet(root: Path, holdout: bool) -> DatasetSplits:
+def _read_imagenet(root: Path, holdout: bool, names: Path) -> DatasetSplits:
     """``images/train/<wnid>/`` (train) and ``images/val/<wnid>/`` (test); a target reads ``val`` alone."""
-    mapping = _wnid_names(root, [root / "images" / "val"] + ([root / "images" / "train"] if holdout else []))
+    mapping = _wnid_names(names, [root / "images" / "val"] + ([root / "images" / "train"] if holdout else []))
     if not holdout:
         test, classnames = F.read_image_folder(root / "images" / "val", mapping)
         return DatasetSplits(root.name, classnames, [], [], test)
@@ -171,7 +174,7 @@ def _read_imagenet(root: Path, holdout: bool) -> DatasetSplits:
     return DatasetSplits(root.name, classnames, train, [], test)
 
 
-def _read_fgvc_aircraft(root: Path, holdout: bool) -> DatasetSplits:
+def _read_fgvc_aircraft(root: Path, holdout: bool, names: Path) -> DatasetSplits:
     """``images_variant_<split>.txt`` lines ``<id> <variant>`` -> ``images/<id>.jpg``, labelled by the line of
     the variant in ``variants.txt``."""
     classnames = [line.strip() for line in _text(root / "variants.txt").splitlines() if line.strip()]
@@ -195,21 +198,21 @@ def _read_fgvc_aircraft(root: Path, holdout: bool) -> DatasetSplits:
     return DatasetSplits(root.name, names, splits["train"], splits["val"], splits["test"])
 
 
-def _read_imagenetv2(root: Path, holdout: bool) -> DatasetSplits:
+def _read_imagenetv2(root: Path, holdout: bool, names: Path) -> DatasetSplits:
     """``imagenetv2-*-format-val/<i>/``: folder ``i`` is class ``i`` of ``classnames.txt`` (file order)."""
     image_dir = next(p for p in sorted(root.iterdir()) if _V2_DIR.match(p.name) and p.is_dir())
-    mapping = F.read_classnames_file(root / F.CLASSNAMES_FILE)
+    mapping = F.read_classnames_file(names)
     classnames = [F._clean_name(name) for name in mapping.values()]
-    F._refuse_colliding(list(mapping), classnames, f"{root / F.CLASSNAMES_FILE}: classes")
+    F._refuse_colliding(list(mapping), classnames, f"{names}: classes")
     folders = _class_folders(image_dir)
     bad = [f for f in folders if not (f.isdigit() and int(f) < len(classnames))]
     if bad:
         raise LayoutError(f"{image_dir}: folder(s) {bad[:5]} are not class indices 0..{len(classnames) - 1} of "
-                          f"{root / F.CLASSNAMES_FILE} (ImageNet-V2's folders are numbered by ImageNet label)")
+                          f"{names} (ImageNet-V2's folders are numbered by ImageNet label)")
     missing = sorted(set(range(len(classnames))) - {int(f) for f in folders})
     if missing:
         raise LayoutError(f"{image_dir}: no folder for class index(es) {missing[:10]}"
-                          f"{' ...' if len(missing) > 10 else ''} of {root / F.CLASSNAMES_FILE} "
+                          f"{' ...' if len(missing) > 10 else ''} of {names} "
                           f"({len(classnames)} classes): copy ImageNet's classnames.txt and the whole image folder")
     test = []
     for label in range(len(classnames)):
@@ -219,9 +222,9 @@ def _read_imagenetv2(root: Path, holdout: bool) -> DatasetSplits:
 
 
 def _wnid_reader(folder: str):
-    def read(root: Path, holdout: bool) -> DatasetSplits:
+    def read(root: Path, holdout: bool, names: Path) -> DatasetSplits:
         image_dir = root / folder
-        test, classnames = F.read_image_folder(image_dir, _wnid_names(root, [image_dir]))
+        test, classnames = F.read_image_folder(image_dir, _wnid_names(names, [image_dir]))
         return DatasetSplits(root.name, classnames, [], [], test)
 
     read.__doc__ = f"``{folder}/<wnid>/`` with class names from ``classnames.txt``; only the classes present."
@@ -239,14 +242,14 @@ _READERS = {
 
 
 # ---------------------------------------------------------------------- helpers
-def _wnid_names(root: Path, image_dirs: list[Path]) -> dict[str, str]:
-    """``classnames.txt``'s mapping, checked to name every class folder of ``image_dirs``."""
-    mapping = F.read_classnames_file(root / F.CLASSNAMES_FILE)
+def _wnid_names(names: Path, image_dirs: list[Path]) -> dict[str, str]:
+    """The mapping of ``names`` (a ``classnames.txt``), checked to name every class folder of ``image_dirs``."""
+    mapping = F.read_classnames_file(names)
     for image_dir in image_dirs:
         unknown = [f for f in _class_folders(image_dir) if f not in mapping]
         if unknown:
             raise LayoutError(f"{image_dir}: class folder(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are "
-                              f"not in {root / F.CLASSNAMES_FILE}: use ImageNet's classnames.txt (CoOp's "
+                              f"not in {names}: use ImageNet's classnames.txt (CoOp's "
                               "DATASETS.md), whose lines are '<wnid> <class name>'")
     return mapping
 
