@@ -16,8 +16,8 @@ def _source_dataset(cfg: RunConfig) -> D.DatasetSplits:
     if not cfg.data:
         raise ValueError("no dataset: pass --data DIR (an ImageFolder directory or a CoOp dataset directory)")
     return layouts.open_dataset(cfg.data, split_json=cfg.split_json, image_root=cfg.image_root,
-                          classnames_file=cfg.classnames_file, holdout=True, p_train=cfg.p_train,
-                          p_val=cfg.p_val, split_seed=cfg.split_seed)
+                                classnames_file=cfg.classnames_file, holdout=True, p_train=cfg.p_train,
+                                p_val=cfg.p_val, split_seed=cfg.split_seed)
 
 
 def _target_dataset(path: str, cfg: RunConfig) -> D.DatasetSplits:
@@ -26,7 +26,7 @@ def _target_dataset(path: str, cfg: RunConfig) -> D.DatasetSplits:
 
 def _training_view(source: D.DatasetSplits, cfg: RunConfig) -> tuple[D.DatasetSplits, D.DatasetSplits | None]:
     """The (K-shot, subsampled) training dataset and, for base-to-novel, the novel view."""
-    if getattr(cfg, "shots_from", "sample") == "dassl" and cfg.shots >= 1:  # the images Dassl drew for the seed
+    if cfg.shots_from == "dassl" and cfg.shots >= 1:  # the images Dassl drew for the seed
         few = dassl_fewshot.dassl_few_shot(source, cfg.shots, cfg.seed)
     else:
         few = D.sample_few_shot(source, cfg.shots, cfg.seed)
