@@ -198,3 +198,16 @@ def test_the_documented_cross_dataset_and_dg_commands_run_on_the_layouts(data, t
     dg = json.loads((tmp_path / "runs/xd/seed1/eval_results.json").read_text())["results"]["targets"]
     assert {k: v["n_classes"] for k, v in dg.items()} == {
         "imagenetv2": 6, "imagenet-sketch": 6, "imagenet-adversarial": 3, "imagenet-rendition": 3}
+
+
+def test_a_grid_runs_domain_generalisation_over_imagenet_and_its_variants_in_one_call(data, tmp_path):
+    out = tmp_path / "grid"
+    variants = [str(data / v) for v in ("imagenetv2", "imagenet-sketch", "imagenet-adversarial", "imagenet-rendition")]
+    assert cli.main(["grid", "--methods", "coop", "--data", str(data / "imagenet"), "--seeds", "1", "-o", str(out),
+                     "--protocol", "domain-generalization", "--target", *variants, "--shots", "2",
+                     *FAST[:-4]]) == 0
+    (config,) = [json.loads(p.read_text()) for p in out.rglob("run_config.json")]
+    assert config["preset"] == "xd"  # ImageNet as the source of the transfer protocols: the released xd settings
+    (results,) = [json.loads(p.read_text())["results"] for p in out.rglob("runs/**/results.json")]
+    assert {k: v["n_classes"] for k, v in results["targets"].items()} == {
+        "imagenetv2": 6, "imagenet-sketch": 6, "imagenet-adversarial": 3, "imagenet-rendition": 3}
