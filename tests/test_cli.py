@@ -161,7 +161,7 @@ def test_custom_text_families_through_the_runner(tmp_path, folder, descriptions,
 
 
 def test_domain_generalization_refuses_unknown_classes_before_training(tmp_path, folder, descriptions, capsys):
-    other = D.make_synthetic_image_folder(tmp_path / "other", ["zebra"], per_class=2, size=32)
+    other = D.make_synthetic_image_folder(tmp_path / "other", ["zebra", "yak"], per_class=2, size=32)
     code = cli.main(["train", "--data", str(folder), "--descriptions", str(descriptions), "--model", "tiny-test",
                      "-o", str(tmp_path / "r"), "--protocol", "domain-generalization", "--target", str(other), *FAST])
     assert code == 2

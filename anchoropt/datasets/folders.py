@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,6 +58,10 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_FILE_PATTERNS = ("split_zhou_*.json", "split_*.json", "split.json")
 CLASSNAMES_FILE = "classnames.txt"
+IGNORED_FOLDERS = ("split_fewshot",)
+"""Folders that are never classes: Dassl's few-shot cache (``split_fewshot/shot_K-seed_S.pkl``)."""
+_SPLIT_FOLDERS = {"train", "val", "test"}
+_WNID = re.compile(r"^n\d{8}$")
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,10 @@ class DatasetSplits:
         classnames: class names indexed by label.
         train, val, test: lists of :class:`Record`.
         layout: where the splits came from: ``"split_json"``, ``"subfolders"``, ``"folder_split"``
-            (a plain folder split per class) or ``"folder"`` (a plain folder read whole as ``test``).
+            (a plain folder split per class) or ``"folder"`` (a plain folder read whole as ``test``), or a
+            dataset-specific layout of :mod:`~anchoropt.datasets.layouts` (``"imagenet"``, ...).
         root: the directory the dataset was read from.
+        dataset: the Dassl / CoOp dataset class it was recognised as (``"OxfordPets"``, ``"ImageNet"``), or ``""``.
     """
 
     name: str
@@ -88,6 +95,7 @@ class DatasetSplits:
     test: list[Record] = field(default_factory=list)
     layout: str = "folder"
     root: str = ""
+    dataset: str = ""
 
     @property
     def n_classes(self) -> int:
@@ -172,12 +180,18 @@ def read_image_folder(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")
+                     and entry.name not in IGNORED_FOLDERS)
     if not folders:
         raise ValueError(f"{root} has no class sub-directories (expected an ImageFolder layout: root/<class>/*.jpg)")
+    files_of = {folder: sorted(_image_files(root / folder)) for folder in folders}
+    other = [f for f in folders if not files_of[f] and _holds_files(root / f)]
+    if other and len(other) < len(folders):  # annotations, metadata: never classes
+        warnings.warn(f"{root}: folder(s) {other[:10]} hold files but no images; they are not classes", stacklevel=2)
+        folders = [f for f in folders if f not in other]
+    _refuse_split_level(root, folders, classnames_map)
     names = [_clean_name((classnames_map or {}).get(folder, folder)) for folder in folders]
     _refuse_colliding(folders, names, f"{root}: class folders")
-    files_of = {folder: sorted(_image_files(root / folder)) for folder in folders}
     empty = [folder for folder in folders if not files_of[folder]]
     if classnames is None:
         if empty and len(empty) < len(folders):
@@ -530,6 +544,29 @@ def _by_label(records: Iterable[Record]) -> dict[int, list[Record]]:
     for record in records:
         groups.setdefault(record.label, []).append(record)
     return groups
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether ``folder`` (recursively) holds a non-hidden file."""
+    return any(not name.startswith(".") for _, _, names in os.walk(folder) for name in names)
+
+
+def _refuse_split_level(root: Path, folders: Sequence[str], classnames_map: dict[str, str] | None) -> None:
+    """Refuse class folders that are a dataset's split folders (``imagenet/images``: train, val) or ImageNet-V2's
+    numbered folders read without their ``classnames.txt``: either would be scored as meaningless classes."""
+    if set(folders) <= _SPLIT_FOLDERS:
+        raise ValueError(f"{root}: the class folders {list(folders)} are split folders, not classes: pass the "
+                         f"dataset folder above (e.g. DATA/imagenet, holding images/train, images/val and "
+                         "classnames.txt) or a folder with train/ and test/")
+    v2_like = "imagenetv2" in root.name.lower() or (root.parent / CLASSNAMES_FILE).is_file()
+    if not classnames_map and v2_like and all(f.isdigit() for f in folders):
+        raise ValueError(f"{root}: the class folders are numbers ({list(folders)[:5]} ...), as ImageNet-V2's label "
+                         "indices: pass the folder above holding imagenetv2-matched-frequency-format-val/ and "
+                         "ImageNet's classnames.txt (CoOp's DATASETS.md), or add a classnames.txt naming them")
+    if not classnames_map and all(_WNID.match(f) for f in folders):
+        raise ValueError(f"{root}: the class folders are WordNet ids ({list(folders)[:3]} ...), which CLIP cannot read "
+                         "as class names: pass the dataset folder above that holds ImageNet's classnames.txt "
+                         "('<wnid> <class name>' lines; CoOp's DATASETS.md), or put that file in this folder")
 
 
 def _image_files(folder: Path) -> Iterable[Path]:

@@ -7,6 +7,7 @@ Commands::
     anchoropt eval           evaluate a finished run again (other targets, another protocol)
     anchoropt plot           position-matrix heatmap and the anchors' nearest tokens of a run (PNG)
     anchoropt presets        the per-dataset settings of the released tables
+    anchoropt datasets check what the runner reads from dataset folders (layout, classes, shots, preset)
     anchoropt demo           the whole method end to end on an offline tiny model (see anchoropt.runner.demo)
 
 Run ``anchoropt COMMAND --help`` for the options.  Multi-GPU: ``torchrun --nproc_per_node 4 -m anchoropt
@@ -68,19 +69,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required,
-                   help="dataset directory: ImageFolder (root/<class>/*.jpg), root with train/ and test/ "
-                        "ImageFolders, or a CoOp dataset folder with its split_zhou_*.json")
+                   help="dataset directory: any layout of CoOp's DATASETS.md (split_zhou_*.json, ImageNet, "
+                        "FGVCAircraft, ImageNet-V2 / -Sketch / -A / -R), root with train/ and test/ ImageFolders, or "
+                        "an ImageFolder (root/<class>/*.jpg); see `anchoropt datasets check`")
     g.add_argument("--split-json", help="CoOp split file (default: the split_zhou_*.json inside --data, if any)")
     g.add_argument("--image-root", help="directory the split file's paths are relative to (default: guessed)")
     g.add_argument("--classnames-file", help="lines '<folder> <class name>' (default: --data/classnames.txt if any)")
     g.add_argument("--p-train", type=float, default=0.5, help="plain ImageFolder: train fraction per class (0.5)")
     g.add_argument("--p-val", type=float, default=0.2, help="plain ImageFolder: validation fraction per class (0.2)")
     g.add_argument("--split-seed", type=int, default=1, help="plain ImageFolder: seed of the per-class split (1)")
+    _add_shots_from_arg(g)
+
+
+def _add_shots_from_arg(g) -> None:
+    g.add_argument("--shots-from", choices=("sample", "dassl"), default=None,
+                   help="K shots drawn here with --seed (sample, default) or the images Dassl drew for the seed, "
+                        "read from DATA/split_fewshot/shot_K-seed_S.pkl (dassl)")
 
 
 def _add_common_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
     p.add_argument("--preset", help="per-dataset settings of the released tables (see `anchoropt presets`); "
-                                    "explicit options override it")
+                                    "explicit options override it" + ("; default: each dataset's own, recognised "
+                                                                      "from its folder" if grid else ""))
     if grid:
         p.add_argument("--output", "-o", help="the grid's directory (runs/, results.json, table.md, hm.png)")
     else:
@@ -185,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--p-train", type=float, default=0.5, help="plain ImageFolder: train fraction per class (0.5)")
     g.add_argument("--p-val", type=float, default=0.2, help="plain ImageFolder: validation fraction per class (0.2)")
     g.add_argument("--split-seed", type=int, default=1, help="plain ImageFolder: seed of the per-class split (1)")
+    _add_shots_from_arg(g)
     _add_common_args(p, grid=True)
     _add_hyper_args(p)
 
@@ -221,12 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="a dataset (all when omitted)")
     p.add_argument("--method", choices=("coop", "cocoop", "maple", "dept"), default="coop")
 
+    _add_datasets_parser(sub)
+
     from . import demo
 
     p = sub.add_parser("demo", help="the whole method end to end, offline (Stage I, Stage II, base / novel / HM)",
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(p)
     return parser
+
+
+def _add_datasets_parser(sub) -> None:
+    p = sub.add_parser("datasets", help="check dataset folders: layout, classes, splits, shots, preset, descriptions")
+    checks = p.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
+    c = checks.add_parser("check", help="what the runner would read from each folder; exit 1 on what it refuses",
+                          description="Per folder: the recognised layout, classes, images per split, Dassl's "
+                                      "split_fewshot files, the preset and descriptions that apply (docs: "
+                                      "howto/get-the-data.md).")
+    c.add_argument("folders", nargs="+", metavar="DIR", help="dataset folders (as --data / --target)")
+    c.add_argument("--descriptions", help="a descriptions JSON, or a folder of <preset>.json files")
+    c.add_argument("--shots", type=int, help="with --seeds: check split_fewshot/shot_K-seed_S.pkl (--shots-from dassl)")
+    c.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds for --shots (1 2 3)")
 
 
 def _add_train_options(p: argparse.ArgumentParser, grid: bool = False) -> None:
@@ -245,7 +271,8 @@ def _add_train_options(p: argparse.ArgumentParser, grid: bool = False) -> None:
     _add_released_args(p)
     anchors = p.add_mutually_exclusive_group()
     anchors.add_argument("--descriptions", help="descriptions JSON: run Stage I first on the training classes "
-                                                "(AnchorOPT methods)")
+                                                "(AnchorOPT methods)" + ("; or a folder of <preset>.json files, one "
+                                                                         "per dataset" if grid else ""))
     anchors.add_argument("--anchors", help="Stage I anchors: our .safetensors or the authors' model.pth.tar")
     p.add_argument("--n-anchor", type=int, default=None, help="N, anchor tokens for Stage I (1)")
     p.add_argument("--deep-depth", type=int, default=0,
@@ -487,6 +514,12 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _cmd_datasets(args) -> int:
+    from .datasets_check import check_datasets
+
+    return check_datasets(args.folders, args.descriptions, args.shots, args.seeds)
+
+
 def _cmd_demo(args) -> int:
     from . import demo
 
@@ -494,7 +527,7 @@ def _cmd_demo(args) -> int:
 
 
 _COMMANDS = {"learn-anchors": _cmd_learn_anchors, "train": _cmd_train, "grid": _cmd_grid, "eval": _cmd_eval,
-             "plot": _cmd_plot, "presets": _cmd_presets, "demo": _cmd_demo}
+             "plot": _cmd_plot, "presets": _cmd_presets, "demo": _cmd_demo, "datasets": _cmd_datasets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

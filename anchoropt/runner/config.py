@@ -17,6 +17,8 @@ from ..methods.presets import preset as get_preset
 PROTOCOLS = ("base2novel", "cross-dataset", "domain-generalization")
 EVAL_MODES = ("auto", "base", "novel", "anchor")
 AUGMENTATIONS = ("rrc_flip", "none")
+SHOTS_FROM = ("sample", "dassl")
+"""Where the K shots come from: drawn here with the seed, or Dassl's ``split_fewshot/shot_K-seed_S.pkl``."""
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16", "amp_bfloat16")
 """The ``precision`` values open_clip's ``create_model`` knows (the toy CLIP takes fp32 and the amp ones)."""
 PAE_METHODS = ("coop+anchoropt",)
@@ -38,6 +40,7 @@ class RunConfig:
     split_json: str | None = None
     image_root: str | None = None
     classnames_file: str | None = None
+    shots_from: str = "sample"
     targets: list[str] = field(default_factory=list)
     model: str = "ViT-B-16"
     pretrained: str | None = "openai"
@@ -140,6 +143,8 @@ class RunConfig:
             raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {PROTOCOLS}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {self.augment!r}; choose one of {AUGMENTATIONS}")
+        if self.shots_from not in SHOTS_FROM:
+            raise ValueError(f"unknown --shots-from {self.shots_from!r}; choose one of {SHOTS_FROM}")
         if self.eval_mode not in EVAL_MODES:
             raise ValueError(f"unknown eval mode {self.eval_mode!r}; choose one of {EVAL_MODES}")
         if self.cache_image_features and self.augment != "none" and self.cache_views < 1:

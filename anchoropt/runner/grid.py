@@ -33,6 +33,7 @@ from typing import Sequence
 
 from .. import _files
 from ..datasets import folders as D
+from .dataset_recipes import dataset_recipe
 from . import rundir as R
 from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_config
 from .console import _log
@@ -125,6 +126,7 @@ def _run_config(base: RunConfig, run: GridRun) -> RunConfig:
     """The run's config: the grid's options with the run's method, dataset, seed and directory; a dataset's
     own ``descriptions.json`` serves Stage I when ``--descriptions`` is not given (the toy world writes one)."""
     cfg = dataclasses.replace(base, method=run.method, data=run.data, seed=run.seed, output=str(run.run_dir))
+    cfg = dataset_recipe(cfg)  # the dataset's own preset and descriptions (runner/dataset_recipes.py)
     own = Path(run.data) / "descriptions.json"
     if not cfg.descriptions and not cfg.anchors and own.is_file():
         cfg = dataclasses.replace(cfg, descriptions=str(own))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import warnings
 from typing import Any, Sequence
 
+from ..datasets import dassl_fewshot
 from ..datasets import folders as D
+from ..datasets import layouts
 from .config import RunConfig
 from .evaluation import evaluate as _evaluate
 from .evaluation import harmonic_mean
@@ -14,13 +16,13 @@ from .evaluation import harmonic_mean
 def _source_dataset(cfg: RunConfig) -> D.DatasetSplits:
     if not cfg.data:
         raise ValueError("no dataset: pass --data DIR (an ImageFolder directory or a CoOp dataset directory)")
-    return D.open_dataset(cfg.data, split_json=cfg.split_json, image_root=cfg.image_root,
-                          classnames_file=cfg.classnames_file, holdout=True, p_train=cfg.p_train,
-                          p_val=cfg.p_val, split_seed=cfg.split_seed)
+    return layouts.open_dataset(cfg.data, split_json=cfg.split_json, image_root=cfg.image_root,
+                                classnames_file=cfg.classnames_file, holdout=True, p_train=cfg.p_train,
+                                p_val=cfg.p_val, split_seed=cfg.split_seed)
 
 
 def _target_dataset(path: str, cfg: RunConfig) -> D.DatasetSplits:
-    return D.open_dataset(path, holdout=False, split_seed=cfg.split_seed)
+    return layouts.open_dataset(path, holdout=False, split_seed=cfg.split_seed)
 
 
 def _few_shot(source: D.DatasetSplits, cfg: RunConfig) -> D.DatasetSplits:
@@ -33,7 +35,10 @@ def _few_shot(source: D.DatasetSplits, cfg: RunConfig) -> D.DatasetSplits:
 
 def _training_view(source: D.DatasetSplits, cfg: RunConfig) -> tuple[D.DatasetSplits, D.DatasetSplits | None]:
     """The (K-shot, subsampled) training dataset and, for base-to-novel, the novel view."""
-    few = _few_shot(source, cfg)
+    if cfg.shots_from == "dassl" and cfg.shots >= 1:  # the images Dassl drew for the seed
+        few = dassl_fewshot.dassl_few_shot(source, cfg.shots, cfg.seed)
+    else:
+        few = _few_shot(source, cfg)
     if cfg.protocol == "base2novel":
         if source.n_classes < 2:
             raise ValueError("base-to-novel needs at least two classes")
