@@ -1,0 +1,84 @@
+"""Released behaviours one switch away (issue 20 item 6): MaPLe's fp16 rounding of its injected prompts, Dassl's
+``drop_last`` training loader, PAE's per-pair Lyapunov factor, MPA's zero-prompt ranking.  Defaults stay ours."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peer_fakes as pf
+from anchoropt import testing
+from anchoropt.methods import MaPLe
+
+M, B = 2, 3
+
+
+# ---------------------------------------------------------------------- MaPLe: fp16_prompts
+def _maple_pair(fp16_prompts: bool):
+    """The fake peer's MaPLe (rounds its injected prompts with ``.half()``, as the release) and ours, holding the
+    same weights, none of them fp16-exact."""
+    model = testing.tiny_open_clip(width=64, layers=3, heads=2, embed_dim=32, vision_layers=2).requires_grad_(False)
+    fake = pf.MaPLeCLIP(width=64, layers=3, heads=2, embed_dim=32, image_size=32, vision_width=64, n_ctx=M).eval()
+    fake.load_state_dict(model.state_dict())
+    peer = pf.maple.CustomCLIP(pf.make_cfg("maple", n_ctx=M, depth=2), pf.BASE, fake).eval()
+    learner = peer.prompt_learner
+    learner.proj.float()
+    ours = MaPLe(model, pf.BASE, n_ctx=M, prompt_depth=2, tokenizer=pf.tokenize, fp16_prompts=fp16_prompts).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in (learner.ctx, learner.compound_prompts_text[0], *learner.proj.parameters(),
+                  *learner.compound_prompt_projections[0].parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        assert not torch.equal(learner.compound_prompts_text[0].half().float(), learner.compound_prompts_text[0])
+        ours.text.ctx.copy_(learner.ctx)
+        ours.text.deep_prompts[0].copy_(learner.compound_prompts_text[0])
+        ours.proj.load_state_dict(learner.proj.state_dict())
+        ours.compound_prompt_projections[0].load_state_dict(learner.compound_prompt_projections[0].state_dict())
+    return peer, ours
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_maple_fp16_prompts_is_the_peers_rounding() -> None:
+    images = pf.images(B)
+    peer, ours = _maple_pair(fp16_prompts=True)
+    with torch.no_grad():
+        expected = peer(images).float()
+        torch.testing.assert_close(ours(images)[0], expected, atol=1e-5, rtol=1e-5)
+    _, plain = _maple_pair(fp16_prompts=False)  # the default: not rounded, measurably not the peer
+    with torch.no_grad():
+        assert _relative(plain(images)[0], expected) > 1e-5
+
+
+def test_maple_fp16_prompts_rounds_each_copys_gradient() -> None:
+    """The release's ``.half()`` on each class's / image's copy rounds that copy's gradient too."""
+    images, labels = pf.images(B), torch.tensor([0, 1, 2])
+    grads = {}
+    for flag in (True, False):
+        _, ours = _maple_pair(fp16_prompts=flag)
+        ours.loss(images, labels).backward()
+        grads[flag] = ours.text.deep_prompts.grad.clone()
+    assert not torch.equal(grads[True], grads[False])
+    assert _relative(grads[True], grads[False]) < 1e-2
+
+
+def test_maple_fp16_prompts_from_the_spec_and_the_released_settings() -> None:
+    from anchoropt.methods.entries import preset_method_settings, released_settings
+    from anchoropt.methods.registry import MethodSettings, parse_method
+
+    assert parse_method("maple:fp16_prompts=true").settings(MethodSettings()).fp16_prompts is True
+    assert MethodSettings().fp16_prompts is False
+    for name in ("maple", "maple+atprompt", "maple+anchoropt"):
+        assert released_settings(name, "oxford_pets")["fp16_prompts"] is True
+    assert preset_method_settings("maple", "oxford_pets")["fp16_prompts"] is True
+    assert "fp16_prompts" not in preset_method_settings("maple:fp16_prompts=false", "oxford_pets")
+    with pytest.raises(ValueError, match="fp16_prompts"):
+        parse_method("coop:fp16_prompts=true")
+    model = testing.tiny_open_clip(width=64, layers=3, heads=2, embed_dim=32, vision_layers=2).requires_grad_(False)
+    built = parse_method("maple:fp16_prompts=true")
+    learner = built.method.build(model, list(pf.BASE), built.settings(MethodSettings(tokenizer=pf.tokenize)))
+    assert learner.fp16_prompts and learner.vision.round_fp16 and learner.text.fp16_deep_prompts
+    with pytest.raises(ValueError, match="fp16_prompts"):
+        MaPLe(model, pf.BASE, n_ctx=M, prompt_depth=2, tokenizer=pf.tokenize, fp16_prompts="yes")
