@@ -82,3 +82,48 @@ def test_maple_fp16_prompts_from_the_spec_and_the_released_settings() -> None:
     assert learner.fp16_prompts and learner.vision.round_fp16 and learner.text.fp16_deep_prompts
     with pytest.raises(ValueError, match="fp16_prompts"):
         MaPLe(model, pf.BASE, n_ctx=M, prompt_depth=2, tokenizer=pf.tokenize, fp16_prompts="yes")
+
+
+# ---------------------------------------------------------------------- --drop-last
+def _stage2_steps(folder, descriptions, out, **changes) -> int:
+    from anchoropt.runner import RunConfig, run_training
+
+    cfg = RunConfig(data=str(folder), descriptions=str(descriptions), output=str(out), model="tiny-test",
+                    pretrained=None, shots=4, epochs=1, warmup_epochs=0, stage1_steps=2, progress=False, plots=False,
+                    seed=1, **changes)
+    return run_training(cfg).results["stage2"]["steps_per_epoch"]
+
+
+def test_drop_last_drops_the_last_partial_batch_as_dassl(folder, descriptions, tmp_path) -> None:
+    """2 base classes x 4 shots = 8 images: batch 3 gives 3 batches (ours) or 2 (Dassl); a batch larger than the
+    data drops nothing (Dassl: ``drop_last=is_train and len(data) >= batch_size``)."""
+    assert _stage2_steps(folder, descriptions, tmp_path / "a", batch_size=3) == 3
+    assert _stage2_steps(folder, descriptions, tmp_path / "b", batch_size=3, drop_last=True) == 2
+    assert _stage2_steps(folder, descriptions, tmp_path / "c", batch_size=16, drop_last=True) == 1
+
+
+def test_drop_last_flag_and_preset() -> None:
+    from anchoropt.runner import RunConfig
+    from anchoropt.runner.cli import build_parser
+    from anchoropt.runner.cli import _config
+
+    assert RunConfig().resolve().drop_last is False  # default: ours
+    assert RunConfig(preset="oxford_pets").resolve().drop_last is True  # the released recipe: Dassl's loader
+    assert RunConfig(preset="oxford_pets", method="maple").resolve().drop_last is True
+    assert RunConfig(preset="oxford_pets", drop_last=False).resolve().drop_last is False
+    parser = build_parser()
+    for argv, expected in ((["--drop-last"], True), (["--no-drop-last", "--preset", "oxford_pets"], False),
+                           (["--preset", "oxford_pets"], True), ([], False)):
+        args = parser.parse_args(["train", "--data", "d", *argv])
+        assert _config(args).resolve().drop_last is expected, argv
+    grid = parser.parse_args(["grid", "--methods", "coop", "--data", "d", "--drop-last"])
+    assert grid.drop_last is True
+    with pytest.raises(ValueError, match="drop_last"):
+        RunConfig(drop_last="yes").resolve()
+
+
+def test_a_run_config_written_before_drop_last_kept_the_last_batch() -> None:
+    from anchoropt.runner import RunConfig
+
+    old = {k: v for k, v in RunConfig(preset="oxford_pets").resolve().__dict__.items() if k != "drop_last"}
+    assert RunConfig.from_json(old).drop_last is False

@@ -265,6 +265,10 @@ def _add_released_args(p: argparse.ArgumentParser, stage1_only: bool = False) ->
                    help="Stage I lr: cosine per step (default) or Dassl's (warm-up epoch at 1e-5, cosine per epoch)")
     r.add_argument("--description-selection", choices=("usable", "released"), default=None,
                    help="Stage I sentences: the first N with a letter (default) or the first N raw entries")
+    if not stage1_only:
+        r.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="Stage II drops the last partial batch of an epoch, as Dassl's training loader (default: "
+                            "off; on with --preset)")
 
 
 def _add_pae_args(p: argparse.ArgumentParser) -> None:

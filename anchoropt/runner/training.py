@@ -274,8 +274,10 @@ def _training_data(bundle: ModelBundle, records: Sequence[D.Record], cfg: RunCon
     else:
         dataset = D.ImageDataset(records, bundle.train_transform)
     sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=False) if ctx.distributed else None
+    # --drop-last: Dassl's training loader, drop_last=is_train and len(data_source) >= batch_size
+    drop_last = bool(cfg.drop_last) and len(sampler if sampler is not None else dataset) >= cfg.batch_size
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=0 if cached is not None else cfg.workers, drop_last=False,
+                        num_workers=0 if cached is not None else cfg.workers, drop_last=drop_last,
                         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
     return _TrainingData(loader, sampler, cached, view_generator)
 
