@@ -127,3 +127,67 @@ def test_a_run_config_written_before_drop_last_kept_the_last_batch() -> None:
 
     old = {k: v for k, v in RunConfig(preset="oxford_pets").resolve().__dict__.items() if k != "drop_last"}
     assert RunConfig.from_json(old).drop_last is False
+
+
+# ---------------------------------------------------------------------- PAE: energy="per_pair"
+def _released_layerwise_terms(chain: torch.Tensor, lift: torch.Tensor, ops: torch.Tensor, ls: torch.Tensor):
+    """PAE's released layerwise loop (``src/models/vit_prompt/vit.py``), written out: pair ``i`` uses ``K_i`` and
+    its own ``L_i``; MSE Koopman term; softplus of the energy increase of the row-normalised predicted state."""
+    koopman, lyapunov = torch.zeros(()), torch.zeros(())
+    for i in range(chain.shape[0] - 1):
+        z, z_next = chain[i] @ lift.t(), chain[i + 1] @ lift.t()
+        pred = z @ ops[i]
+        koopman = koopman + ((pred - z_next) ** 2).mean()
+        q = ls[i].t() @ ls[i]
+        q = q / torch.linalg.matrix_norm(q, ord=2)
+        a = z / z.norm(dim=-1, keepdim=True).clamp(min=1.0)
+        b = pred / pred.norm(dim=-1, keepdim=True).clamp(min=1.0)
+        v_a, v_b = ((a @ q) * a).sum(-1), ((b @ q) * b).sum(-1)
+        lyapunov = lyapunov + 10 * torch.tanh(torch.nn.functional.softplus(v_b - v_a).mean() / 10)
+    return koopman, lyapunov
+
+
+def test_pae_per_pair_energy_is_the_released_layerwise_mode() -> None:
+    from anchoropt.methods.pae import KoopmanLyapunov
+
+    torch.manual_seed(0)
+    chain = torch.randn(4, 3, 16)
+    reg = KoopmanLyapunov(16, dim=8, mode="layerwise", n_layers=4, energy="per_pair")
+    shared = KoopmanLyapunov(16, dim=8, mode="layerwise", n_layers=4)
+    assert tuple(reg.energy.shape) == (3, 8, 8) and tuple(shared.energy.shape) == (8, 8)
+    with torch.no_grad():
+        reg.operator.add_(torch.randn_like(reg.operator) * 0.2)
+        reg.energy.add_(torch.randn_like(reg.energy) * 0.3)  # trained: each pair's L apart
+        shared.load_state_dict({**reg.state_dict(), "energy": reg.energy[0]})
+    terms = reg(chain)
+    koopman, lyapunov = _released_layerwise_terms(chain, reg.lift.weight, reg.operator, reg.energy)
+    torch.testing.assert_close(terms.koopman, koopman)
+    torch.testing.assert_close(terms.lyapunov, lyapunov)
+    assert not torch.allclose(shared(chain).lyapunov, lyapunov)  # one shared L is not the release once trained
+    terms.total.backward()
+    assert all(float(g.abs().sum()) > 0 for g in reg.energy.grad)  # every pair trains its own L
+    rebuilt = KoopmanLyapunov(**reg.config())
+    rebuilt.load_state_dict(reg.state_dict())
+    torch.testing.assert_close(rebuilt(chain).total, terms.total)
+    assert reg.config()["energy"] == "per_pair" and KoopmanLyapunov(16, dim=8).config()["energy"] == "shared"
+    with pytest.raises(ValueError, match="n_layers"):
+        KoopmanLyapunov(16, dim=8, energy="per_pair")
+    with pytest.raises(ValueError, match="energy"):
+        KoopmanLyapunov(16, dim=8, n_layers=4, energy="layerwise")
+
+
+def test_pae_energy_from_the_runner(folder, descriptions, tmp_path) -> None:
+    from anchoropt.runner import ModelBundle, RunConfig, eval_transform, run_training, train_transform
+    from anchoropt.runner.cli import _config, build_parser
+    from anchoropt.testing import tiny_open_clip
+
+    args = build_parser().parse_args(["train", "--data", "d", "--pae", "--deep-depth", "2", "--pae-energy", "per_pair"])
+    assert _config(args).pae_energy == "per_pair" and RunConfig().pae_energy == "shared"
+    with pytest.raises(ValueError, match="pae-energy"):
+        RunConfig(pae=True, deep_depth=2, pae_energy="global").resolve()
+    model = tiny_open_clip(layers=4).eval().requires_grad_(False)
+    cfg = RunConfig(data=str(folder), descriptions=str(descriptions), output=str(tmp_path / "run"), model="tiny-test",
+                    pretrained=None, shots=2, epochs=1, warmup_epochs=0, batch_size=8, stage1_steps=2, progress=False,
+                    plots=False, deep_depth=3, pae=True, pae_dim=8, pae_mode="layerwise", pae_energy="per_pair")
+    run = run_training(cfg, bundle=ModelBundle(model, None, train_transform(model), eval_transform(model), "tiny-4"))
+    assert run.results["stage2"]["pae"]["energy"] == "per_pair" and run.results["stage2"]["pae"]["mode"] == "layerwise"

@@ -279,6 +279,9 @@ def _add_pae_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pae-dim", type=int, default=None, help="lifted (Koopman) width (256)")
     g.add_argument("--pae-mode", choices=("global", "layerwise"), default=None,
                    help="one shared Koopman operator (global, default) or one per layer pair")
+    g.add_argument("--pae-energy", choices=("shared", "per_pair"), default=None,
+                   help="one Lyapunov factor L for every layer pair (shared, default) or one per pair (per_pair: "
+                        "the release's layerwise mode, with --pae-mode layerwise)")
     g.add_argument("--pae-reading", choices=("released", "paper"), default=None,
                    help="the released code's terms (default) or the paper's formulas")
     g.add_argument("--pae-decay", action="store_true", default=None,

@@ -65,6 +65,7 @@ class RunConfig:
     pae_dim: int = 256
     pae_mode: str = "global"
     pae_reading: str = "released"
+    pae_energy: str = "shared"
     pae_decay: bool = False
     tau: float | None = None
     epochs: int | None = None
@@ -242,7 +243,7 @@ class RunConfig:
         if not self.pae:
             return
         from ..functional import PAE_READINGS
-        from ..methods.pae import MODES
+        from ..methods.pae import ENERGIES, MODES
 
         if self.deep_depth < 2:
             raise ValueError(f"--pae regularises the deep variant's per-layer prompts: it needs --deep-depth >= 2 "
@@ -253,6 +254,8 @@ class RunConfig:
             raise ValueError(f"--pae-dim must be >= 1, got {self.pae_dim}")
         if self.pae_mode not in MODES:
             raise ValueError(f"unknown --pae-mode {self.pae_mode!r}; choose one of {MODES}")
+        if self.pae_energy not in ENERGIES:
+            raise ValueError(f"unknown --pae-energy {self.pae_energy!r}; choose one of {ENERGIES}")
         if self.pae_reading not in PAE_READINGS:
             raise ValueError(f"unknown --pae-reading {self.pae_reading!r}; choose one of {PAE_READINGS}")
 
@@ -311,7 +314,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "p_train": (float,), "p_val": (float,), "split_seed": (int,), "device": _OPT_STR, "workers": (int,),
     "progress": (bool,), "plots": (bool,), "save_every": (int,),
     "pae": (bool,), "pae_alpha": (float,), "pae_beta": (float,), "pae_dim": (int,), "pae_mode": (str,),
-    "pae_reading": (str,), "pae_decay": (bool,),
+    "pae_reading": (str,), "pae_decay": (bool,), "pae_energy": (str,),
 }
 # (fields, lower bound, bound excluded): every count and every number of a run
 _RANGES = (

@@ -387,7 +387,8 @@ def _pae_regularizer(learner: nn.Module, cfg: RunConfig, device) -> KoopmanLyapu
     with torch.random.fork_rng(devices=[]):  # its own stream: a run with --pae draws the same Gumbel noise as without
         torch.manual_seed(cfg.seed)
         regularizer = KoopmanLyapunov(chain[0].shape[-1], dim=cfg.pae_dim, mode=cfg.pae_mode, alpha=cfg.pae_alpha,
-                                      beta=cfg.pae_beta, n_layers=len(chain), reading=cfg.pae_reading)
+                                      beta=cfg.pae_beta, n_layers=len(chain), reading=cfg.pae_reading,
+                                      energy=cfg.pae_energy)
     return regularizer.to(device)
 
 
