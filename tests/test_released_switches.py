@@ -191,3 +191,38 @@ def test_pae_energy_from_the_runner(folder, descriptions, tmp_path) -> None:
                     plots=False, deep_depth=3, pae=True, pae_dim=8, pae_mode="layerwise", pae_energy="per_pair")
     run = run_training(cfg, bundle=ModelBundle(model, None, train_transform(model), eval_transform(model), "tiny-4"))
     assert run.results["stage2"]["pae"]["energy"] == "per_pair" and run.results["stage2"]["pae"]["mode"] == "layerwise"
+
+
+# ---------------------------------------------------------------------- MPA: ranking with zero prompts
+def test_mpa_ranking_with_zero_prompts_is_not_ranking_without_prompts() -> None:
+    """Zero prompt tokens still attend (after the pre-norm they are its bias): the losses that rank the masks
+    change, so ranking without prompts is not PAE's ranking with its zero-initialised prompts."""
+    from anchoropt.methods import mpa
+
+    size = 32
+    visual = testing.tiny_open_clip(image_size=size, vision_layers=3).requires_grad_(False).eval().visual
+    g = torch.Generator().manual_seed(4)
+    images, labels = torch.randn(8, 3, size, size, generator=g), torch.arange(8) % 2
+    text = torch.randn(2, 32, generator=g)
+    common = dict(n_prompts=4, depth=2, text_features=text, window=8, stride=4)
+    bare = mpa.mpa_init(visual, images, labels, **common)
+    zero = mpa.mpa_init(visual, images, labels, ranking="zero_prompts", **common)
+    assert float((bare.losses - zero.losses).abs().max()) > 0.1
+    # on this batch 1 of the 4 chosen masks changes (as the issue measured on its own setting)
+    assert len(set(bare.mask_index.tolist()) ^ set(zero.mask_index.tolist())) == 2
+    assert not torch.allclose(bare.first, zero.first)
+    assert torch.equal(bare.masks, zero.masks)
+    # the zero-prompt losses are the classifier's on the tower with zero prompts in it, done by hand
+    from anchoropt.methods.vision import VisionPrompts
+
+    hooks = VisionPrompts(visual, 4, 2)
+    try:
+        with torch.no_grad(), hooks.active(torch.zeros(4, 64), torch.zeros(2, 4, 64)):
+            expected = mpa.rank_masks(mpa.zero_shot_classifier(visual, text), images, labels, bare.masks)
+    finally:
+        hooks.remove()
+    torch.testing.assert_close(zero.losses, expected)
+    # afterwards the tower is bare again: the default ranking is unchanged
+    torch.testing.assert_close(mpa.mpa_init(visual, images, labels, **common).losses, bare.losses)
+    with pytest.raises(ValueError, match="ranking"):
+        mpa.mpa_init(visual, images, labels, ranking="zeros", **common)
