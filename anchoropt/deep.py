@@ -51,6 +51,7 @@ Axes: ``C`` prompts (classes), ``L`` sequence, ``D`` width, ``K = M + N`` slots,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from dataclasses import dataclass
 from functools import partial
@@ -375,9 +376,10 @@ class DeepAnchorHooks:
                     f"MaPLe block {block} has no compound prompt left (counter {counter}, {len(compound)} prompts): "
                     "give active() per-layer prompts or use a depth <= len(compound_prompts)"
                 )
-            # MaPLe's block casts its compound prompt with .half() before inserting it (also in fp32, where cat
-            # promotes it back): round the same way, so the soft slots hold exactly MaPLe's values
-            prompts = compound[counter].half()
+            # MaPLe's block casts each class's copy of its compound prompt with .half() before inserting it (also
+            # in fp32, where cat promotes it back): round the same way, so the soft slots hold exactly MaPLe's
+            # values and each copy's gradient is rounded as MaPLe's is
+            prompts, record = compound[counter], dataclasses.replace(record, round_fp16=True)
         x = deep_slot_rows(x, record, prompts, batch_first=False)
         return [x, _Suppressed(compound) if will_overwrite else compound, counter]
 

@@ -226,3 +226,31 @@ def test_mpa_ranking_with_zero_prompts_is_not_ranking_without_prompts() -> None:
     torch.testing.assert_close(mpa.mpa_init(visual, images, labels, **common).losses, bare.losses)
     with pytest.raises(ValueError, match="ranking"):
         mpa.mpa_init(visual, images, labels, ranking="zeros", **common)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_deep_rows_round_each_copy_as_maple(batch_first: bool) -> None:
+    """``round_fp16``: each sequence's copy of the layer prompts is ``.half()``-ed, as MaPLe's blocks do
+    (``prompts.expand(C, ...).half()``): values and each copy's gradient rounded (the MaPLe shim uses this too)."""
+    from anchoropt.deep import attach_deep, deep_slot_rows
+
+    C, L, D = 5, 6, 8
+    blocks = [torch.nn.Identity() for _ in range(3)]
+    hooks = attach_deep(blocks, 2, batch_first=batch_first)
+    g = torch.Generator().manual_seed(0)
+    prompts = (torch.randn(M, D, generator=g) * 0.37).requires_grad_()
+    hidden = torch.randn((C, L, D) if batch_first else (L, C, D), generator=g)
+    weights = torch.randn(hidden.shape, generator=g) * 1e-3 / 3
+    with hooks.active(torch.eye(M), M, 0, torch.zeros(2, M, D), round_fp16=True) as record:
+        rows = deep_slot_rows(hidden, record, prompts, batch_first=batch_first)
+    (rows * weights).sum().backward()
+    copies = prompts.detach().clone().requires_grad_()
+    expected = copies.expand(C, M, D).half()  # MaPLe: the expanded copy, cast
+    expected_rows = expected.float() if batch_first else expected.float().transpose(0, 1)
+    seq = 1 if batch_first else 0
+    torch.testing.assert_close(rows.narrow(seq, 1, M), expected_rows, atol=0, rtol=0)
+    (expected_rows * weights.narrow(seq, 1, M)).sum().backward()
+    torch.testing.assert_close(prompts.grad, copies.grad, atol=0, rtol=0)
+    summed_then_rounded = (weights.narrow(seq, 1, M).sum(0 if batch_first else 1)).half().float()
+    assert not torch.equal(prompts.grad, summed_then_rounded)  # not the gradient rounded once after the sum
+    hooks.remove()
