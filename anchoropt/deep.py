@@ -43,7 +43,8 @@ Block protocols (detected per call):
   ``[1, 1 + n_ctx)`` with ``compound_prompts[counter]`` inside its forward, after any pre-hook; the hook
   therefore hands the block an empty (suppressed) prompt list so that it keeps our arrangement, and a
   forward hook puts MaPLe's list back and advances ``counter`` exactly as the block would have.  The
-  compound prompt is rounded to fp16 first, as MaPLe's block does (``.half()``, even in fp32).
+  compound prompt is rounded to fp16 first, each class's copy (value and gradient), as MaPLe's block does
+  (``.half()``, even in fp32).
 
 Axes: ``C`` prompts (classes), ``L`` sequence, ``D`` width, ``K = M + N`` slots, ``M`` soft, ``N`` anchors.
 """
