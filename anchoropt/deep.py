@@ -43,7 +43,8 @@ Block protocols (detected per call):
   ``[1, 1 + n_ctx)`` with ``compound_prompts[counter]`` inside its forward, after any pre-hook; the hook
   therefore hands the block an empty (suppressed) prompt list so that it keeps our arrangement, and a
   forward hook puts MaPLe's list back and advances ``counter`` exactly as the block would have.  The
-  compound prompt is rounded to fp16 first, as MaPLe's block does (``.half()``, even in fp32).
+  compound prompt is rounded to fp16 first, each class's copy (value and gradient), as MaPLe's block does
+  (``.half()``, even in fp32).
 
 Axes: ``C`` prompts (classes), ``L`` sequence, ``D`` width, ``K = M + N`` slots, ``M`` soft, ``N`` anchors.
 """
@@ -51,6 +52,7 @@ Axes: ``C`` prompts (classes), ``L`` sequence, ``D`` width, ``K = M + N`` slots,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from dataclasses import dataclass
 from functools import partial
@@ -121,6 +123,8 @@ class DeepForward:
         anchor_slot: ``(N,)`` first slot whose source is each anchor (0 where absent).
         anchor_present: ``(N,)`` whether any slot picks each anchor.
         grad_enabled: grad mode when the context was entered.
+        round_fp16: round each sequence's copy of the layer prompts to fp16 (``.half()``) before it goes in,
+            as MaPLe's blocks do even in fp32 (so each copy's gradient is rounded too, before the sum).
     """
 
     owner: "DeepAnchorHooks"
@@ -132,6 +136,7 @@ class DeepForward:
     anchor_slot: torch.Tensor
     anchor_present: torch.Tensor
     grad_enabled: bool
+    round_fp16: bool = False
 
     @property
     def n_slots(self) -> int:
@@ -217,6 +222,7 @@ class DeepAnchorHooks:
         n_anchor: int,
         prompts: torch.Tensor | None = None,
         slot_start: int = 1,
+        round_fp16: bool = False,
     ) -> Iterator[DeepForward]:
         """Apply deep AnchorOPT to the prompts run through the tower inside this context.
 
@@ -226,10 +232,12 @@ class DeepAnchorHooks:
             prompts: ``(depth, M, D)`` per-layer prompts (:attr:`DeepPrompts.prompts`); ``None`` takes
                 each MaPLe block's compound prompt ``compound_prompts[counter]`` instead.
             slot_start: position of the first slot in the sequence (1 for CLIP prompts).
+            round_fp16: released MaPLe's ``.half()`` on every injected copy of the layer prompts (see
+                :class:`DeepForward`); off by default.
         """
         if not self.installed:
             raise RuntimeError("these deep hooks were removed; attach new ones with anchoropt.attach_deep(...)")
-        record = self._record(matrix, n_soft, n_anchor, prompts, slot_start)
+        record = self._record(matrix, n_soft, n_anchor, prompts, slot_start, round_fp16)
         previous = getattr(_ACTIVE, "record", None)
         _ACTIVE.record = record
         try:
@@ -237,7 +245,7 @@ class DeepAnchorHooks:
         finally:
             _ACTIVE.record = previous
 
-    def _record(self, matrix, n_soft, n_anchor, prompts, slot_start) -> DeepForward:
+    def _record(self, matrix, n_soft, n_anchor, prompts, slot_start, round_fp16=False) -> DeepForward:
         _check_int("n_soft", n_soft, minimum=0)
         _check_int("n_anchor", n_anchor, minimum=0)
         _check_int("slot_start", slot_start, minimum=0)
@@ -264,6 +272,7 @@ class DeepAnchorHooks:
             anchor_slot=picks.to(torch.uint8).argmax(dim=0),  # the first slot that picks each anchor
             anchor_present=picks.any(dim=0),
             grad_enabled=torch.is_grad_enabled(),
+            round_fp16=bool(round_fp16),
         )
 
     # ------------------------------------------------------------------ the learner's fast path
@@ -276,6 +285,7 @@ class DeepAnchorHooks:
         prompts: torch.Tensor,
         n_soft: int,
         n_anchor: int,
+        round_fp16: bool = False,
     ) -> torch.Tensor:
         """Deep ``template.encode_slots(layout, slots)``: features ``(C, E)`` (not normalised).
 
@@ -283,14 +293,16 @@ class DeepAnchorHooks:
         ``matrix``).  The deep replacement only touches the slot rows, which lie in the prefix shared by
         every class, so when the tower can share that prefix (:meth:`can_share_prefix`) it runs once with
         the per-layer prompts applied (:func:`encode_shared_deep`); otherwise the tower's own blocks run
-        inside :meth:`active` and the hooks do the replacement.
+        inside :meth:`active` and the hooks do the replacement.  ``round_fp16`` (released MaPLe's ``.half()``
+        on each class's copy of the layer prompts, forward and gradient) always takes the per-class pass: one
+        shared prefix would round the gradient summed over the classes, not each class's.
         """
         tower = template.tower
         start, stop = layout.slot_start, layout.slot_start + layout.n_slots
         if n_soft + n_anchor != layout.n_slots:
             raise ValueError(f"the layout has {layout.n_slots} slots, not M + N = {n_soft} + {n_anchor}")
-        with self.active(matrix, n_soft, n_anchor, prompts, slot_start=start) as record:
-            if slots.dim() == 2 and self.can_share_prefix(tower, stop, layout.pool_index):
+        with self.active(matrix, n_soft, n_anchor, prompts, slot_start=start, round_fp16=round_fp16) as record:
+            if not round_fp16 and slots.dim() == 2 and self.can_share_prefix(tower, stop, layout.pool_index):
                 emb = layout.embeddings
                 prefix = torch.cat([emb[:1, :start], slots[None].to(emb.dtype)], dim=1)
                 return encode_shared_deep(tower, record, prefix, emb[:, stop:], layout.pool_index)[0]
@@ -365,9 +377,10 @@ class DeepAnchorHooks:
                     f"MaPLe block {block} has no compound prompt left (counter {counter}, {len(compound)} prompts): "
                     "give active() per-layer prompts or use a depth <= len(compound_prompts)"
                 )
-            # MaPLe's block casts its compound prompt with .half() before inserting it (also in fp32, where cat
-            # promotes it back): round the same way, so the soft slots hold exactly MaPLe's values
-            prompts = compound[counter].half()
+            # MaPLe's block casts each class's copy of its compound prompt with .half() before inserting it (also
+            # in fp32, where cat promotes it back): round the same way, so the soft slots hold exactly MaPLe's
+            # values and each copy's gradient is rounded as MaPLe's is
+            prompts, record = compound[counter], dataclasses.replace(record, round_fp16=True)
         x = deep_slot_rows(x, record, prompts, batch_first=False)
         return [x, _Suppressed(compound) if will_overwrite else compound, counter]
 
@@ -411,11 +424,18 @@ def deep_slot_rows(
         present = record.anchor_present.to(hidden.device)
         present = present[None, :, None] if batch_first else present[:, None, None]
         carried = torch.where(present, carried, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
-        soft = matrix[:, :n_soft] @ prompts.to(device=hidden.device, dtype=hidden.dtype)  # (K, D), shared
+        prompts = prompts.to(device=hidden.device, dtype=hidden.dtype)
+        if record.round_fp16:  # MaPLe: each sequence's copy .half() (value and that copy's gradient rounded)
+            copies = prompts.expand(hidden.shape[0 if batch_first else 1], *prompts.shape)
+            soft = matrix[:, :n_soft] @ copies.half().to(hidden.dtype)  # (C, K, D)
+            soft = soft if batch_first else soft.transpose(0, 1)
+        else:
+            soft = matrix[:, :n_soft] @ prompts  # (K, D), shared
+            soft = soft if batch_first else soft[:, None]
         if batch_first:
             rows = soft + einsum(matrix[:, n_soft:], carried, "slot anchor, c anchor d -> c slot d")
         else:
-            rows = soft[:, None] + einsum(matrix[:, n_soft:], carried, "slot anchor, anchor c d -> slot c d")
+            rows = soft + einsum(matrix[:, n_soft:], carried, "slot anchor, anchor c d -> slot c d")
         tail = hidden.shape[seq] - start - size
         return torch.cat([hidden.narrow(seq, 0, start), rows, hidden.narrow(seq, start + size, tail)], dim=seq)
 

@@ -217,9 +217,10 @@ def koopman_loss(lifted: torch.Tensor, operators: torch.Tensor, reading: str = "
 
 
 def stable_q(l_matrix: torch.Tensor) -> torch.Tensor:
-    """``Q = L^T L / ||L^T L||_2``: symmetric positive semi-definite with spectral norm 1 (``(Z, Z)``)."""
-    q = l_matrix.t() @ l_matrix
-    return q / torch.linalg.matrix_norm(q, ord=2).clamp_min(torch.finfo(q.dtype).tiny)
+    """``Q = L^T L / ||L^T L||_2``: symmetric positive semi-definite with spectral norm 1 (``(Z, Z)``; a stack
+    ``(J-1, Z, Z)`` of per-pair ``L_i`` gives one ``Q_i`` each)."""
+    q = l_matrix.transpose(-2, -1) @ l_matrix
+    return q / torch.linalg.matrix_norm(q, ord=2, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
 
 
 def lyapunov_energy(states: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -249,11 +250,13 @@ def lyapunov_loss(
     Args:
         lifted: ``(J, T, Z)`` lifted prompts.
         operators: ``(Z, Z)`` or ``(J-1, Z, Z)``.
-        q: ``(Z, Z)`` energy matrix (:func:`stable_q`).
+        q: ``(Z, Z)`` energy matrix (:func:`stable_q`), or ``(J-1, Z, Z)``: pair ``i`` measured with ``Q_i``.
         cap: the released reading's soft saturation (``cap * tanh(x / cap)``).
     """
     _check_reading(reading)
     _check_lifted(lifted)
+    if q.dim() == 3 and q.shape[0] != lifted.shape[0] - 1:
+        raise ValueError(f"per-pair energy matrices must be ({lifted.shape[0] - 1}, Z, Z), got {tuple(q.shape)}")
     if reading == "paper":
         increase = lyapunov_energy(lifted[1:], q) - lyapunov_energy(lifted[:-1], q)  # (J-1, T)
         return increase.clamp_min(0).sum()

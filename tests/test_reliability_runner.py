@@ -67,6 +67,7 @@ RESUME_VARIANTS = {
     "dept-two-rates": dict(method="dept"),  # its head in a second optimizer group at 6.5x the rate, raw features
     "maple-images": dict(method="maple"),  # takes images (the runner never caches features for it)
     "cocoop+anchoropt": dict(method="cocoop+anchoropt"),  # a method module with Stage I anchors in its state
+    "drop-last": dict(drop_last=True, batch_size=3),  # Dassl's loader: 8 images -> 2 batches an epoch, not 3
 }
 
 

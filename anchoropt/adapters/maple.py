@@ -10,8 +10,8 @@ blocks ``1 .. PROMPT_DEPTH-1`` normally overwrite rows ``[1, 1 + n_ctx)`` with `
 With ``deep=True`` (default) the shim installs :mod:`anchoropt.deep`'s hooks on those blocks: at each of them
 the ``M + N`` slot rows become ``P @ [compound_prompts_text[i-1]; anchor hidden states]`` with the **same**
 position-matrix sample as the input layer, the anchors' hidden states read at the anchors' own slots, and
-MaPLe's own overwrite suppressed.  The compound prompts are rounded to fp16 first, exactly as MaPLe's block
-does (``.half()``, in fp32 too).  The hooks act only on the text pass right after the learner's rewrite, and
+MaPLe's own overwrite suppressed.  The compound prompts are rounded to fp16 first, each class's copy (value and
+gradient), exactly as MaPLe's block does (``.half()``, in fp32 too).  The hooks act only on the text pass right after the learner's rewrite, and
 only when it carries the learner's ``C`` prompts and compound prompts: after a bare ``prompt_learner()`` call,
 an unrelated pass through the tower is untouched.  MaPLe's vision side (``proj(ctx)`` and the deep visual prompts) is
 untouched.  ``deep=False`` keeps MaPLe's own overwrite (then only the last ``N`` slots carry their hidden

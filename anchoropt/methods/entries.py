@@ -23,7 +23,8 @@ the frozen image tower's output without the L2 normalisation the other methods g
 tables (``docs/ATPrompt.md`` of the released code: context length, epochs, DePT's ``w``) and attribute words for
 ``+atprompt``, and each method's released configuration for the method alone (MaPLe's ``soft_init``
 "a photo of a" with ``n_soft`` 2: "a photo" initialises the context, "of a" stays before the class).
-``--preset NAME`` of the runner applies them, DePT's per-dataset ``w`` and the init words included
+``--preset NAME`` of the runner applies them, DePT's per-dataset ``w``, the init words and MaPLe's fp16 rounding of
+its injected prompts (``fp16_prompts``) included
 (:data:`PRESET_SETTINGS`); options in the method spec win over the preset.
 
 Importing :mod:`anchoropt.methods` registers the entries.
@@ -55,7 +56,8 @@ PRESET_METHOD = {f"{base}{suffix}": base for base in ("cocoop", "maple", "dept")
 # DePT vit_b16_ep10_bs4_lr35 over CoOp): context length, epochs, batch, lr, (MaPLe) prompt depth, (DePT) w.
 _ALONE = {
     "cocoop": dict(n_soft=4, epochs=10, batch_size=1, lr=0.002, soft_init="a photo of a"),
-    "maple": dict(n_soft=2, epochs=5, batch_size=4, lr=0.0035, deep_depth=8, soft_init="a photo of a"),
+    "maple": dict(n_soft=2, epochs=5, batch_size=4, lr=0.0035, deep_depth=8, soft_init="a photo of a",
+                  fp16_prompts=True),
     "dept": dict(n_soft=4, epochs=10, batch_size=4, lr=0.0035, lp_weight=0.7),
 }
 # ATPrompt's tables for these methods (docs/ATPrompt.md, base-to-novel): (n_soft, epochs[, DePT's w]).
@@ -77,7 +79,8 @@ def released_settings(name: str, dataset: str | None = None) -> dict:
 
     Keys are :class:`~anchoropt.methods.registry.MethodSettings` / run-config names (``n_soft``, ``epochs``,
     ``batch_size``, ``lr``, ``ce_weight``, ``kd_weight``, ``kd_temperature``, ``kd_normalization``,
-    ``deep_depth``, ``attributes``, ``soft_init``) plus DePT's ``lp_weight``.
+    ``deep_depth``, ``attributes``, ``soft_init``) plus DePT's ``lp_weight`` and MaPLe's ``fp16_prompts`` (every
+    MaPLe entry: the released MaPLe, MaPLe+ATPrompt and MaPLe+AnchorOPT code all round the injected prompts).
     """
     from . import presets
 
@@ -102,7 +105,7 @@ def released_settings(name: str, dataset: str | None = None) -> dict:
     return out
 
 
-PRESET_SETTINGS = ("soft_init", "lp_weight")
+PRESET_SETTINGS = ("soft_init", "lp_weight", "fp16_prompts")
 """The :class:`~anchoropt.methods.registry.MethodSettings` fields of :func:`released_settings` that ``--preset`` fills (the
 others are run-config fields: ``n_soft``, ``epochs``, ``lr`` ...)."""
 
@@ -166,7 +169,7 @@ def _builder(name: str) -> Callable[[nn.Module, list, MethodSettings], nn.Module
             return CoCoOp(model, classnames, template, s.n_soft, loss=_loss(s), **options)
         if base == "maple":
             return MaPLe(model, classnames, template, s.n_soft, prompt_depth=_prompt_depth(model, s), loss=_loss(s),
-                         **options)
+                         fp16_prompts=s.fp16_prompts, **options)
         return DePT(model, classnames, template, s.n_soft, lp_weight=s.lp_weight, head_lr_scale=s.head_lr_scale,
                     loss=_loss(s, kd=False), **options)
 
@@ -190,7 +193,7 @@ def _entry(name: str) -> Method:
     options = [*_PROMPT, *(_ATTR if template == "atprompt" else ()), *(_ANCHOR if template == "anchoropt" else ())]
     options += ["ce_weight"] if base == "dept" else (_KD if template == "anchoropt" else ["ce_weight"])
     if base == "maple":
-        options.append("deep_depth")
+        options += ["deep_depth", "fp16_prompts"]
     if base == "dept":
         options += ["lp_weight", "head_lr_scale"]
     summary = _SUMMARIES[base] + {"coop": "", "atprompt": "; ATPrompt attribute template",

@@ -60,6 +60,12 @@ class MaPLe(PromptMethod):
         prompt_depth: MaPLe's ``PROMPT_DEPTH`` (9 as released): deep prompts for blocks ``1 .. prompt_depth - 1``
             of both towers (each needs at least ``prompt_depth`` blocks).
         anchor_image: ``"vanilla"`` (default) or ``"model"`` image features for the anchor logits.
+        fp16_prompts: released MaPLe's ``.half()`` on the prompts it injects, also in fp32 (default off: ours
+            keeps them in the towers' precision).  On, every injected copy - the shared vision prompts per image,
+            the deep vision prompts per image, the deep text prompts per class - is rounded to fp16, in value
+            and in its gradient, exactly as ``clip/model.py`` of the release; the layer-0 text context is not
+            (the release does not round it either).  The text side then runs per class (no shared prefix),
+            as the release does.  ``maple:fp16_prompts=true``; the released settings (``--preset``) set it.
         loss: Stage II loss settings.
         text_options: :class:`~anchoropt.methods.text.ContextPrompt`'s ``anchors``, ``tau``, ``tokenizer`` ...
     """
@@ -76,6 +82,7 @@ class MaPLe(PromptMethod):
         *,
         prompt_depth: int = 9,
         anchor_image: str = "vanilla",
+        fp16_prompts: bool = False,
         loss: StageIILossConfig | None = None,
         **text_options,
     ):
@@ -91,13 +98,17 @@ class MaPLe(PromptMethod):
         if blocks and depth > blocks - 1:
             raise ValueError(f"prompt_depth {prompt_depth} needs {prompt_depth} vision blocks; this tower has {blocks}")
         super().__init__(None, loss)
-        self.vision = VisionPrompts(visual, n_ctx, depth)  # checks the image tower before the text hooks go on
+        if not isinstance(fp16_prompts, bool):
+            raise ValueError(f"fp16_prompts must be True or False, got {fp16_prompts!r}")
+        # checks the image tower before the text hooks go on
+        self.vision = VisionPrompts(visual, n_ctx, depth, round_fp16=fp16_prompts)
         try:
             self.text = ContextPrompt(model, classnames, template, n_ctx, deep_depth=depth, **text_options)
         except BaseException:
             self.vision.remove()
             raise
-        self.prompt_depth, self.anchor_image = prompt_depth, anchor_image
+        self.text.fp16_deep_prompts = fp16_prompts
+        self.prompt_depth, self.anchor_image, self.fp16_prompts = prompt_depth, anchor_image, fp16_prompts
         width, device = self.vision.tower.width, self.text.tower.device
         self.proj = nn.Linear(self.text.tower.width, width, device=device)
         single = nn.Linear(self.text.tower.width, width, device=device)  # MaPLe clones one layer J times

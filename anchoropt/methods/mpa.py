@@ -15,7 +15,16 @@ On one training batch (arXiv 2601.20232; PAE's released ``init_mpa``, ``../share
 Task loss (a documented deviation): for CLIP we rank with the **zero-shot text classifier**
 (:func:`zero_shot_classifier`, class-name text features).  PAE's code calls its ``init_mpa`` right after building
 the model, so its "task loss" is that of a **randomly initialised head**; :func:`random_head_classifier`
-reproduces that choice.  The ranking runs the frozen tower without prompts (PAE's prompts are still zero then).
+reproduces that choice.
+
+Ranking prompts (``ranking=``): by default the masks are ranked on the frozen tower **without** prompts.  That is
+**not** what PAE's code computes: its ``init_mpa`` runs the prompted model, whose (VPT-deep) prompts are still
+zero-initialised, and zero tokens are not absent - after the pre-norm each is the norm's bias vector, it is a key
+and a value every token attends to, at every prompted block - so the ranking losses differ and with them,
+at times, the chosen masks (measured on one setting: 1 of 4 chosen masks changed).  ``ranking="zero_prompts"``
+ranks with ``T`` zero prompt tokens appended before the pre-norm and zero deep prompts at blocks ``1 .. depth``
+(:class:`~anchoropt.methods.vision.VisionPrompts`, removed afterwards; open_clip / timm towers it supports),
+as PAE's prompted model does; the pooled prompts and their propagation are the same in both.
 
 Where the result goes: any free visual deep prompts (VPT-deep on an open_clip ``visual``, the IVLP/PromptSRC
 per-block ``VPT_shallow`` parameters) - copy ``prompts[i]`` into layer ``i``'s tensor.  MaPLe's visual prompts
@@ -48,6 +57,7 @@ __all__ = [
 ]
 
 REFERENCE_SIZE = 224  # PAE's window 16 / stride 8 are for 224 px images
+RANKINGS = ("no_prompts", "zero_prompts")
 
 
 @dataclass(frozen=True)
@@ -217,6 +227,7 @@ def mpa_init(
     logit_scale: float | torch.Tensor = 100.0,
     window: int | None = None,
     stride: int | None = None,
+    ranking: str = "no_prompts",
 ) -> MPAResult:
     """MPA prompts for a ViT image tower from one training batch.
 
@@ -230,7 +241,11 @@ def mpa_init(
             ``text_features`` ``(C, E)`` (class-name text features) and ``logit_scale``.
             :func:`random_head_classifier` is PAE's released choice.
         window, stride: spectral window (default: 16 / 8 scaled to the image size).
+        ranking: ``"no_prompts"`` (default: the bare frozen tower) or ``"zero_prompts"`` (``T`` zero prompts and
+            zero deep prompts at blocks ``1 .. depth`` in the tower while ranking, as PAE's code; module docstring).
     """
+    if ranking not in RANKINGS:
+        raise ValueError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
         raise ValueError(f"n_prompts must be an int >= 1, got {n_prompts!r}")
     if images.dim() != 4:
@@ -245,10 +260,29 @@ def mpa_init(
     masks = spectral_masks(images.shape[-2], images.shape[-1], window, stride, device=images.device)
     if n_prompts > masks.shape[0]:
         raise ValueError(f"{n_prompts} prompts need as many masks, but only {masks.shape[0]} fit these images")
-    losses = rank_masks(classifier, images, labels, masks)
+    if ranking == "zero_prompts":
+        losses = _rank_with_zero_prompts(visual, classifier, images, labels, masks, n_prompts, depth)
+    else:
+        losses = rank_masks(classifier, images, labels, masks)
     chosen = torch.topk(losses, n_prompts, largest=False).indices  # one mask per prompt token
     first = torch.stack([energy_pool(patch_embeddings(visual, spectral_filter(images, masks[s]))) for s in chosen])
     from ..deep import _batch_first
 
     deep = propagate(blocks[:depth], first, _batch_first(visual.transformer, blocks)) if depth else first.new_zeros(0, *first.shape)
     return MPAResult(torch.cat([first[None], deep]), chosen, losses, masks)
+
+
+def _rank_with_zero_prompts(visual: nn.Module, classify: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                            labels: torch.Tensor, masks: torch.Tensor, n_prompts: int, depth: int) -> torch.Tensor:
+    """:func:`rank_masks` with ``T`` zero prompts in the tower (and zero deep prompts at blocks ``1 .. depth``)."""
+    from .vision import VisionPrompts
+
+    prompts = VisionPrompts(visual, n_prompts, depth)
+    try:
+        width, device = prompts.tower.width, images.device
+        zeros = torch.zeros(n_prompts, width, device=device)
+        deep = torch.zeros(depth, n_prompts, width, device=device) if depth else None
+        with prompts.active(zeros, deep):
+            return rank_masks(classify, images, labels, masks)
+    finally:
+        prompts.remove()

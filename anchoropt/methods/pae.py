@@ -2,8 +2,8 @@
 
 A chain of per-layer prompts ``[P_1 .. P_J]`` (each ``(T, width)``) is lifted by ``U`` (``width -> Z``, no
 bias): ``z_i = P_i U``.  One Koopman operator ``K`` (identity at start; or one per layer pair) predicts the
-next layer, ``z_i K ~ z_{i+1}``, and a learnable energy ``Q = L^T L`` (spectrally normalised) penalises
-energy growth.  Loss added to the task loss::
+next layer, ``z_i K ~ z_{i+1}``, and a learnable energy ``Q = L^T L`` (spectrally normalised; one shared ``L``,
+or one per layer pair as the release's layerwise mode: ``energy="per_pair"``) penalises energy growth.  Loss added to the task loss::
 
     alpha * L_koopman + beta * L_lyapunov           (alpha = 0.5, beta = 0.2: the paper's run)
 
@@ -37,10 +37,11 @@ from torch import nn
 from .. import functional as Fn
 
 __all__ = [
-    "KoopmanLyapunov", "PAETerms", "MODES", "prompt_chain", "optimizer_groups", "pae_loss", "attach", "regularization",
+    "KoopmanLyapunov", "PAETerms", "MODES", "ENERGIES", "prompt_chain", "optimizer_groups", "pae_loss", "attach", "regularization",
 ]
 
 MODES = ("global", "layerwise")
+ENERGIES = ("shared", "per_pair")
 SIDES = ("text", "visual")
 
 
@@ -65,6 +66,11 @@ class KoopmanLyapunov(nn.Module):
         reading: ``"released"`` (PAE's code, default) or ``"paper"`` (the paper's formulas); see
             :func:`anchoropt.functional.lyapunov_loss`.
         cap: the released reading's soft cap of each pair's Lyapunov penalty (10).
+        energy: ``"shared"`` (default: one ``L``, so one ``Q``, for every layer pair) or ``"per_pair"`` (one ``L``
+            per layer pair, each pair's energy from its own ``Q_i = L_i^T L_i / ||L_i^T L_i||_2``; needs
+            ``n_layers``).  The release's ``layerwise`` mode keeps one ``L`` per pair (``L_layers[i]`` next to
+            ``K_layers[i]``); ``mode="layerwise", energy="per_pair"`` is that mode exactly.  Equal to the shared
+            ``L`` only until the first step (every ``L_i`` starts at the identity).
 
     Example:
         >>> reg = KoopmanLyapunov(width=16, dim=8)
@@ -84,6 +90,7 @@ class KoopmanLyapunov(nn.Module):
         reading: str = "released",
         cap: float = 10.0,
         device=None,
+        energy: str = "shared",
     ):
         super().__init__()
         _check_positive_int("width", width)
@@ -94,18 +101,23 @@ class KoopmanLyapunov(nn.Module):
             _check_positive_int("n_layers", n_layers, minimum=2)
         if mode == "layerwise" and n_layers is None:
             raise ValueError("mode='layerwise' holds one operator per layer pair: pass n_layers (the chain length)")
+        if energy not in ENERGIES:
+            raise ValueError(f"unknown energy {energy!r}; choose one of {ENERGIES}")
+        if energy == "per_pair" and n_layers is None:
+            raise ValueError("energy='per_pair' holds one L per layer pair: pass n_layers (the chain length)")
         Fn._check_reading(reading)
         for name, value in (("alpha", alpha), ("beta", beta)):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if cap <= 0:
             raise ValueError(f"cap must be > 0, got {cap}")
-        self.width, self.dim, self.mode, self.n_layers = width, dim, mode, n_layers
+        self.width, self.dim, self.mode, self.n_layers, self.energy_mode = width, dim, mode, n_layers, energy
         self.alpha, self.beta, self.reading, self.cap = float(alpha), float(beta), reading, float(cap)
         self.lift = nn.Linear(width, dim, bias=False, device=device)  # U (PyTorch's default Linear init, as released)
         eye = torch.eye(dim, device=device)
         self.operator = nn.Parameter(eye.clone() if mode == "global" else eye.repeat(n_layers - 1, 1, 1))
-        self.energy = nn.Parameter(eye.clone())  # L; Q = L^T L / ||L^T L||_2
+        # L (Z, Z), or one per pair (J-1, Z, Z); Q = L^T L / ||L^T L||_2
+        self.energy = nn.Parameter(eye.clone() if energy == "shared" else eye.repeat(n_layers - 1, 1, 1))
 
     # ------------------------------------------------------------------ the terms
     def lifted(self, prompts: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -116,7 +128,7 @@ class KoopmanLyapunov(nn.Module):
         return self.lift(chain.to(device=self.lift.weight.device, dtype=self.lift.weight.dtype))
 
     def q(self) -> torch.Tensor:
-        """The energy matrix ``Q = L^T L / ||L^T L||_2`` ``(Z, Z)``."""
+        """The energy matrix ``Q = L^T L / ||L^T L||_2``: ``(Z, Z)``, or ``(J-1, Z, Z)`` with ``energy="per_pair"``."""
         return Fn.stable_q(self.energy)
 
     def forward(self, prompts: Sequence[torch.Tensor] | torch.Tensor) -> PAETerms:
@@ -140,11 +152,11 @@ class KoopmanLyapunov(nn.Module):
     def config(self) -> dict[str, Any]:
         """Constructor arguments (JSON-able), to rebuild the module next to its saved tensors."""
         return dict(width=self.width, dim=self.dim, mode=self.mode, alpha=self.alpha, beta=self.beta,
-                    n_layers=self.n_layers, reading=self.reading, cap=self.cap)
+                    n_layers=self.n_layers, reading=self.reading, cap=self.cap, energy=self.energy_mode)
 
     def extra_repr(self) -> str:
         return f"width={self.width}, dim={self.dim}, mode={self.mode!r}, alpha={self.alpha}, beta={self.beta}, " \
-               f"reading={self.reading!r}"
+               f"reading={self.reading!r}, energy={self.energy_mode!r}"
 
 
 # ---------------------------------------------------------------------- plug-in points

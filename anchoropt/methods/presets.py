@@ -143,7 +143,8 @@ class Preset:
     ``kd_normalization``, ``batch_size``, ``lr``, ``momentum``, ``weight_decay``, ``warmup_epochs``,
     ``warmup_lr``, ``shots``, ``n_anchor``, ``tau``.  Stage I: ``stage1_epochs``, ``stage1_mse_weight``,
     ``stage1_lr``, ``stage1_batch_size``, ``max_descriptions``.  ``extra`` holds method-specific values
-    (DePT's ``linear_probe_weight``).
+    (DePT's ``linear_probe_weight``).  ``drop_last``: Stage II's loader drops the last partial batch of an epoch,
+    as every released trainer's (Dassl's ``build_data_loader``: ``drop_last=is_train and len(data) >= batch``).
     """
 
     name: str
@@ -168,6 +169,7 @@ class Preset:
     stage1_lr: float = 0.002
     stage1_batch_size: int = 32
     max_descriptions: int = 10
+    drop_last: bool = True
     extra: dict = field(default_factory=dict)
 
     def stage1_steps(self, n_classes: int, shots: int | None = None) -> int:

@@ -76,7 +76,8 @@ class MethodSettings:
     ``pooling`` (``"eot"`` or ``"released"``: EOT - N).  Zero-shot: ``templates``, ``ensemble`` (CLIP's seven
     ImageNet templates).  Loss: ``ce_weight``, ``kd_weight``, ``kd_temperature``, ``kd_normalization``.
     DePT: ``lp_weight`` (its fusion weight ``w``, in [0, 1]) and ``head_lr_scale`` (the head's learning-rate
-    multiplier, DePT's ``LR_EXP``, > 0).
+    multiplier, DePT's ``LR_EXP``, > 0).  MaPLe: ``fp16_prompts`` (released MaPLe's ``.half()`` on the prompts it
+    injects, also in fp32; :class:`~anchoropt.methods.MaPLe`).
     """
 
     n_soft: int = 4
@@ -98,6 +99,7 @@ class MethodSettings:
     kd_normalization: str = "batchmean"
     lp_weight: float = 0.7
     head_lr_scale: float = 6.5
+    fp16_prompts: bool = False
     tokenizer: Callable | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:

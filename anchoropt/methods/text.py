@@ -56,7 +56,12 @@ class ContextPrompt(nn.Module):
         deep_depth: deep text prompts for blocks ``1 .. deep_depth`` (MaPLe: ``PROMPT_DEPTH - 1``).
         tau, position_init, preposition, pooling: AnchorOPT's position matrix, anchor prompt and pooling.
         tokenizer: CLIP BPE by default.
+
+    ``fp16_deep_prompts`` (attribute, False): round each class's copy of the deep prompts to fp16 as it goes in,
+    as released MaPLe's text blocks do (``.half()``, also in fp32); :class:`~anchoropt.methods.MaPLe` sets it.
     """
+
+    fp16_deep_prompts: bool = False
 
     def __init__(
         self,
@@ -189,11 +194,12 @@ class ContextPrompt(nn.Module):
             hooks, n_anchor = self.learner._installed_deep_hooks(), self.learner.n_anchor
         else:
             hooks, n_anchor, matrix = self.deep_hooks, 0, torch.eye(self.n_ctx, device=slots.device)
+        rounded = self.fp16_deep_prompts
         if layout.n_slots == self.n_ctx + n_anchor:  # the slots are the prompt's only learned rows: fast path
-            return hooks.encode_slots(self.template, layout, slots, matrix, deep, self.n_ctx, n_anchor)
+            return hooks.encode_slots(self.template, layout, slots, matrix, deep, self.n_ctx, n_anchor, rounded)
         # ATPrompt: the deep prompts replace the last M slots (the class context); attribute tokens are carried
         start = layout.slot_positions[-self.n_ctx]
-        with hooks.active(matrix, self.n_ctx, n_anchor, deep, slot_start=start):
+        with hooks.active(matrix, self.n_ctx, n_anchor, deep, slot_start=start, round_fp16=rounded):
             return self.template.encode_slots(layout, slots)
 
     def anchor_features(self) -> torch.Tensor | None:

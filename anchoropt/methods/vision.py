@@ -59,11 +59,14 @@ class VisionPrompts:
         visual: ``model.visual``.
         n_prompts: ``M`` appended tokens.
         depth: deep vision blocks ``1 .. depth`` (``<= n_blocks - 1``; 0: the appended tokens only).
+        round_fp16: round each image's copy of the shared and deep prompts to fp16 as it goes in (value and
+            gradient), as released MaPLe's ``VisionTransformer_MaPLe`` and blocks do (``.half()``, also in fp32).
     """
 
-    def __init__(self, visual: nn.Module, n_prompts: int, depth: int):
+    def __init__(self, visual: nn.Module, n_prompts: int, depth: int, round_fp16: bool = False):
         self.tower: ImageTower = image_tower(visual)
         self.visual, self.n_prompts, self.depth = visual, int(n_prompts), int(depth)
+        self.round_fp16 = bool(round_fp16)
         self.n_tokens = self.tower.n_tokens
         self._shared: torch.Tensor | None = None
         self.deep: DeepAnchorHooks | None = None
@@ -102,7 +105,8 @@ class VisionPrompts:
                 yield
             else:
                 eye = torch.eye(self.n_prompts, device=shared.device)
-                with self.deep.active(eye, self.n_prompts, 0, deep, slot_start=self.n_tokens):
+                with self.deep.active(eye, self.n_prompts, 0, deep, slot_start=self.n_tokens,
+                                      round_fp16=self.round_fp16):
                     yield
         finally:
             self._shared = previous
@@ -113,6 +117,8 @@ class VisionPrompts:
             return tokens
         self._check_tokens(tokens, self.n_tokens, "embedding produced")
         prompts = shared.to(device=tokens.device, dtype=tokens.dtype).expand(tokens.shape[0], -1, -1)
+        if self.round_fp16:  # MaPLe: shared_ctx.expand(B, ...).half(), each image's copy
+            prompts = prompts.half().to(tokens.dtype)
         return torch.cat([tokens, prompts], dim=1)
 
     def _strip(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -306,6 +306,10 @@ def _add_released_args(p: argparse.ArgumentParser, stage1_only: bool = False) ->
                    help="Stage I lr: cosine per step (default) or Dassl's (warm-up epoch at 1e-5, cosine per epoch)")
     r.add_argument("--description-selection", choices=("usable", "released"), default=None,
                    help="Stage I sentences: the first N with a letter (default) or the first N raw entries")
+    if not stage1_only:
+        r.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="Stage II drops the last partial batch of an epoch, as Dassl's training loader (default: "
+                            "off; on with --preset)")
 
 
 def _add_pae_args(p: argparse.ArgumentParser) -> None:
@@ -316,6 +320,9 @@ def _add_pae_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pae-dim", type=int, default=None, help="lifted (Koopman) width (256)")
     g.add_argument("--pae-mode", choices=("global", "layerwise"), default=None,
                    help="one shared Koopman operator (global, default) or one per layer pair")
+    g.add_argument("--pae-energy", choices=("shared", "per_pair"), default=None,
+                   help="one Lyapunov factor L for every layer pair (shared, default) or one per pair (per_pair: "
+                        "the release's layerwise mode, with --pae-mode layerwise)")
     g.add_argument("--pae-reading", choices=("released", "paper"), default=None,
                    help="the released code's terms (default) or the paper's formulas")
     g.add_argument("--pae-decay", action="store_true", default=None,

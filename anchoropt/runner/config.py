@@ -68,6 +68,7 @@ class RunConfig:
     pae_dim: int = 256
     pae_mode: str = "global"
     pae_reading: str = "released"
+    pae_energy: str = "shared"
     pae_decay: bool = False
     tau: float | None = None
     epochs: int | None = None
@@ -86,6 +87,7 @@ class RunConfig:
     stage1_lr: float | None = None
     max_descriptions: int | None = None
     augment: str = "rrc_flip"
+    drop_last: bool | None = None
     cache_image_features: bool = False
     cache_views: int = 0
     eval_mode: str = "auto"
@@ -104,6 +106,7 @@ class RunConfig:
         shots=16, n_soft=4, n_anchor=1, tau=1.0, epochs=100, batch_size=32, lr=0.002, momentum=0.9,
         weight_decay=5e-4, warmup_epochs=1, warmup_lr=1e-5, ce_weight=1.0, kd_weight=10.0, kd_temperature=1.0,
         kd_normalization="batchmean", stage1_mse_weight=1000.0, stage1_lr=0.002, max_descriptions=10,
+        drop_last=False,
     )
 
     def resolve(self) -> "RunConfig":
@@ -246,7 +249,7 @@ class RunConfig:
         if not self.pae:
             return
         from ..functional import PAE_READINGS
-        from ..methods.pae import MODES
+        from ..methods.pae import ENERGIES, MODES
 
         if self.deep_depth < 2:
             raise ValueError(f"--pae regularises the deep variant's per-layer prompts: it needs --deep-depth >= 2 "
@@ -257,6 +260,8 @@ class RunConfig:
             raise ValueError(f"--pae-dim must be >= 1, got {self.pae_dim}")
         if self.pae_mode not in MODES:
             raise ValueError(f"unknown --pae-mode {self.pae_mode!r}; choose one of {MODES}")
+        if self.pae_energy not in ENERGIES:
+            raise ValueError(f"unknown --pae-energy {self.pae_energy!r}; choose one of {ENERGIES}")
         if self.pae_reading not in PAE_READINGS:
             raise ValueError(f"unknown --pae-reading {self.pae_reading!r}; choose one of {PAE_READINGS}")
 
@@ -280,6 +285,7 @@ class RunConfig:
         unknown = sorted(set(values) - known - _BOOKKEEPING)
         if unknown:
             raise ValueError(f"unknown key(s) {unknown}; known keys: {sorted(known)}")
+        values = {"drop_last": False, **values}  # written before --drop-last: those runs kept the last batch
         cfg = cls(**{k: v for k, v in values.items() if k in known})
         cfg._check_types()
         return cfg
@@ -309,11 +315,12 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "weight_decay": _OPT_FLOAT, "warmup_epochs": _OPT_INT, "warmup_lr": _OPT_FLOAT, "ce_weight": _OPT_FLOAT,
     "kd_weight": _OPT_FLOAT, "kd_temperature": _OPT_FLOAT, "kd_normalization": _OPT_STR, "stage1_steps": _OPT_INT,
     "stage1_mse_weight": _OPT_FLOAT, "stage1_lr": _OPT_FLOAT, "max_descriptions": _OPT_INT, "augment": (str,),
+    "drop_last": (bool, type(None)),
     "cache_image_features": (bool,), "cache_views": (int,), "eval_mode": (str,), "eval_batch_size": (int,),
     "p_train": (float,), "p_val": (float,), "split_seed": (int,), "device": _OPT_STR, "workers": (int,),
     "progress": (bool,), "plots": (bool,), "save_every": (int,), "tensorboard": (bool,),
     "pae": (bool,), "pae_alpha": (float,), "pae_beta": (float,), "pae_dim": (int,), "pae_mode": (str,),
-    "pae_reading": (str,), "pae_decay": (bool,),
+    "pae_reading": (str,), "pae_decay": (bool,), "pae_energy": (str,),
 }
 # (fields, lower bound, bound excluded): every count and every number of a run
 _RANGES = (

@@ -307,8 +307,10 @@ def _training_data(bundle: ModelBundle, records: Sequence[D.Record], cfg: RunCon
     else:
         dataset = D.ImageDataset(records, bundle.train_transform)
     sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=False) if ctx.distributed else None
+    # --drop-last: Dassl's training loader, drop_last=is_train and len(data_source) >= batch_size
+    drop_last = bool(cfg.drop_last) and len(sampler if sampler is not None else dataset) >= cfg.batch_size
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=0 if cached is not None else cfg.workers, drop_last=False,
+                        num_workers=0 if cached is not None else cfg.workers, drop_last=drop_last,
                         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
     return _TrainingData(loader, sampler, cached, view_generator)
 
@@ -418,7 +420,8 @@ def _pae_regularizer(learner: nn.Module, cfg: RunConfig, device) -> KoopmanLyapu
     with torch.random.fork_rng(devices=[]):  # its own stream: a run with --pae draws the same Gumbel noise as without
         torch.manual_seed(cfg.seed)
         regularizer = KoopmanLyapunov(chain[0].shape[-1], dim=cfg.pae_dim, mode=cfg.pae_mode, alpha=cfg.pae_alpha,
-                                      beta=cfg.pae_beta, n_layers=len(chain), reading=cfg.pae_reading)
+                                      beta=cfg.pae_beta, n_layers=len(chain), reading=cfg.pae_reading,
+                                      energy=cfg.pae_energy)
     return regularizer.to(device)
 
 
