@@ -217,13 +217,20 @@ def _styles(methods: Sequence[str]) -> dict[str, tuple]:
         return {m: (palette[i], "") for i, m in enumerate(methods)}
     bases = _ordered(re.split(r"[+:]", m, maxsplit=1)[0] for m in methods)
     variants = _ordered(m[len(re.split(r"[+:]", m, maxsplit=1)[0]):] for m in methods)
-    styles = {}
+    styles: dict[str, tuple] = {}
     for m in methods:
         base = re.split(r"[+:]", m, maxsplit=1)[0]
         b, v = bases.index(base), variants.index(m[len(base):])
-        styles[m] = (palette[b % len(palette)],
-                     _VARIANT_HATCHES[(v + len(_VARIANT_HATCHES) * (b // len(palette))) % len(_VARIANT_HATCHES)])
+        h = v + b // len(palette)  # beyond 10 base methods the colours repeat with other hatches
+        while (palette[b % len(palette)], _hatch(h)) in styles.values():  # never two methods alike
+            h += 1
+        styles[m] = (palette[b % len(palette)], _hatch(h))
     return styles
+
+
+def _hatch(i: int) -> str:
+    """The ``i``-th hatch: the plain ones, then denser repeats of them."""
+    return _VARIANT_HATCHES[i % len(_VARIANT_HATCHES)] * (1 + i // len(_VARIANT_HATCHES))
 
 
 def draw_bars(groups: Sequence[str], stats: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike,
