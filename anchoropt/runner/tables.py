@@ -246,9 +246,13 @@ def draw_bars(groups: Sequence[str], stats: dict[str, Sequence[tuple[float, floa
     styles = _styles(methods)
     width = 0.8 / max(len(methods), 1)
     bars = len(groups) * max(1, len(methods))
-    with plt.rc_context({"font.size": 12, "axes.titlesize": 13, "legend.fontsize": 11, "hatch.linewidth": 0.8}):
-        fig, ax = plt.subplots(figsize=(min(12.0, max(7.0, 0.22 * bars + 2.0)), 4.6 + 0.25 * (len(methods) // 4)),
-                               layout="constrained")
+    # 8 in at 110 dpi is ~880 px: shown at a docs page's ~700 px, 13 pt text stays ~15 px; many bars widen it
+    with plt.rc_context({"font.size": 13, "axes.titlesize": 13, "legend.fontsize": 12, "hatch.linewidth": 0.8}):
+        fig_width = min(16.0, max(8.0, 0.12 * bars + 3.0))
+        # as many legend columns as the width holds (12 pt text: ~7.2 pt a character, ~45 pt of handle)
+        ncol = max(1, min(len(methods), int(fig_width * 72 // (7.2 * max(map(len, methods), default=1) + 45))))
+        rows = math.ceil(len(methods) / ncol)
+        fig, ax = plt.subplots(figsize=(fig_width, 3.6 + 0.27 * rows), layout="constrained")
         top = 0.0
         for i, m in enumerate(methods):
             means = [s[0] for s in stats[m]]
@@ -267,10 +271,7 @@ def draw_bars(groups: Sequence[str], stats: dict[str, Sequence[tuple[float, floa
             ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-        # as many legend columns as the figure's width holds (11 pt text: ~6.6 pt a character, ~45 pt of handle)
-        column = 6.6 * max(len(m) for m in methods) + 45 if methods else 1.0
-        fig.legend(loc="outside lower center", ncol=max(1, min(len(methods), int(fig.get_figwidth() * 72 // column))),
-                   frameon=False)
+        fig.legend(loc="outside lower center", ncol=ncol, frameon=False)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.png")
