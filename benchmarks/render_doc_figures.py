@@ -8,7 +8,9 @@ change of the plot's style reaches the docs without re-running the grids::
 
     python benchmarks/render_doc_figures.py            # rewrites the two PNGs in docs/assets/
 
-A grid re-run writes the same chart itself (``OUT/hm.png``).
+A grid re-run writes the same chart itself (``OUT/hm.png``).  The script also redraws the illustration of
+docs/howto/pictures.md (docs/assets/position_matrix_example.png: 4 soft tokens + 1 anchor, the arrangement
+its caption spells out, each training pick's chance 0.97) with ``anchoropt.viz``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+from anchoropt import viz  # noqa: E402
 from anchoropt.runner.tables import draw_bars  # noqa: E402
 
 # (page, which "HM per dataset" table of it (0: the first), the figure, its title)
@@ -49,6 +56,12 @@ def main() -> int:
         groups, stats = hm_table(ROOT / page, index)
         draw_bars(groups, stats, ROOT / figure, ylabel="HM (base / novel), %", title=title)
         print(f"{figure}: {len(stats)} methods x {len(groups)} groups from {page}")
+    # slots 1..5 take soft2, anchor1, soft2, soft4, soft1; logit gap ln(0.97 / 0.0075): softmax 0.97 / 0.01
+    logits = torch.zeros(5, 5)
+    logits[range(5), [1, 4, 1, 3, 0]] = math.log(0.97 * 4 / 0.03)
+    path = viz.save_position_matrix((logits, 4), ROOT / "docs/assets/position_matrix_example.png",
+                                    title="example: 4 soft tokens + 1 anchor", dpi=100)
+    print(f"{path.relative_to(ROOT)}: the illustration of docs/howto/pictures.md")
     return 0
 
 
