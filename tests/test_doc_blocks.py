@@ -26,9 +26,12 @@ GitHub)::
 ``needs=REASON``
     The block needs what a test machine does not have: ``real-weights`` (ViT-B-16 openai ...),
     ``real-data`` (ImageNet, the paper's datasets), ``network`` (pip install), ``gpu``, ``peers`` (the
-    CoOp / MaPLe / DePT repositories and Dassl), ``long`` (the toy CLIP's pretraining and calibration: many minutes).  It is not run: a Python block is
-    compiled, and every ``anchoropt ...`` line of a bash block is parsed by the real argument parser in
-    ``tests/test_docs.py::test_every_documented_command_parses``.
+    CoOp / MaPLe / DePT repositories and Dassl), ``long`` (the toy CLIP's pretraining and calibration: many
+    minutes).  It is not run: a Python block is compiled, and every ``anchoropt ...`` line of a bash block
+    is parsed by the real argument parser in ``tests/test_docs.py::test_every_documented_command_parses``.
+
+Substitutions (``setup=``, ``args[...]=``) keep the blocks' own lines and change only sizes and the stand-in
+model; the executed blocks take about 4 minutes of one CPU thread in all (the grid blocks most).
 """
 
 from __future__ import annotations
@@ -212,8 +215,8 @@ def _layer_prompts(cwd: Path) -> dict:
     return {f"p{i}": torch.randn(4, 768) for i in range(1, 5)}
 
 
-SETUPS = {"layer_prompts": _layer_prompts, "tiny_model": _tiny, "tiny_deep": _tiny_deep, "tiny_learner": _tiny_learner, "deep_hooks": _deep_hooks,
-          "mpa": _mpa, "flowers": _flowers, "open_clip_offline": _open_clip_offline}
+SETUPS = {"layer_prompts": _layer_prompts, "tiny_model": _tiny, "tiny_deep": _tiny_deep, "tiny_learner": _tiny_learner,
+          "deep_hooks": _deep_hooks, "mpa": _mpa, "flowers": _flowers, "open_clip_offline": _open_clip_offline}
 
 
 # ---------------------------------------------------------------------------------------------------- runners
