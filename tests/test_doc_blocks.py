@@ -31,7 +31,8 @@ GitHub)::
     is parsed by the real argument parser in ``tests/test_docs.py::test_every_documented_command_parses``.
 
 Substitutions (``setup=``, ``args[...]=``) keep the blocks' own lines and change only sizes and the stand-in
-model; the executed blocks take about 4 minutes of one CPU thread in all (the grid blocks most).
+model; the executed blocks take about 3 minutes of one CPU thread on a quiet machine (the grid blocks most;
+they run each documented method once, on one of the datasets).
 """
 
 from __future__ import annotations
