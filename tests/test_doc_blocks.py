@@ -290,6 +290,11 @@ def test_blocks_are_found_and_most_run():
     """The collector sees the pages' blocks (a changed fence style would silently drop them)."""
     assert len(BLOCKS) >= 40
     assert sum(b.needs is None for b in BLOCKS) >= 20
+    for page in PAGES:  # code the collector would miss: other fence names, fences indented in a list
+        text = page.read_text(encoding="utf-8")
+        assert not re.search(r"^\s*```(sh|shell|console|py|python3|pycon)\b", text, flags=re.M), page.name
+        for m in re.finditer(r"^ +```(python|bash)[^\n]*\n(.*?)^ *```", text, flags=re.S | re.M):
+            assert "--8<--" in m.group(2), f"{page.name}: an indented {m.group(1)} block is not run"
 
 
 def test_a_broken_block_fails(tmp_path, monkeypatch):
