@@ -90,24 +90,24 @@ def position_matrix_figure(source, title: str | None = None, probabilities: bool
     probs = logits.softmax(dim=-1)
     names = _source_names(n_soft, n_anchor)
     slots = [f"slot {i + 1}" for i in range(size)]
-    panels = [("assignment used at test time (argmax)", hard, "{:.0f}")]
+    panels = [("used at test time: argmax", hard, "{:.0f}")]
     if probabilities:
-        panels.append(("chance of each pick in training: softmax(logits)", probs, "{:.2f}"))
-    cell = max(0.55, 3.2 / size)
-    fig = _figure(figsize=(len(panels) * (size * cell + 1.6) + 0.4, size * cell + 2.2), layout="constrained")
+        panels.append(("training picks: softmax(logits)", probs, "{:.2f}"))
+    cell = max(0.5, 2.6 / size)  # with the text sizes below, legible when shown ~700 px wide (a docs page)
+    fig = _figure(figsize=(len(panels) * (size * cell + 1.6) + 0.4, size * cell + 2.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (label, values, fmt) in zip(axes, panels):
         ax.imshow(values.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
-        ax.set_xticks(range(size), names, rotation=45, ha="right")
-        ax.set_yticks(range(size), slots)
-        ax.set_xlabel("source token")
-        ax.set_ylabel("position in the prompt")
-        ax.set_title(label, fontsize=9)
+        ax.set_xticks(range(size), names, rotation=45, ha="right", fontsize=12)
+        ax.set_yticks(range(size), slots, fontsize=12)
+        ax.set_xlabel("source token", fontsize=12)
+        ax.set_ylabel("position in the prompt", fontsize=12)
+        ax.set_title(label, fontsize=12)
         ax.axvline(n_soft - 0.5, color="darkorange", lw=1.2, ls="--")  # soft | anchor boundary
         for i in range(size):
             for j in range(size):
                 v = float(values[i, j])
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=11,
                         color="white" if v > 0.55 else "black")
     order = [names[int(j)] for j in hard.argmax(dim=-1)]
     used = hard.sum(dim=0)
@@ -121,14 +121,15 @@ def position_matrix_figure(source, title: str | None = None, probabilities: bool
         notes.append("dropped: " + ", ".join(dropped))
     if n_anchor and all(name in dropped for name in names[n_soft:]):
         notes.append("NO ANCHOR PLACED: the test-time prompt holds soft tokens only")
-    fig.suptitle(title or "AnchorOPT position matrix", fontsize=11)
-    fig.supxlabel(caption + ("\n" + "; ".join(notes) if notes else ""), fontsize=9)
+    fig.suptitle(title or "AnchorOPT position matrix", fontsize=14)
+    fig.supxlabel(caption + ("\n" + "; ".join(notes) if notes else ""), fontsize=12)
     return fig
 
 
 def save_position_matrix(source, path: str | os.PathLike, title: str | None = None, dpi: int = 150) -> Path:
     """Write :func:`position_matrix_figure` to a PNG file."""
-    return _files.save_figure(position_matrix_figure(source, title), path, dpi=dpi)
+    return _files.save_figure(position_matrix_figure(source, title), path, dpi=dpi, bbox_inches="tight",
+                              pad_inches=0.1)
 
 
 def decode_token(tokenizer, token_id: int) -> str:

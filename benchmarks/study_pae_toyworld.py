@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from anchoropt import AnchorOPTPromptLearner, runner  # noqa: E402
 from anchoropt.functional import clip_logits  # noqa: E402
 from anchoropt.runner import protocols  # noqa: E402
+from anchoropt.runner.models import encode_images  # noqa: E402
 from anchoropt.runner.training import _feature_table  # noqa: E402
 
 
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
         train_view, novel_view = protocols._training_view(source, cfg)
         runner.seed_everything(seed)
         anchors, _ = runner.learn_anchors(bundle, train_view.classnames, descriptions, cfg)
-        base_features = _feature_table(bundle, train_view.test, bundle.test_transform, cfg, torch.device("cpu"))
+        base_features = _feature_table(bundle, train_view.test, bundle.test_transform, cfg, torch.device("cpu"),
+                                       encode_images)
         base_labels = torch.tensor([r.label for r in train_view.test])
         for name, pae in (("deep", False), ("deep+pae", True)):
             result = _run(bundle, dataclasses.replace(cfg, pae=pae), anchors, train_view, novel_view,

@@ -34,22 +34,25 @@ def test_site_builds_offline_in_strict_mode(tmp_path):
                           cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     site = tmp_path / "site"
-    for page in ("index.html", "quickstart/index.html", "concepts/index.html", "runner/index.html",
-                 "howto/own-dataset/index.html", "howto/backbones/index.html", "howto/multi-gpu/index.html",
-                 "howto/reproduce/index.html", "howto/pictures/index.html", "api/core/index.html"):
+    for page in ("index.html", "quickstart.html", "concepts.html", "runner.html",
+                 "howto/own-dataset.html", "howto/backbones.html", "howto/multi-gpu.html",
+                 "howto/reproduce.html", "howto/pictures.html", "api/core.html"):
         assert (site / page).is_file(), page
-    api = (site / "api" / "core" / "index.html").read_text(encoding="utf-8")
+    api = (site / "api" / "core.html").read_text(encoding="utf-8")
     assert "AnchorOPTPromptLearner" in api and "set_classnames" in api  # rendered from the docstrings
-    assert "run_training" in (site / "api" / "runner" / "index.html").read_text(encoding="utf-8")
+    assert "run_training" in (site / "api" / "runner.html").read_text(encoding="utf-8")
     assert (site / "assets" / "position_matrix_example.png").is_file()
     for optional in ("deep.md",):  # written with its code; listed when present
         if (DOCS / optional).is_file():
-            assert (site / optional.removesuffix(".md") / "index.html").is_file()
+            assert (site / optional.replace(".md", ".html")).is_file()
     for page in sorted((DOCS / "integrations").glob("*.md")):
-        assert (site / "integrations" / page.stem / "index.html").is_file(), page.name
-    examples = (site / "examples" / "index.html").read_text(encoding="utf-8")
+        assert (site / "integrations" / f"{page.stem}.html").is_file(), page.name
+    examples = (site / "examples.html").read_text(encoding="utf-8")
     assert "# AnchorOPT (2/3): CE + KD" in examples  # the scripts themselves, included at build time
-    assert "stylesheets/extra.css" in (site / "index.html").read_text(encoding="utf-8")
+    index = (site / "index.html").read_text(encoding="utf-8")
+    assert "stylesheets/extra.css" in index
+    # links name the page file, so the site also works opened from disk (file://), not only served
+    assert 'href="quickstart.html"' in index and 'href="quickstart/"' not in index
 
 
 def _commands(text: str) -> list[list[str]]:
@@ -112,6 +115,7 @@ def test_nav_hook_drops_missing_pages_and_lists_integrations(tmp_path):
 def test_mkdocs_config_is_strict_and_wraps_code():
     config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     assert re.search(r"^strict: true\b", config, flags=re.M)
+    assert re.search(r"^use_directory_urls: false\b", config, flags=re.M)  # file:// navigation
     assert "stylesheets/extra.css" in config
     assert "white-space: pre-wrap" in (DOCS / "stylesheets" / "extra.css").read_text(encoding="utf-8")
 

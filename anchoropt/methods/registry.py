@@ -349,7 +349,9 @@ def _anchoropt(model, classnames, s: MethodSettings, attributes: bool = False) -
 def _with_attributes(s: MethodSettings, name: str) -> MethodSettings:
     if not s.attributes:
         raise ValueError(f"{name} needs attribute words: a dataset preset with ATPrompt attributes "
-                         f"(--preset oxford_pets ...), --attributes WORD [WORD ...], or '{name}:attributes=a|b'")
+                         f"(--preset oxford_pets ...), --attributes WORD [WORD ...], or '{name}:attributes=a|b' "
+                         f"(from Python, a parsed spec's options reach the builder through "
+                         f"choice.settings(MethodSettings(...)); MethodSettings(attributes=(...)) works too)")
     return s
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -158,14 +159,11 @@ def render_tables(records: Sequence[dict], methods: Sequence[str] = (), datasets
 
 
 def plot_hm(records: Sequence[dict], path: str | os.PathLike, methods: Sequence[str] = (),
-            datasets: Sequence[str] = ()) -> Path | None:
+            datasets: Sequence[str] = (), title: str | None = None) -> Path | None:
     """Bar chart of HM (base-to-novel) or the target average (transfer) per method, error bars = std over
     seeds; one group per dataset and the average.  Needs matplotlib (returns ``None`` and says so if absent)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         print(f"{path} not written: the HM plot needs matplotlib (pip install matplotlib); the tables are complete",
               flush=True)
@@ -186,31 +184,110 @@ def plot_hm(records: Sequence[dict], path: str | os.PathLike, methods: Sequence[
         values = {m: [[r["target_mean"] for r in cells.get((m, s), []) if r["target_mean"] is not None]
                       for s in sources] for m in methods}
         ylabel = "target accuracy (mean over targets), %"
+    if title is None:
+        title = _plot_title(records, Path(path).parent)
+    stats = {m: [mean_std(v) if v else (float("nan"), 0.0) for v in values[m]] for m in methods}
+    return draw_bars(groups, stats, path, ylabel=ylabel, title=title)
+
+
+def _plot_title(records: Sequence[dict], grid_dir: Path) -> str:
+    """"model, K shots, protocol, seeds ..." - the model and shots from a run's ``run_config.json`` of the grid."""
+    parts = []
+    config = next(iter(sorted(grid_dir.glob("runs/*/*/*/run_config.json"))), None)
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8")) if config is not None else {}
+    except (OSError, ValueError):
+        cfg = {}
+    if cfg.get("model"):
+        weights = cfg.get("pretrained")
+        parts.append(f"{cfg['model']} ({weights})" if weights and cfg["model"] != "toy-clip"
+                     and not str(cfg["model"]).startswith("tiny") else str(cfg["model"]))
+    if cfg.get("shots"):
+        parts.append(f"{cfg['shots']} shots")
+    protocols = _ordered(r["protocol"] for r in records)
+    parts.extend(_PROTOCOL_TITLES.get(p, p) for p in protocols)
+    seeds = sorted({r["seed"] for r in records})
+    parts.append(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+    return ", ".join(parts)
+
+
+_PROTOCOL_TITLES = {"base2novel": "base-to-novel", "cross-dataset": "cross-dataset",
+                    "domain-generalization": "domain generalisation"}
+_VARIANT_HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
+
+
+def _styles(methods: Sequence[str]) -> dict[str, tuple]:
+    """(colour, hatch) per method: one distinct colour each up to 10 methods; beyond, one colour per base
+    method (the spec before ``+`` / ``:``) and one hatch per variant (``+atprompt``, ``+anchoropt``, options)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors
+    if len(methods) <= len(palette):
+        return {m: (palette[i], "") for i, m in enumerate(methods)}
+    bases = _ordered(re.split(r"[+:]", m, maxsplit=1)[0] for m in methods)
+    variants = _ordered(m[len(re.split(r"[+:]", m, maxsplit=1)[0]):] for m in methods)
+    styles: dict[str, tuple] = {}
+    for m in methods:
+        base = re.split(r"[+:]", m, maxsplit=1)[0]
+        b, v = bases.index(base), variants.index(m[len(base):])
+        h = v + b // len(palette)  # beyond 10 base methods the colours repeat with other hatches
+        while (palette[b % len(palette)], _hatch(h)) in styles.values():  # never two methods alike
+            h += 1
+        styles[m] = (palette[b % len(palette)], _hatch(h))
+    return styles
+
+
+def _hatch(i: int) -> str:
+    """The ``i``-th hatch: the plain ones, then denser repeats of them."""
+    return _VARIANT_HATCHES[i % len(_VARIANT_HATCHES)] * (1 + i // len(_VARIANT_HATCHES))
+
+
+def draw_bars(groups: Sequence[str], stats: dict[str, Sequence[tuple[float, float]]], path: str | os.PathLike,
+              ylabel: str = "HM, %", title: str = "") -> Path:
+    """The HM chart from ``{method: [(mean, std) per group]}``: one bar per method in each group, error bars
+    = std (clipped to 0 .. 100 %), a y axis from 0, a legend below the axes; drawn to be read at ~700 px."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(stats)
+    styles = _styles(methods)
     width = 0.8 / max(len(methods), 1)
     bars = len(groups) * max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(min(14.0, max(5.0, 0.35 * bars)) + 2.5, 3.6))
-    colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors  # one colour per method
-    for i, m in enumerate(methods):
-        stats = [mean_std(v) if v else (float("nan"), 0.0) for v in values[m]]
-        xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [s[0] for s in stats], width, yerr=[s[1] for s in stats], capsize=2, label=m,
-               color=colours[i % len(colours)])
-    finite = [mean_std(v)[0] - mean_std(v)[1] for m in methods for v in values[m] if v]
-    if finite:  # start the axis below the lowest bar, so differences of a few points stay visible
-        ax.set_ylim(bottom=max(0.0, 5 * math.floor((min(finite) - 5) / 5)))
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.png")
-    try:
-        fig.savefig(partial, dpi=120)
-    finally:
-        plt.close(fig)
+    # 8 in at 110 dpi is ~880 px: shown at a docs page's ~700 px, 13 pt text stays ~15 px; many bars widen it
+    with plt.rc_context({"font.size": 13, "axes.titlesize": 13, "legend.fontsize": 12, "hatch.linewidth": 0.8}):
+        fig_width = min(16.0, max(8.0, 0.12 * bars + 3.0))
+        # as many legend columns as the width holds (12 pt text: ~7.2 pt a character, ~45 pt of handle)
+        ncol = max(1, min(len(methods), int(fig_width * 72 // (7.2 * max(map(len, methods), default=1) + 45))))
+        rows = math.ceil(len(methods) / ncol)
+        fig, ax = plt.subplots(figsize=(fig_width, 3.6 + 0.27 * rows), layout="constrained")
+        top = 0.0
+        for i, m in enumerate(methods):
+            means = [s[0] for s in stats[m]]
+            lower = [min(s[1], s[0]) if math.isfinite(s[0]) else 0.0 for s in stats[m]]  # no bar below 0 %
+            upper = [min(s[1], 100.0 - s[0]) if math.isfinite(s[0]) else 0.0 for s in stats[m]]
+            xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
+            colour, hatch = styles[m]
+            ax.bar(xs, means, width, yerr=[lower, upper], capsize=2, label=m, color=colour, hatch=hatch,
+                   edgecolor="white" if hatch else colour, linewidth=0.5, error_kw={"elinewidth": 1.0})
+            top = max([top, *(mu + up for mu, up in zip(means, upper) if math.isfinite(mu))])
+        ax.set_ylim(0.0, min(100.0, 10 * math.ceil(top / 10 + 0.05)) if top > 0 else 1.0)  # the axis starts at 0
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups)
+        ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        fig.legend(loc="outside lower center", ncol=ncol, frameon=False)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.png")
+        try:
+            fig.savefig(partial, dpi=110, bbox_inches="tight", pad_inches=0.1)
+        finally:
+            plt.close(fig)
     return _files.replace_fsynced(partial, path)
 
 
