@@ -3,8 +3,9 @@
 Each block is one test (id: ``page:line``).  A Python block is executed with ``exec`` in a fresh temporary
 folder; a bash block is run by ``bash -e -o pipefail`` in a fresh temporary folder where ``anchoropt`` and
 ``python`` are this interpreter with this checkout on ``PYTHONPATH`` (``examples/`` and ``benchmarks/`` are
-linked in, so their relative paths work).  Blocks included from files (``--8<--``) are the example scripts,
-run by ``tests/test_examples.py``; ``text``, ``diff``, ``json`` and unlabelled blocks are not code.
+copied in, so their relative paths work and nothing is written into the checkout).  Blocks included from
+files (``--8<--``) are the example scripts, run by ``tests/test_examples.py``; ``text``, ``diff``, ``json`` and
+unlabelled blocks are not code.
 
 A block may carry one HTML comment on the line right before its opening fence (invisible on the site and on
 GitHub)::
@@ -42,6 +43,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import warnings
@@ -252,8 +254,8 @@ def _run_bash(block: Block, cwd: Path) -> None:
         tool = bin_dir / name
         tool.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{bin_dir / "shim.py"}" {kind} "$@"\n')
         tool.chmod(0o755)
-    for folder in ("examples", "benchmarks"):
-        (cwd / folder).symlink_to(ROOT / folder)
+    for folder in ("examples", "benchmarks"):  # copies: a script's default output beside itself stays in cwd
+        shutil.copytree(ROOT / folder, cwd / folder, ignore=shutil.ignore_patterns("results", "__pycache__"))
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "DOC_TEST_ARGS": json.dumps(block.args), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
