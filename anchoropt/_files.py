@@ -142,6 +142,22 @@ def json_text(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
+def csv_text(rows: Iterable[Mapping[str, Any]], empty_header: Iterable[str] = ()) -> str:
+    """``rows`` as CSV: a header of the union of their keys in first-seen order (``empty_header`` when there are
+    no rows), empty cells where a row lacks a key or holds ``None``."""
+    import csv
+    import io
+
+    rows = list(rows)
+    columns = list(dict.fromkeys(key for row in rows for key in row)) or list(empty_header)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    return buffer.getvalue()
+
+
 def save_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> Path:
     """``figure.savefig`` to ``path`` atomically (the format comes from ``path``'s suffix)."""
     import io

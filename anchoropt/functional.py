@@ -60,18 +60,23 @@ def check_features(features: torch.Tensor, name: str, width: int | None = None) 
             f"{name} has shape {tuple(features.shape)}, expected {expected}"
             + (": features of another CLIP model, or not yet projected?" if width is not None else "")
         )
+    _check_rows(features, name)
+
+
+def _check_rows(features: torch.Tensor, name: str) -> None:
+    """Refuse rows with NaN / inf, and all-zero rows (L2 normalisation leaves them zero, every logit is 0 and
+    argmax says class 0).  One device sync when the features are fine (this runs on every forward)."""
+    if not (features.is_floating_point() and features.numel()):
+        return
+    nonfinite = ~torch.isfinite(features).all(dim=1)
+    zero = (features == 0).all(dim=1)
+    if not bool((nonfinite | zero).any()):
+        return
     _check_finite(features, name)
-    _check_nonzero_rows(features, name)
-
-
-def _check_nonzero_rows(features: torch.Tensor, name: str) -> None:
-    """Refuse all-zero rows: L2 normalisation leaves them zero, every logit is 0 and argmax says class 0."""
-    if features.is_floating_point() and features.numel():
-        rows = (features == 0).all(dim=1).nonzero().flatten().tolist()
-        if rows:
-            raise ValueError(f"{name} has all-zero rows {rows[:10]}{' ...' if len(rows) > 10 else ''}: a zero "
-                             "feature has no direction to score (every class would get logit 0); check the images "
-                             "or the feature file they came from")
+    rows = zero.nonzero().flatten().tolist()
+    raise ValueError(f"{name} has all-zero rows {rows[:10]}{' ...' if len(rows) > 10 else ''}: a zero "
+                     "feature has no direction to score (every class would get logit 0); check the images "
+                     "or the feature file they came from")
 
 
 def _check_finite(tensor: torch.Tensor, name: str) -> None:

@@ -79,10 +79,9 @@ class PositionMatrix(nn.Module):
 
     def matrix(self) -> torch.Tensor:
         """The ``(K, K)`` one-hot assignment used by the next forward (sampled in training)."""
-        logits = self.logits.float()
         if self.is_fixed or not (self.training or self.sample_in_eval):
-            return functional.hard_argmax(logits)
-        return F.gumbel_softmax(logits, tau=self.tau, hard=True, dim=-1)
+            return self.deterministic_matrix()
+        return F.gumbel_softmax(self.logits.float(), tau=self.tau, hard=True, dim=-1)
 
     def deterministic_matrix(self) -> torch.Tensor:
         """The ``(K, K)`` evaluation assignment (row-wise argmax of the logits), in any mode."""

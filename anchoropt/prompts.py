@@ -228,12 +228,16 @@ class AnchorOPTPromptLearner(nn.Module):
 
     # ------------------------------------------------------------------ logits
     def forward(
-        self, image_features: torch.Tensor, logit_scale: torch.Tensor | float | None = None
+        self,
+        image_features: torch.Tensor,
+        logit_scale: torch.Tensor | float | None = None,
+        matrix: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits_normal, logits_anchor)``, each ``(B, C)``, for image features ``(B, E)``."""
+        """``(logits_normal, logits_anchor)``, each ``(B, C)``, for image features ``(B, E)``; ``matrix`` (a
+        ``(K, K)`` position matrix) arranges the normal prompt instead of :meth:`PositionMatrix.matrix`."""
         functional.check_features(image_features, "image_features", self.tower.output_dim)
         scale = self.logit_scale() if logit_scale is None else logit_scale
-        normal = functional.clip_logits(image_features, self.normal_features(), scale)
+        normal = functional.clip_logits(image_features, self.normal_features(matrix), scale)
         anchor = functional.clip_logits(image_features, self.anchor_features(), scale)
         return normal, anchor
 
@@ -256,14 +260,9 @@ class AnchorOPTPromptLearner(nn.Module):
         when the learner is in ``train()`` mode, so two calls agree; only ``position.sample_in_eval=True``
         (the released code's stochastic test) samples.
         """
-        if self.training and not self.position.sample_in_eval:
-            functional.check_features(image_features, "image_features", self.tower.output_dim)
-            scale = self.logit_scale() if logit_scale is None else logit_scale
-            normal = functional.clip_logits(image_features, self.normal_features(self.position.deterministic_matrix()),
-                                            scale)
-            anchor = functional.clip_logits(image_features, self.anchor_features(), scale)
-            return functional.select_logits(normal, anchor, mode)
-        return functional.select_logits(*self(image_features, logit_scale), mode)
+        sampled_here = self.training and not self.position.sample_in_eval
+        matrix = self.position.deterministic_matrix() if sampled_here else None
+        return functional.select_logits(*self(image_features, logit_scale, matrix), mode)
 
     def logit_scale(self) -> torch.Tensor:
         """The CLIP model's ``logit_scale.exp()`` (100 when the model has none)."""

@@ -109,3 +109,25 @@ def descriptions(tmp_path_factory, folder) -> Path:
     names = data.read_image_folder(folder)[1]
     path.write_text(json.dumps({n: [f"a picture of a {n}.", f"a {n} drawn in one colour.", "."] for n in names}))
     return path
+
+
+# ---------------------------------------------------------------------- interrupted runs
+class Killed(BaseException):
+    """Stands for the process being killed inside a run (a BaseException: nothing in the runner catches it)."""
+
+
+def kill_after_checkpoint(monkeypatch, epochs: int = 2) -> list[int]:
+    """Make ``rundir.save_checkpoint`` raise :class:`Killed` right after it wrote the checkpoint of epoch
+    ``epochs``; returns the list (filled as the run goes) of the epochs whose checkpoints were written."""
+    from anchoropt.runner import rundir
+
+    real, saved = rundir.save_checkpoint, []
+
+    def killed(directory, learner, run_id, state, tensors):
+        real(directory, learner, run_id, state, tensors)
+        saved.append(state["epochs_done"])
+        if state["epochs_done"] == epochs:
+            raise Killed()
+
+    monkeypatch.setattr(rundir, "save_checkpoint", killed)
+    return saved

@@ -15,6 +15,8 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
+
 # wnid -> class name, as lines of CoOp's imagenet/classnames.txt (the first four ImageNet classes, and two more)
 WNIDS = {
     "n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark",
@@ -165,3 +167,12 @@ def write_dassl_fewshot(root: Path, train, val=None, shots: int = 2, seed: int =
             else:
                 sys.modules[name] = old
     return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """``$DATA`` with a tiny copy of every dataset of CoOp's DATASETS.md (a fixture: import it into a test module)."""
+    root = tmp_path_factory.mktemp("DATA")
+    for key in DATASETS:
+        make_layout(root, key)
+    return root

@@ -10,18 +10,10 @@ import pytest
 
 from anchoropt.datasets import layouts
 from anchoropt.runner import cli
-from coop_layouts import DATASETS, make_layout, write_dassl_fewshot
+from coop_layouts import DATASETS, data, make_layout, write_dassl_fewshot  # noqa: F401 (data: a fixture)
 
 FAST = ["--model", "tiny-test", "--pretrained", "none", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8",
         "--no-progress", "--no-plots", "--method", "coop", "--seed", "1"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("DATA")
-    for key in DATASETS:
-        make_layout(root, key)
-    return root
 
 
 def _descriptions(folder: Path, name: str, classnames) -> Path:

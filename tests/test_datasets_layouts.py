@@ -11,7 +11,15 @@ import pytest
 
 from anchoropt.datasets import dassl_fewshot, layouts
 from anchoropt.datasets import folders as D
-from coop_layouts import DATASETS, SPLIT_DATASETS, VARIANTS, WNIDS, make_layout, write_dassl_fewshot
+from coop_layouts import (  # noqa: F401 (data: a fixture)
+    DATASETS,
+    SPLIT_DATASETS,
+    VARIANTS,
+    WNIDS,
+    data,
+    make_layout,
+    write_dassl_fewshot,
+)
 
 # key: (layout, Dassl class, classes as source, (train, val, test) as source, classes / test images as target)
 EXPECTED = {
@@ -24,15 +32,6 @@ EXPECTED = {
     "imagenet_a": ("imagenet_a", "ImageNetA", 3, None, (3, 6)),
     "imagenet_r": ("imagenet_r", "ImageNetR", 3, None, (3, 6)),
 }
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """``$DATA`` with a tiny copy of every dataset of CoOp's DATASETS.md."""
-    root = tmp_path_factory.mktemp("DATA")
-    for key in DATASETS:
-        make_layout(root, key)
-    return root
 
 
 @pytest.mark.parametrize("key", sorted(DATASETS))

@@ -14,6 +14,7 @@ from anchoropt.runner import RunConfig, run_training
 from anchoropt.runner.grid import parse_shard, plan_grid, run_grid, select_shard
 from anchoropt.runner.tables import base2novel_tables, format_cell, mean_std, record_from_results, transfer_tables
 from anchoropt.testing import tiny_open_clip
+from conftest import Killed, kill_after_checkpoint
 
 FAST = dict(model="tiny-test", pretrained=None, shots=2, epochs=1, warmup_epochs=0, batch_size=8, stage1_steps=2,
             progress=False, plots=False, augment="none")
@@ -154,25 +155,12 @@ def test_grid_resumes_skipping_finished_runs_and_redoing_an_unfinished_one(tmp_p
         run_grid(changed, methods, [str(f) for f in folders], seeds, tmp_path / "out", plot=False)
 
 
-class _Killed(BaseException):
-    pass
-
-
 @pytest.mark.parametrize("method", ["coop", "coop+anchoropt"])
 def test_grid_resumes_a_killed_run_from_its_checkpoint(tmp_path, folders, descriptions, monkeypatch, method):
-    from anchoropt.runner import rundir
-
     base = RunConfig(descriptions=str(descriptions), **{**FAST, "epochs": 3})
     whole = run_grid(base, [method], [str(folders[0])], [1], tmp_path / "whole", plot=False)
-    real = rundir.save_checkpoint
-
-    def killed_after_two_epochs(directory, learner, run_id, state, tensors):
-        real(directory, learner, run_id, state, tensors)
-        if state["epochs_done"] == 2:
-            raise _Killed()
-
-    monkeypatch.setattr(rundir, "save_checkpoint", killed_after_two_epochs)
-    with pytest.raises(_Killed):
+    kill_after_checkpoint(monkeypatch, epochs=2)
+    with pytest.raises(Killed):
         run_grid(base, [method], [str(folders[0])], [1], tmp_path / "cut", plot=False)
     monkeypatch.undo()
     again = run_grid(base, [method], [str(folders[0])], [1], tmp_path / "cut", plot=False)

@@ -21,6 +21,7 @@ from anchoropt.runner import ModelBundle, RunConfig, eval_transform, rundir, run
 from anchoropt.io import WEIGHTS_NAME, read_manifest
 from anchoropt.runner import run as run_module
 from anchoropt.testing import tiny_open_clip
+from conftest import Killed, kill_after_checkpoint
 
 TINY = dict(model="tiny-test", pretrained=None, shots=4, epochs=4, warmup_epochs=0, batch_size=8, stage1_steps=3,
             progress=False, plots=False, seed=1)
@@ -56,10 +57,6 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(folder, description
     assert results["seed"] == 2 and results["run_id"] == json.loads((out / "run_config.json").read_text())["run_id"]
 
 
-class _Killed(BaseException):
-    pass
-
-
 RESUME_VARIANTS = {
     "shallow": {},
     "deep-pae-cached-views": dict(deep_depth=2, pae=True, pae_dim=8, cache_image_features=True, cache_views=2),
@@ -80,17 +77,9 @@ def test_resume_continues_an_interrupted_run_bit_exactly(folder, descriptions, t
         return ModelBundle(model, None, train_transform(model), eval_transform(model), "tiny-3")
 
     whole = run_training(_cfg(folder, descriptions, tmp_path / "whole", **variant), bundle=bundle())
-    real, saved = rundir.save_checkpoint, []
-
-    def killed_after_two_epochs(directory, learner, run_id, state, tensors):
-        real(directory, learner, run_id, state, tensors)
-        saved.append(state["epochs_done"])
-        if state["epochs_done"] == 2:
-            raise _Killed()
-
-    monkeypatch.setattr(rundir, "save_checkpoint", killed_after_two_epochs)
+    saved = kill_after_checkpoint(monkeypatch, epochs=2)
     out = tmp_path / "cut"
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         run_training(_cfg(folder, descriptions, out, **variant), bundle=bundle())
     monkeypatch.undo()
     assert saved == [1, 2] and rundir.run_state(out) == "interrupted" and not (out / rundir.LOCK_NAME).exists()
@@ -231,13 +220,13 @@ def _coop(open_clip_model, tokenizer, shift: float = 0.0):
 
 
 def _killed_at_call(n: int, real):
-    """A stand-in for ``real`` that raises :class:`_Killed` at its ``n``-th call (``real`` runs before that)."""
+    """A stand-in for ``real`` that raises :class:`Killed` at its ``n``-th call (``real`` runs before that)."""
     calls = []
 
     def call(*args):
         calls.append(args)
         if len(calls) == n:
-            raise _Killed()
+            raise Killed()
         return real(*args)
 
     return call
@@ -254,7 +243,7 @@ def test_an_interrupted_save_learner_leaves_the_previous_save(open_clip_model, t
     assert read_manifest(directory)["run_id"] == "run-a"
     new = _coop(open_clip_model, tokenizer, shift=1.0)[0]
     monkeypatch.setattr(_files, "write_bytes", _killed_at_call(2, _files.write_bytes))  # weights staged, then killed
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         registry.save_learner(new, choice, settings, directory, run_id="run-b")
     monkeypatch.undo()
     assert torch.equal(_load_soft(directory, open_clip_model, tokenizer), old.soft.detach())
@@ -262,7 +251,7 @@ def test_an_interrupted_save_learner_leaves_the_previous_save(open_clip_model, t
 
     # killed once the new set was complete (staged), before it was moved in: the new save is the one read
     monkeypatch.setattr(_files, "_finish_commit", _killed_at_call(1, None))
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         registry.save_learner(new, choice, settings, directory, run_id="run-b")
     monkeypatch.undo()
     assert torch.equal(_load_soft(directory, open_clip_model, tokenizer), new.soft.detach())
@@ -271,7 +260,7 @@ def test_an_interrupted_save_learner_leaves_the_previous_save(open_clip_model, t
 def test_a_first_save_learner_interrupted_does_not_load(open_clip_model, tokenizer, tmp_path, monkeypatch):
     learner, choice, settings = _coop(open_clip_model, tokenizer)
     monkeypatch.setattr(_files, "write_bytes", _killed_at_call(2, _files.write_bytes))
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         registry.save_learner(learner, choice, settings, tmp_path / "learner")
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="not a saved learner"):

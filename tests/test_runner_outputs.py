@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anchoropt.runner import RunConfig, cli, rundir, run_training
+from anchoropt.runner import RunConfig, cli, run_training
 from anchoropt.runner import metrics as M
 
 TINY = dict(model="tiny-test", pretrained=None, shots=2, epochs=3, warmup_epochs=0, batch_size=8, stage1_steps=2,
@@ -52,22 +52,11 @@ def test_a_method_that_trains_nothing_gets_one_evaluation_row(folder, descriptio
     assert len(rows) == 1 and rows[0]["epoch"] == 0 and rows[0]["eval_hm"] == pytest.approx(run.results["results"]["hm"])
 
 
-class _Killed(BaseException):
-    pass
-
-
 def test_resume_keeps_the_metrics_without_duplicate_epochs(folder, descriptions, tmp_path, monkeypatch):
     whole = run_training(_cfg(folder, descriptions, tmp_path / "whole"))
-    real = rundir.save_checkpoint
-
-    def killed_after_two_epochs(directory, learner, run_id, state, tensors):
-        real(directory, learner, run_id, state, tensors)
-        if state["epochs_done"] == 2:
-            raise _Killed()
-
-    monkeypatch.setattr(rundir, "save_checkpoint", killed_after_two_epochs)
+    kill_after_checkpoint(monkeypatch, epochs=2)
     out = tmp_path / "cut"
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         run_training(_cfg(folder, descriptions, out))
     monkeypatch.undo()
     assert [r["epoch"] for r in M.read_metrics(out)] == [1, 2]
@@ -144,6 +133,7 @@ def test_tensorboard_writer_gets_every_epoch(folder, descriptions, tmp_path, mon
 
 # ---------------------------------------------------------------------- table.csv / table.tex / --paper
 from anchoropt.runner import tables as T  # noqa: E402
+from conftest import Killed, kill_after_checkpoint
 
 
 def _b2n(method, dataset, seed, base, novel):

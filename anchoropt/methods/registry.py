@@ -232,14 +232,14 @@ def parse_method(spec: str) -> MethodChoice:
     return MethodChoice(method, options, spec.strip())
 
 
-# option -> (lowest, highest, lowest excluded): the numeric method options' valid ranges (the run options'
-# ranges, anchoropt.runner.config._RANGES, for the options a run also has)
-_OPTION_RANGES = {
+OPTION_RANGES = {
     "lp_weight": (0.0, 1.0, False), "head_lr_scale": (0.0, math.inf, True),
     "n_soft": (0, math.inf, False), "n_attr_soft": (0, math.inf, False), "deep_depth": (0, math.inf, False),
     "tau": (0.0, math.inf, True), "kd_temperature": (0.0, math.inf, True),
     "ce_weight": (0.0, math.inf, False), "kd_weight": (0.0, math.inf, False),
 }
+"""option -> ``(lowest, highest, lowest excluded)``: the numeric method options' valid ranges (the runner checks
+its own fields of the same names against these too)."""
 
 
 def _option_choices() -> dict[str, tuple[str, ...]]:
@@ -258,7 +258,7 @@ def _checked_option(key: str, value):
         raise ValueError(f"method option {key} must be one of {', '.join(choices)}, got {value!r}")
     if key == "templates":
         return _checked_templates(value)
-    bounds = _OPTION_RANGES.get(key)
+    bounds = OPTION_RANGES.get(key)
     if bounds is None or value is None:
         return value
     low, high, strict = bounds

@@ -13,6 +13,7 @@ import torch
 from .._jsonfile import read_json
 from ..functional import KD_NORMALIZATIONS
 from ..methods.presets import preset as get_preset
+from ..methods.registry import OPTION_RANGES
 
 PROTOCOLS = ("base2novel", "cross-dataset", "domain-generalization")
 EVAL_MODES = ("auto", "base", "novel", "anchor")
@@ -323,11 +324,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "pae_reading": (str,), "pae_decay": (bool,), "pae_energy": (str,),
 }
 # (fields, lower bound, bound excluded): every count and every number of a run
+_METHOD_OPTIONS_CHECKED = ("n_soft", "deep_depth", "tau", "kd_temperature", "ce_weight", "kd_weight")
+"""Run fields that are also method options: checked against the method options' ranges (one table)."""
 _RANGES = (
     (("epochs", "batch_size", "n_anchor", "shots", "eval_batch_size", "max_descriptions", "stage1_steps"), 1, False),
-    (("n_soft", "deep_depth", "warmup_epochs", "workers", "cache_views", "save_every", "seed", "split_seed"), 0, False),
-    (("tau", "lr", "kd_temperature", "stage1_lr", "stage1_mse_weight"), 0.0, True),
-    (("momentum", "weight_decay", "warmup_lr", "ce_weight", "kd_weight", "pae_alpha", "pae_beta"), 0.0, False),
+    (("warmup_epochs", "workers", "cache_views", "save_every", "seed", "split_seed"), 0, False),
+    (("lr", "stage1_lr", "stage1_mse_weight"), 0.0, True),
+    (("momentum", "weight_decay", "warmup_lr", "pae_alpha", "pae_beta"), 0.0, False),
+    *(((name,), OPTION_RANGES[name][0], OPTION_RANGES[name][2]) for name in _METHOD_OPTIONS_CHECKED),
 )
 _BOOKKEEPING = {"run_id", "anchoropt_version"}  # written into run_config.json next to the fields
 

@@ -16,8 +16,6 @@ ones, so no epoch appears twice.  With ``--tensorboard`` every number also goes 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -126,7 +124,7 @@ class MetricsLog:
     def _write(self) -> None:
         _files.write_text(self.out / METRICS_JSONL,
                           "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.rows))
-        _files.write_text(self.out / METRICS_CSV, _csv_text(self.rows))
+        _files.write_text(self.out / METRICS_CSV, _files.csv_text(self.rows, empty_header=("epoch",)))
 
 
 def _plain(value: Any) -> Any:
@@ -145,13 +143,3 @@ def _tag(key: str) -> str:
     if key == "seconds":
         return "time/epoch_seconds"
     return "train/" + key
-
-
-def _csv_text(rows: list[dict]) -> str:
-    columns = list(dict.fromkeys(key for row in rows for key in row)) or ["epoch"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    return buffer.getvalue()

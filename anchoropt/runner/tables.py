@@ -427,16 +427,7 @@ def paper_markdown(rows: Sequence[dict]) -> str:
 
 def render_csv(rows: Sequence[dict]) -> str:
     """``table.csv``: :func:`table_rows` with a header (the union of the rows' columns, empty where absent)."""
-    import csv
-    import io
-
-    columns = list(dict.fromkeys(k for row in rows for k in row)) or ["protocol", "method", "dataset"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
-    return buffer.getvalue()
+    return _files.csv_text(rows, empty_header=("protocol", "method", "dataset"))
 
 
 def _tex(text: str) -> str:

@@ -237,23 +237,24 @@ def train_stage2(
     return summary
 
 
-def _add_ce(ce_sum: float | None, outputs, labels: torch.Tensor) -> float | None:
-    """``ce_sum`` plus the batch's summed cross-entropy of the learner's first ``(B, C)`` logits (no gradient);
+def _add_ce(ce_sum: float | torch.Tensor | None, outputs, labels: torch.Tensor) -> torch.Tensor | None:
+    """``ce_sum`` plus the batch's summed cross-entropy of the learner's first ``(B, C)`` logits (no gradient;
+    a float64 tensor on the logits' device, read once per epoch by :func:`epoch_metrics`, not once per step);
     ``None`` once a batch's output has no such logits."""
     logits = outputs[0] if isinstance(outputs, (tuple, list)) and outputs else outputs
     if ce_sum is None or not isinstance(logits, torch.Tensor) or logits.dim() != 2 or len(logits) != len(labels):
         return None
     with torch.no_grad():
-        return ce_sum + float(nn.functional.cross_entropy(logits.detach().float(), labels, reduction="sum"))
+        return ce_sum + nn.functional.cross_entropy(logits.detach().float(), labels, reduction="sum").double()
 
 
-def epoch_metrics(epoch: int, progress: "_Progress", optimizer: torch.optim.Optimizer, ce_sum: float | None,
-                  seen: int, seconds: float) -> dict:
+def epoch_metrics(epoch: int, progress: "_Progress", optimizer: torch.optim.Optimizer,
+                  ce_sum: float | torch.Tensor | None, seen: int, seconds: float) -> dict:
     """One epoch's row of ``metrics.jsonl``: epochs done, mean loss (and CE, PAE's terms) per image, the
     learning rate of each parameter group during the epoch, wall seconds."""
     row: dict[str, Any] = {"epoch": epoch + 1, "loss": progress.losses[-1]}
     if ce_sum is not None and seen:
-        row["ce"] = ce_sum / seen
+        row["ce"] = float(ce_sum) / seen
     if progress.pae_history["koopman"]:
         row.update(pae_koopman=progress.pae_history["koopman"][-1], pae_lyapunov=progress.pae_history["lyapunov"][-1])
     for i, group in enumerate(optimizer.param_groups):
