@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ..toyworld.cli import add_parser as add_toyworld_parser
 
-    add_toyworld_parser(sub)
+    add_toyworld_parser(sub, suite_baselines=_suite_baselines)
 
     p = sub.add_parser("presets", help="show the per-dataset settings of the released tables")
     p.add_argument("name", nargs="?", help="a dataset (all when omitted)")
@@ -555,6 +555,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(_interrupted_line(args, argv), file=sys.stderr, flush=True)
             return 130
+
+
+def _suite_baselines(args: argparse.Namespace) -> dict:
+    """``toyworld calibrate --suite``'s training half: the baselines' grid (:mod:`anchoropt.runner.toy_calibration`)."""
+    from .toy_calibration import QUICK_DATASETS, calibrate_suite
+
+    datasets, seeds = args.datasets, args.seeds
+    if args.quick:
+        datasets, seeds = datasets or list(QUICK_DATASETS), seeds[:1]
+    output = args.output or str(Path(args.suite) / "calibration")
+    return calibrate_suite(args.suite, output, seeds=seeds, datasets=datasets, jobs=args.jobs, weights=args.weights,
+                           log=lambda line: print(line, flush=True))
 
 
 def _run_command(args: argparse.Namespace) -> int:

@@ -13,11 +13,16 @@ from typing import Sequence
 __all__ = ["add_parser", "build_parser", "run", "main"]
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``toyworld`` command (with ``make`` / ``pretrain`` / ``info``) to an argparse sub-parser set."""
-    p = subparsers.add_parser("toyworld", help="the toy world: write a dataset, pretrain the toy CLIP",
+def add_parser(subparsers, suite_baselines=None) -> argparse.ArgumentParser:
+    """Add the ``toyworld`` command (with ``make`` / ``suite`` / ``pretrain`` / ...) to an argparse sub-parser set.
+
+    ``suite_baselines(args) -> figures``: runs the baselines of ``calibrate --suite`` (the runner provides it:
+    training lives above the toy world); without it, ``calibrate --suite`` measures the world's properties only.
+    """
+    p = subparsers.add_parser("toyworld", help="the toy world: write a dataset or the suite, pretrain the toy CLIP",
                               description=__doc__.splitlines()[0])
     _fill(p)
+    p.set_defaults(toyworld_suite_baselines=suite_baselines)
     return p
 
 
@@ -31,7 +36,7 @@ def _fill(p: argparse.ArgumentParser) -> None:
     from .concepts import GROUP_SIZE, N_GROUPS
     from .render import DOMAINS
 
-    sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="{make,pretrain,zeroshot,calibrate,info}")
+    sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="{make,suite,pretrain,zeroshot,calibrate,info}")
     m = sub.add_parser("make", help="write a toy-world dataset (PNG folders, split.json, classes.txt, descriptions.json)")
     m.add_argument("dir", help="output directory (must be new or empty; --overwrite replaces an old toy world)")
     m.add_argument("--seed", type=int, default=0, help="seed of the images (the classes never change) (0)")
@@ -62,14 +67,34 @@ def _fill(p: argparse.ArgumentParser) -> None:
     z.add_argument("--threads", type=int, default=1, help="torch threads (1: the toy CLIP gains nothing from more)")
     z.set_defaults(toyworld_func=_zeroshot)
 
-    c = sub.add_parser("calibrate", help="zero-shot top-1 on the calibration worlds (100 classes, seed 0, "
-                                         "every domain); optionally write the checkpoint's card")
+    c = sub.add_parser("calibrate", help="--suite DIR: the world's properties and the baselines' base-to-novel "
+                                         "pattern on a suite, against the targets; --workdir DIR: zero-shot top-1 "
+                                         "on the per-domain calibration worlds; optionally write the card")
     c.add_argument("--weights", help="a checkpoint from 'toyworld pretrain' (default: the shipped one)")
-    c.add_argument("--workdir", required=True, help="where the calibration datasets are (or are written)")
+    where = c.add_mutually_exclusive_group(required=True)
+    where.add_argument("--suite", help="a suite written by 'toyworld suite': logit scale, template spread, CuPL "
+                                       "gain, then the baselines (zero-shot, CoOp M=4/16, CoCoOp, MaPLe, DePT)")
+    where.add_argument("--workdir", help="where the per-domain calibration datasets are (or are written)")
+    c.add_argument("--output", help="--suite: the baselines' grid folder (default: SUITE/calibration)")
+    c.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="--suite: seeds (1 2 3)")
+    c.add_argument("--jobs", type=int, default=1, help="--suite: runs at once (1)")
+    c.add_argument("--datasets", nargs="+", metavar="NAME", help="--suite: only these datasets")
+    c.add_argument("--quick", action="store_true",
+                   help="--suite: one seed on caltech, dtd and eurosat (a first look, minutes)")
+    c.add_argument("--properties-only", action="store_true",
+                   help="--suite: only the world's properties (no training)")
     c.add_argument("--card", help="write the model card (sha256, pretraining record, figures) to this JSON file")
     c.add_argument("--rerun", help="JSON of another pretraining run's figures, recorded in the card")
     c.add_argument("--threads", type=int, default=1, help="torch threads (1: the toy CLIP gains nothing from more)")
     c.set_defaults(toyworld_func=_calibrate)
+
+    s = sub.add_parser("suite", help="write the toy benchmark: 11 base-to-novel datasets and 4 domain-"
+                                     "generalisation variants, and DIR/suite.json")
+    s.add_argument("dir", help="output directory (new or empty)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the images (the classes never change) (0)")
+    s.add_argument("--only", nargs="+", metavar="NAME", help="write only these datasets of the suite")
+    s.add_argument("--overwrite", action="store_true", help="replace the datasets of an existing suite in DIR")
+    s.set_defaults(toyworld_func=_suite)
 
     i = sub.add_parser("info", help="print the shipped checkpoint's record (sha256, command, calibration)")
     i.set_defaults(toyworld_func=_info)
@@ -89,6 +114,23 @@ def _make(args) -> int:
     print(f"wrote {args.dir}: {record['classes']} classes of group {record['group']}, domain {record['domain']}, "
           f"{sizes['train']}/{sizes['val']}/{sizes['test']} train/val/test images per class "
           "(split.json, classes.txt, descriptions.json, world.json)")
+    return 0
+
+
+def _suite(args) -> int:
+    import time
+
+    from .suite import DG_VARIANTS, SUITE, make_suite
+
+    known = {d.name: d for d in SUITE + DG_VARIANTS}
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:
+        raise ValueError(f"--only: unknown suite datasets {unknown}; the suite has {', '.join(known)}")
+    chosen = [known[n] for n in args.only] if args.only else None
+    start = time.perf_counter()
+    record = make_suite(args.dir, seed=args.seed, overwrite=args.overwrite, datasets=chosen,
+                        log=lambda line: print(line, flush=True))
+    print(f"wrote {len(record['datasets'])} datasets and {args.dir}/suite.json in {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -133,21 +175,58 @@ def _zeroshot(args) -> int:
 def _calibrate(args) -> int:
     import torch
 
-    from .calibrate import calibrate, model_card_for
+    from .calibrate import calibrate
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.suite:
+        return _calibrate_suite(args)
     figures = calibrate(args.weights, args.workdir)
     print("zero-shot top-1 (toy-world figures): " + ", ".join(f"{d} {100 * v:.2f}%" for d, v in figures.items()))
     if args.card:
-        if args.weights is None:
-            raise ValueError("--card needs --weights (the checkpoint the card describes)")
-        rerun = json.loads(open(args.rerun, encoding="utf-8").read()) if args.rerun else None
-        card = model_card_for(args.weights, figures, rerun)
-        with open(args.card, "w", encoding="utf-8") as f:
-            f.write(json.dumps(card, indent=2) + "\n")
-        print(f"wrote {args.card}")
+        _write_card(args, figures)
     return 0
+
+
+def _calibrate_suite(args) -> int:
+    """``calibrate --suite``: the world's properties, then (through the runner) the baselines; ``--card``
+    records both."""
+    from .model import load_model
+    from .properties import suite_properties
+    from .suite import read_suite
+
+    read_suite(args.suite)
+    model, preprocess, tokenizer = load_model(args.weights)
+    properties = suite_properties(args.suite, model, preprocess, tokenizer, names=args.datasets,
+                                  log=lambda line: print(line, flush=True))
+    _print_targets(properties["targets"])
+    figures = {"properties": properties}
+    if not args.properties_only:
+        if args.toyworld_suite_baselines is None:
+            raise ValueError("the baselines need the runner: use 'anchoropt toyworld calibrate --suite ...' "
+                             "(or pass --properties-only)")
+        figures["baselines"] = args.toyworld_suite_baselines(args)
+    if args.card:
+        _write_card(args, {"suite": figures})
+    return 0
+
+
+def _print_targets(targets: dict) -> None:
+    for name, t in targets.items():
+        mark = {True: "holds", False: "MISSED", None: "not run"}[t["holds"]]
+        print(f"  [{mark}] {name}: {t['value']}", flush=True)
+
+
+def _write_card(args, figures: dict) -> None:
+    from .calibrate import model_card_for
+
+    if args.weights is None:
+        raise ValueError("--card needs --weights (the checkpoint the card describes)")
+    rerun = json.loads(open(args.rerun, encoding="utf-8").read()) if args.rerun else None
+    card = model_card_for(args.weights, figures, rerun)
+    with open(args.card, "w", encoding="utf-8") as f:
+        f.write(json.dumps(card, indent=2) + "\n")
+    print(f"wrote {args.card}")
 
 
 def _pretrain_command(args) -> str:

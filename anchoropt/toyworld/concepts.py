@@ -21,7 +21,7 @@ import numpy as np
 
 __all__ = [
     "AXES", "SHAPES", "COLOURS", "PATTERNS", "SIZES", "COUNTS", "BACKGROUNDS", "ATTRIBUTE_WORDS",
-    "Concept", "world", "group", "concept_by_name", "WORLD_SEED", "N_GROUPS", "GROUP_SIZE",
+    "Concept", "world", "group", "concept_by_name", "frequency_rank", "WORLD_SEED", "N_GROUPS", "GROUP_SIZE",
 ]
 
 WORLD_SEED = 0
@@ -156,3 +156,17 @@ def group(g: int) -> tuple[Concept, ...]:
 def concept_by_name() -> dict[str, Concept]:
     """``{name: Concept}`` for the whole world."""
     return {c.name: c for c in world()}
+
+
+@functools.lru_cache(maxsize=None)
+def _frequency_ranks() -> tuple[int, ...]:
+    """A fixed shuffle of the world: rank 0 is the most frequent name on the toy web."""
+    order = np.random.default_rng([WORLD_SEED, 99]).permutation(N_GROUPS * GROUP_SIZE)
+    ranks = np.empty_like(order)
+    ranks[order] = np.arange(len(order))
+    return tuple(int(r) for r in ranks)
+
+
+def frequency_rank(concept: Concept) -> int:
+    """How common ``concept``'s name is in pretraining captions (0: the most common; see :mod:`captions`)."""
+    return _frequency_ranks()[concept.index]

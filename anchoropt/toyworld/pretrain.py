@@ -1,9 +1,10 @@
 """Contrastive pretraining of the toy CLIP on the toy world's image-caption pairs.
 
-A pool of photo-domain images of every concept is rendered once (``pool_per_class`` each, a stream of
-its own, so never the images ``make`` writes); each step draws a batch of pool images (random flip and
+A pool of images of every concept is rendered once (``pool_per_class`` each, each image in a style drawn
+from ``styles``, a stream of its own, so never the images ``make`` writes); each step draws a batch of pool images (random flip and
 shift) with a freshly drawn caption each (:mod:`captions`) and takes an AdamW step on the symmetric
-InfoNCE loss with a learned temperature (as CLIP).  Deterministic for a seed and a thread count.
+InfoNCE loss with a learned temperature (as CLIP; the log-scale has a learning rate of its own,
+``logit_scale_lr``, so that it can travel from open_clip's 1 / 0.07 to a CLIP-like value in a short run).  Deterministic for a seed and a thread count.
 
 The result is saved as fp16 safetensors plus a JSON record (configuration, wall time, threads,
 zero-shot accuracy on a held-out probe of group 0 during training).
@@ -25,10 +26,14 @@ import torch.nn.functional as F
 
 from .captions import CaptionMix, Captioner
 from .concepts import group, world
-from .render import render_many
+from .render import SEEN_DOMAINS, render_many
 from .zeroshot import accuracy, class_text_features, image_features, to_model_input
 
 __all__ = ["PretrainConfig", "RECIPE", "pretrain", "save_checkpoint"]
+
+DEFAULT_STYLES = {"photo": 0.3, "sketch": 0.1, "blurry": 0.1, "dark": 0.1, "painting": 0.1, "texture": 0.1,
+                  "scene": 0.2}
+"""The share of each style among the pretraining images (the unseen domains never occur)."""
 
 POOL_STREAM = 10
 PROBE_STREAM = 11
@@ -39,15 +44,18 @@ class PretrainConfig:
     """Settings of one pretraining run (all of them are recorded next to the checkpoint)."""
 
     seed: int = 0
-    steps: int = 300
+    steps: int = 2000
     batch_size: int = 256
     lr: float = 1e-3
-    warmup_steps: int = 30
+    warmup_steps: int = 100
     weight_decay: float = 0.1
     pool_per_class: int = 48
-    mix: CaptionMix = field(default_factory=CaptionMix)
+    mix: CaptionMix = field(default_factory=lambda: CaptionMix(style_mention=0.8, name_zipf=1.0,
+                                                                        attr_keep=0.75, attr_at_least=2))
+    styles: dict = field(default_factory=lambda: dict(DEFAULT_STYLES))
+    logit_scale_lr: float = 0.03
     threads: int = 1
-    probe_every: int = 100
+    probe_every: int = 250
     probe_classes: int = 100
     probe_per_class: int = 4
 
@@ -55,19 +63,24 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "pool_per_class", "threads", "probe_every", "probe_per_class"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.lr > 0 or not self.logit_scale_lr >= 0:
+            raise ValueError(f"lr must be > 0 and logit_scale_lr >= 0, got {self.lr}, {self.logit_scale_lr}")
+        unknown = set(self.styles) - set(SEEN_DOMAINS)
+        if unknown or not self.styles or min(self.styles.values()) < 0 or sum(self.styles.values()) <= 0:
+            raise ValueError(f"styles must give each of some of {SEEN_DOMAINS} a weight >= 0 (positive sum), "
+                             f"got {self.styles}")
         self.mix.probabilities()
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def _lr_at(step: int, cfg: PretrainConfig) -> float:
+def _lr_factor(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay: the fraction of each group's peak learning rate at ``step``."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return (step + 1) / cfg.warmup_steps
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+    return 0.5 * (1 + math.cos(math.pi * t))
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -80,11 +93,22 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return padded[..., dy:dy + h, dx:dx + w]
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
+def _param_groups(model: torch.nn.Module, cfg: PretrainConfig):
+    """Weight decay on matrices only; the temperature alone at ``logit_scale_lr``."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if name != "logit_scale":
+            (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr},
+            {"params": no_decay, "weight_decay": 0.0, "peak_lr": cfg.lr},
+            {"params": [model.logit_scale], "weight_decay": 0.0, "peak_lr": cfg.logit_scale_lr}]
+
+
+def _style_picker(styles: dict) -> Callable[[np.random.Generator], str]:
+    names = list(styles)
+    p = np.array([styles[n] for n in names], dtype=np.float64)
+    p = p / p.sum()
+    return lambda rng: names[int(rng.choice(len(names), p=p))]
 
 
 def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> tuple[torch.nn.Module, dict]:
@@ -97,7 +121,9 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> tuple[t
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     concepts = world()
-    images, labels, backgrounds = render_many(concepts, cfg.pool_per_class, cfg.seed, POOL_STREAM)
+    styles = _style_picker(cfg.styles)
+    images, labels, backgrounds = render_many(concepts, cfg.pool_per_class, cfg.seed, POOL_STREAM, styles)
+    image_styles = _pool_styles(concepts, cfg, styles)
     probe_concepts = group(0)[: cfg.probe_classes]
     probe_images, probe_labels, _ = render_many(probe_concepts, cfg.probe_per_class, cfg.seed, PROBE_STREAM)
     probe_x = to_model_input(probe_images)
@@ -109,14 +135,14 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> tuple[t
     captioner = Captioner(concepts, cfg.mix)
     rng = np.random.default_rng([cfg.seed, 1])
     g = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     probes, losses = [], []
     for step in range(cfg.steps):
         for group_ in optimizer.param_groups:
-            group_["lr"] = _lr_at(step, cfg)
+            group_["lr"] = group_["peak_lr"] * _lr_factor(step, cfg)
         idx = rng.choice(len(images), cfg.batch_size, replace=False)
         x = _augment(to_model_input(images[idx]), g)
-        ids = tokenizer([captioner.caption(int(labels[i]), backgrounds[i], rng) for i in idx])
+        ids = tokenizer([captioner.caption(int(labels[i]), backgrounds[i], rng, image_styles[i]) for i in idx])
         img = F.normalize(model.encode_image(x), dim=-1)
         txt = F.normalize(encode_text(model, ids), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T
@@ -130,14 +156,22 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> tuple[t
         losses.append(loss.item())
         if (step + 1) % cfg.probe_every == 0 or step + 1 == cfg.steps:
             acc = _probe(model, tokenizer, probe_x, probe_labels, [c.name for c in probe_concepts])
-            probes.append({"step": step + 1, "zero_shot": acc})
+            scale = float(model.logit_scale.detach().exp())
+            probes.append({"step": step + 1, "zero_shot": acc, "logit_scale": round(scale, 2)})
             log(f"step {step + 1}/{cfg.steps}: loss {np.mean(losses[-cfg.probe_every:]):.3f}, "
-                f"probe zero-shot {100 * acc:.1f}% ({time.perf_counter() - start:.0f} s)")
+                f"probe zero-shot {100 * acc:.1f}%, logit scale {scale:.1f} ({time.perf_counter() - start:.0f} s)")
     model.eval()
     record = {"config": cfg.to_json(), "wall_seconds": round(time.perf_counter() - start, 1),
               "threads": cfg.threads, "torch": torch.__version__, "probe": probes,
               "final_loss": float(np.mean(losses[-50:]))}
     return model, record
+
+
+def _pool_styles(concepts, cfg: PretrainConfig, styles: Callable) -> list[str]:
+    """The style of each pool image, in :func:`render_many`'s order (its first draw from the image's generator)."""
+    from .render import image_rng
+
+    return [styles(image_rng(cfg.seed, POOL_STREAM, c, k)) for c in concepts for k in range(cfg.pool_per_class)]
 
 
 def _probe(model, tokenizer, x, labels, classnames) -> float:
