@@ -96,21 +96,27 @@ TOY_NOTE = ("NOTE: toy-world figures (procedural images, a small CLIP pretrained
 
 
 def toy_setup(args):
-    """The toy world: ``args.toy_classes`` classes written to a temporary directory, the shipped toy CLIP."""
+    """The toy world: the first ``args.toy_classes`` classes of the suite dataset ``args.toy_dataset`` (in its
+    style) written to a temporary directory - 16 training and 25 test images a class - and the shipped toy CLIP."""
     import tempfile
 
     from anchoropt.toyworld import load_model
     from anchoropt.toyworld.make import make
+    from anchoropt.toyworld.suite import SUITE, suite_concepts
 
+    spec = {d.name: d for d in SUITE}[args.toy_dataset]
     model, preprocess, tokenizer = load_model()
     with tempfile.TemporaryDirectory(prefix="anchoropt-toyworld-") as root:
-        make(root, seed=args.seed, classes=args.toy_classes, per_class=40)
+        make(root, seed=args.seed, concepts=suite_concepts(spec)[: args.toy_classes], domain=spec.domain,
+             sizes={"train": args.shots, "val": 1, "test": 25})
         dataset = anchoropt.datasets.folders.open_dataset(root)
         records = dataset.train + dataset.test
         images = anchoropt.datasets.folders.ImageDataset(records, preprocess)
         tensors = TensorDataset(torch.stack([images[i][0] for i in range(len(images))]),
                                 torch.tensor([r.label for r in records]))
         descriptions = json.loads(Path(root, "descriptions.json").read_text(encoding="utf-8"))
+    print(f"toy dataset: {spec.name} ({spec.mirrors}-like: {spec.kind}; style '{spec.domain}', which the hand "
+          "prompt 'a photo of a {class}.' does not name)")
     labels = tensors.tensors[1].tolist()
     return model, tokenizer, dataset.classnames, tensors, tensors, labels, descriptions
 
@@ -171,34 +177,54 @@ def image_features(model, images: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.encode_image(images).float(), dim=-1)
 
 
-def train_stage2(learner, model, loader: DataLoader, args) -> None:
-    """Soft tokens + position logits with SGD (lr 0.002, momentum 0.9, wd 5e-4) and cosine decay per step."""
+@torch.no_grad()
+def encoded(model, dataset, args) -> TensorDataset:
+    """The frozen image tower's features of ``dataset``, once: ``(N, E)`` features and ``(N,)`` labels."""
+    feats, labels = [], []
+    for images, y in DataLoader(dataset, batch_size=256, num_workers=args.workers):
+        feats.append(image_features(model, images.to(args.device)).cpu())
+        labels.append(y)
+    return TensorDataset(torch.cat(feats), torch.cat(labels))
+
+
+def train_prompts(learner, model, loader: DataLoader, epochs: int, loss_fn, args, name: str) -> None:
+    """``loader`` yields frozen image features and labels; the learner's trainable tensors with SGD (lr ``args.lr``, momentum 0.9, wd 5e-4), cosine decay per step;
+    ``loss_fn(learner output, labels)``."""
     params = [p for p in learner.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(loader))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
     learner.train()
-    for epoch in range(args.epochs):
+    first = last = None
+    for epoch in range(epochs):
         total, seen = 0.0, 0
-        for images, labels in loader:
+        for features, labels in loader:
             labels = labels.to(args.device)
-            logits_normal, logits_anchor = learner(image_features(model, images.to(args.device)))
-            loss = anchoropt_loss(logits_normal, logits_anchor, labels, args.ce_weight, args.kd_weight,
-                                  args.kd_temperature)
+            loss = loss_fn(learner(features.to(args.device)), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total, seen = total + loss.item() * len(labels), seen + len(labels)
-        print(f"  Stage II epoch {epoch + 1}/{args.epochs}: loss {total / seen:.4f}")
+        last = total / seen
+        first = last if first is None else first
+    print(f"  {name}: {epochs} epochs, loss {first:.4f} -> {last:.4f}")
+
+
+def anchoropt_objective(args):
+    """AnchorOPT's Stage II loss on the learner's ``(normal, anchor)`` logits, with the demo's weights."""
+    return lambda outputs, labels: anchoropt_loss(outputs[0], outputs[1], labels, args.ce_weight, args.kd_weight,
+                                                  args.kd_temperature, args.kd_normalization)
 
 
 @torch.no_grad()
-def accuracy(learner, model, dataset, mode: str, label_offset: int, args) -> float:
-    """Top-1 accuracy (%) on ``dataset`` with ``learner.predict(..., mode=mode)``."""
+def accuracy(learner, model, dataset, mode: str | None, label_offset: int, args) -> float:
+    """Top-1 accuracy (%) on ``dataset`` with ``learner.predict(..., mode=mode)`` (``mode=None``: the learner's
+    own logits, a CoOp context)."""
     learner.eval()
     correct = total = 0
     for images, labels in DataLoader(dataset, batch_size=100, num_workers=args.workers):
-        logits = learner.predict(image_features(model, images.to(args.device)), mode=mode)
+        feats = image_features(model, images.to(args.device))
+        logits = learner(feats) if mode is None else learner.predict(feats, mode=mode)
         correct += int((logits.argmax(-1).cpu() == labels - label_offset).sum())
         total += len(labels)
     return 100.0 * correct / max(total, 1)
@@ -235,32 +261,37 @@ def run(args: argparse.Namespace) -> int:
     listed = (lambda names: f"{names[:4]} ..." if len(names) > 6 else names)
     print(f"{len(classes)} classes: base {listed(base)}, novel {listed(novel)}; {len(train_idx)} training images "
           f"({args.shots} shots), {len(base_idx)} base / {len(novel_idx)} novel test images")
+    rows = {}
     if toy:
-        zs_base = zero_shot_accuracy(model, tokenizer, base, Subset(test_set, base_idx), 0, args)
-        zs_novel = zero_shot_accuracy(model, tokenizer, novel, Subset(test_set, novel_idx), n_base, args)
-        zs_hm = 2 * zs_base * zs_novel / (zs_base + zs_novel) if zs_base + zs_novel else 0.0
-        print(f"zero-shot ('a photo of a {{class}}.'): base {zs_base:.1f}% | novel {zs_novel:.1f}% | HM {zs_hm:.1f}%")
+        rows["zero-shot"] = (zero_shot_accuracy(model, tokenizer, base, Subset(test_set, base_idx), 0, args),
+                             zero_shot_accuracy(model, tokenizer, novel, Subset(test_set, novel_idx), n_base, args))
+        _print_row("zero-shot ('a photo of a {class}.')", rows["zero-shot"])
+    loader = DataLoader(encoded(model, Subset(train_set, train_idx), args), batch_size=args.batch_size,
+                        shuffle=True, generator=torch.Generator().manual_seed(args.seed))
+
+    from anchoropt.methods.baselines import SoftPromptLearner
+
+    coop = SoftPromptLearner(model, base, n_soft=args.coop_n_soft, tokenizer=tokenizer)
+    train_prompts(coop, model, loader, args.coop_epochs, F.cross_entropy, args, f"CoOp (M={args.coop_n_soft}, CE)")
+    rows["CoOp"] = _base_novel(coop, model, test_set, base_idx, novel_idx, base, novel, n_base, None, args)
+    _print_row("CoOp", rows["CoOp"])
 
     stage1 = anchoropt.AnchorLearner(model, base, n_anchor=1, tokenizer=tokenizer)
     history = stage1.fit(descriptions, steps=args.stage1_steps, progress=False)
     print(f"Stage I: {args.stage1_steps} steps, description MSE loss {history[0]:.4f} -> {history[-1]:.4f}")
-
     learner = anchoropt.AnchorOPTPromptLearner(
         model, base, stage1.frozen_anchors(), n_soft=args.n_soft, tokenizer=tokenizer
     )
-    loader = DataLoader(Subset(train_set, train_idx), batch_size=args.batch_size, shuffle=True,
-                        num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
-    train_stage2(learner, model, loader, args)
+    train_prompts(learner, model, loader, args.epochs, anchoropt_objective(args), args,
+                  f"CoOp+AnchorOPT (M={args.n_soft}, CE {args.ce_weight:g} + KD {args.kd_weight:g}, "
+                  f"{args.kd_normalization} KL)")
     print(f"learned arrangement (slot -> token): {learner.position.describe()}")
-
-    acc_base = accuracy(learner, model, Subset(test_set, base_idx), "base", 0, args)
-    learner.set_classnames(novel)
-    acc_novel = accuracy(learner, model, Subset(test_set, novel_idx), "novel", n_base, args)
-    hm = 2 * acc_base * acc_novel / (acc_base + acc_novel) if acc_base + acc_novel else 0.0
+    rows["CoOp+AnchorOPT"] = _base_novel(learner, model, test_set, base_idx, novel_idx, base, novel, n_base,
+                                         ("base", "novel"), args)
     flag = "  [RANDOM WEIGHTS]" if synthetic or (not toy and args.pretrained in (None, "none")) else (
         "  [toy world]" if toy else "")
-    print(f"base {acc_base:.1f}% | novel {acc_novel:.1f}% | HM {hm:.1f}%  ({time.perf_counter() - start:.1f} s)"
-          + flag)
+    _print_row("CoOp+AnchorOPT", rows["CoOp+AnchorOPT"], f"  ({time.perf_counter() - start:.1f} s){flag}")
+    print(_verdict(rows, toy))
     if args.save:
         learner.set_classnames(base)
         save(stage1.frozen_anchors(), learner, base, args.save)
@@ -269,6 +300,34 @@ def run(args: argparse.Namespace) -> int:
     elif toy:
         print(TOY_NOTE)
     return 0
+
+
+def _harmonic(base: float, novel: float) -> float:
+    return 2 * base * novel / (base + novel) if base + novel else 0.0
+
+
+def _print_row(name: str, accs: tuple[float, float], tail: str = "") -> None:
+    print(f"{name}: base {accs[0]:.1f}% | novel {accs[1]:.1f}% | HM {_harmonic(*accs):.1f}%{tail}")
+
+
+def _base_novel(learner, model, test_set, base_idx, novel_idx, base, novel, n_base, modes, args):
+    """(base, novel) accuracy (%): base classes first, then the learner rebuilt for the novel classes."""
+    acc_base = accuracy(learner, model, Subset(test_set, base_idx), modes and modes[0], 0, args)
+    learner.set_classnames(novel)
+    acc_novel = accuracy(learner, model, Subset(test_set, novel_idx), modes and modes[1], n_base, args)
+    learner.set_classnames(base)
+    return acc_base, acc_novel
+
+
+def _verdict(rows: dict, toy: bool) -> str:
+    """One line: what the run shows, whichever way it came out."""
+    hm = {name: _harmonic(*accs) for name, accs in rows.items()}
+    parts = [f"CoOp+AnchorOPT's HM is {hm['CoOp+AnchorOPT'] - hm['CoOp']:+.1f} points against CoOp"]
+    if "zero-shot" in hm:
+        parts.append(f"{hm['CoOp+AnchorOPT'] - hm['zero-shot']:+.1f} against zero-shot")
+    best = max(hm, key=hm.get)
+    where = "toy-world figures, one seed" if toy else "one seed"
+    return f"shows: {', '.join(parts)}; the best HM here is {best}'s ({where})."
 
 
 def main(argv=None) -> int:
@@ -291,19 +350,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="without --model: the tiny random-weight tower on synthetic images instead of the toy world")
     p.add_argument("--toy-classes", type=int, default=40,
                    help="toy world: number of classes (half base, half novel; default 40)")
+    p.add_argument("--toy-dataset", default="ucf",
+                   help="toy world: the suite dataset whose classes and style the demo uses (default ucf: sketches)")
     p.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai) or a local checkpoint file;\n"
                                         "'none' or omitted: random weights")
     p.add_argument("--data", help="ImageFolder directory (one sub-directory per class)")
     p.add_argument("--descriptions", help="JSON {class name: [sentences]} (CuPL format) covering the base classes")
     p.add_argument("--shots", type=int, default=16, help="training images per base class (default 16)")
     p.add_argument("--stage1-steps", type=int, default=200, help="Stage I (anchor) optimisation steps")
-    p.add_argument("--epochs", type=int, default=10, help="Stage II epochs")
-    p.add_argument("--n-soft", type=int, default=4, help="M, soft tokens of the normal prompt")
+    p.add_argument("--epochs", type=int, default=100, help="CoOp+AnchorOPT's Stage II epochs (100, as released)")
+    p.add_argument("--n-soft", type=int, default=4, help="M, soft tokens of the normal prompt (4, as released)")
+    p.add_argument("--coop-epochs", type=int, default=100, help="CoOp's epochs (100)")
+    p.add_argument("--coop-n-soft", type=int, default=4, help="CoOp's M, its soft tokens (4)")
     p.add_argument("--batch-size", type=int, default=32, help="Stage II batch size")
     p.add_argument("--lr", type=float, default=0.002, help="Stage II SGD learning rate")
-    p.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy term")
-    p.add_argument("--kd-weight", type=float, default=10.0,
-                   help="weight of the KL(ensemble || normal) term (10: the paper's CE:KD = 1:10, as the runner)")
+    p.add_argument("--ce-weight", type=float, default=100.0,
+                   help="weight of the cross-entropy term (100, the released scripts')")
+    p.add_argument("--kd-weight", type=float, default=1000.0,
+                   help="weight of the KL(ensemble || normal) term (1000, the released scripts')")
+    p.add_argument("--kd-normalization", default="released", choices=("released", "batchmean"),
+                   help="'released': KL summed / (batch x classes), what the released weights assume (default); "
+                        "'batchmean': per sample, the paper's text")
     p.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
