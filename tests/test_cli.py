@@ -55,7 +55,8 @@ def test_config_resolution_explicit_beats_preset_beats_default():
     cfg = runner.RunConfig(data="x", preset="dtd", kd_weight=5.0).resolve()
     assert (cfg.kd_weight, cfg.ce_weight, cfg.kd_temperature, cfg.kd_normalization) == (5.0, 100, 4.0, "released")
     plain = runner.RunConfig(data="x").resolve()
-    assert (plain.ce_weight, plain.kd_weight, plain.kd_normalization, plain.epochs) == (1.0, 10.0, "batchmean", 100)
+    # no preset: CoOp+AnchorOPT's released recipe (scripts/coop/anchoropt_base2new_train.sh:13-17)
+    assert (plain.ce_weight, plain.kd_weight, plain.kd_normalization, plain.epochs) == (100.0, 1000.0, "released", 100)
     assert plain.stage1_step_count(5) == 100 * 2  # 16 shots x 5 classes / 32
     with pytest.raises(ValueError, match="--augment none"):
         runner.RunConfig(cache_image_features=True).resolve()

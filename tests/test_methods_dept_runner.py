@@ -82,7 +82,10 @@ def test_preset_gives_maple_its_released_init_and_the_anchoropt_variant_none() -
     assert (maple.n_soft, settings.soft_init) == (2, "a photo of a")
     assert method_settings(RunConfig(method="maple+anchoropt", preset="dtd", data="x").resolve(), None,
                            None).soft_init is None
-    assert method_settings(RunConfig(method="maple", data="x").resolve(), None, None).soft_init is None
+    # no preset: MaPLe's released recipe has the init too; the legacy defaults had none
+    assert method_settings(RunConfig(method="maple", data="x").resolve(), None, None).soft_init == "a photo of a"
+    assert method_settings(RunConfig(method="maple", data="x", recipe="legacy").resolve(), None,
+                           None).soft_init is None
     assert method_settings(RunConfig(method="coop", preset="dtd", data="x").resolve(), None, None).soft_init is None
 
 

@@ -97,7 +97,7 @@ def _stage2_steps(folder, descriptions, out, **changes) -> int:
 def test_drop_last_drops_the_last_partial_batch_as_dassl(folder, descriptions, tmp_path) -> None:
     """2 base classes x 4 shots = 8 images: batch 3 gives 3 batches (ours) or 2 (Dassl); a batch larger than the
     data drops nothing (Dassl: ``drop_last=is_train and len(data) >= batch_size``)."""
-    assert _stage2_steps(folder, descriptions, tmp_path / "a", batch_size=3) == 3
+    assert _stage2_steps(folder, descriptions, tmp_path / "a", batch_size=3, drop_last=False) == 3
     assert _stage2_steps(folder, descriptions, tmp_path / "b", batch_size=3, drop_last=True) == 2
     assert _stage2_steps(folder, descriptions, tmp_path / "c", batch_size=16, drop_last=True) == 1
 
@@ -107,13 +107,14 @@ def test_drop_last_flag_and_preset() -> None:
     from anchoropt.runner.cli import build_parser
     from anchoropt.runner.cli import _config
 
-    assert RunConfig().resolve().drop_last is False  # default: ours
+    assert RunConfig().resolve().drop_last is True  # default: the released recipe (Dassl's loader)
+    assert RunConfig(recipe="legacy").resolve().drop_last is False  # the defaults before: every image
     assert RunConfig(preset="oxford_pets").resolve().drop_last is True  # the released recipe: Dassl's loader
     assert RunConfig(preset="oxford_pets", method="maple").resolve().drop_last is True
     assert RunConfig(preset="oxford_pets", drop_last=False).resolve().drop_last is False
     parser = build_parser()
     for argv, expected in ((["--drop-last"], True), (["--no-drop-last", "--preset", "oxford_pets"], False),
-                           (["--preset", "oxford_pets"], True), ([], False)):
+                           (["--preset", "oxford_pets"], True), ([], True), (["--recipe", "legacy"], False)):
         args = parser.parse_args(["train", "--data", "d", *argv])
         assert _config(args).resolve().drop_last is expected, argv
     grid = parser.parse_args(["grid", "--methods", "coop", "--data", "d", "--drop-last"])

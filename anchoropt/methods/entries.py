@@ -32,6 +32,7 @@ Importing :mod:`anchoropt.methods` registers the entries.
 
 from __future__ import annotations
 
+import statistics
 from typing import Callable
 
 import torch
@@ -95,14 +96,21 @@ def released_settings(name: str, dataset: str | None = None) -> dict:
         out.pop("soft_init", None)  # the released +AnchorOPT trainers ignore CTX_INIT (random context)
         if "linear_probe_weight" in p.extra:
             out["lp_weight"] = p.extra["linear_probe_weight"]
-    elif template == "atprompt" and dataset is not None:
-        key = presets.canonical_name(dataset)
-        out.pop("soft_init", None)
-        out["attributes"] = presets.atprompt_attributes(key)
-        row = _ATPROMPT[base].get(key)
-        if row is not None:
-            out.update(n_soft=row[0], epochs=row[1], **({"lp_weight": row[2]} if len(row) > 2 else {}))
+    elif template == "atprompt":
+        out.pop("soft_init", None)  # the released *_atp trainers ignore CTX_INIT (random context)
+        row = _typical_row(_ATPROMPT[base])
+        if dataset is not None:
+            key = presets.canonical_name(dataset)
+            out["attributes"] = presets.atprompt_attributes(key)
+            row = _ATPROMPT[base].get(key, row)
+        out.update(n_soft=row[0], epochs=row[1], **({"lp_weight": row[2]} if len(row) > 2 else {}))
     return out
+
+
+def _typical_row(table: dict) -> tuple:
+    """The settings most datasets of an ATPrompt table share, column by column (a dataset the authors do not
+    list: ``docs/ATPrompt.md`` gives per-dataset values only)."""
+    return tuple(statistics.mode(column) for column in zip(*table.values()))
 
 
 PRESET_SETTINGS = ("soft_init", "lp_weight", "fp16_prompts")

@@ -81,6 +81,11 @@ _DEPT = {
     "fgvc_aircraft": (4, 20, 10, 0.6), "sun397": (8, 10, 10, 0.6), "dtd": (8, 10, 10, 0.8),
     "eurosat": (8, 20, 10, 0.9), "ucf101": (8, 10, 10, 0.8),
 }
+# "default": each method's base-to-novel script's own values (n_soft, epochs, ce_weight, kd_weight, kd_temperature;
+# DePT: n_soft, epochs, ce_weight, linear-probe weight) - scripts/{coop,cocoop,maple,dept}/anchoropt_base2new_train.sh
+# (coop :13-17, cocoop :14-18, maple :14-18, dept :14-17; DePT's script sets no KD)
+_DEFAULT = {"coop": (4, 100, 100, 1000, 1.0), "cocoop": (4, 20, 100, 1000, 1.0), "maple": (4, 10, 100, 1000, 1.0),
+            "dept": (4, 10, 1, 0.7)}
 # Stage I: (epochs, MSE weight) - §1 (docs/AnchorOPT.md:118-131)
 _STAGE1 = {
     "imagenet": (10, 1000), "caltech101": (100, 1000), "oxford_pets": (100, 1000), "stanford_cars": (40, 100),
@@ -201,29 +206,28 @@ def available_presets() -> list[str]:
 def preset(name: str, method: str = "coop") -> Preset:
     """The released settings for dataset ``name`` and ``method`` (``coop``, ``cocoop``, ``maple``, ``dept``).
 
-    ``"default"`` is the CoOp base-to-novel script's defaults (CE 100, KD 1000, T 1, 4 soft tokens,
-    100 epochs); ``"xd"`` the cross-dataset script's (ImageNet, all classes: CE 1, KD 1, T 1, 4 soft
-    tokens, 20 epochs).
+    ``"default"`` is the method's base-to-novel script's defaults (CoOp: CE 100, KD 1000, T 1, 4 soft tokens,
+    100 epochs; CoCoOp 20 epochs and MaPLe 10 with the same loss; DePT CE 1, no KD, ``w`` 0.7, 10 epochs), with
+    the method's batch and learning rate; ``"xd"`` the cross-dataset script's (ImageNet, all classes: CE 1, KD 1,
+    T 1, 4 soft tokens, 20 epochs).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     key = canonical_name(name)
-    if key == "default":
-        return Preset("default", method)
     if key in ("xd", "cross_dataset"):
         if method != "coop":
             raise ValueError("the released cross-dataset settings exist for CoOp+AnchorOPT only")
         return Preset("xd", "coop", n_soft=4, epochs=20, ce_weight=1.0, kd_weight=1.0, kd_temperature=1.0,
                       stage1_epochs=_STAGE1["imagenet"][0], max_descriptions=5)
-    stage1_epochs, mse = _STAGE1[key]
+    stage1_epochs, mse = _STAGE1.get(key, (100, 1000))  # "default": the table's most common row
     common = dict(stage1_epochs=stage1_epochs, stage1_mse_weight=float(mse),
                   max_descriptions=5 if key == "imagenet" else 10)
     if method == "dept":
-        n_soft, epochs, ce, w = _DEPT[key]
+        n_soft, epochs, ce, w = _DEFAULT[method] if key == "default" else _DEPT[key]
         return Preset(key, method, n_soft=n_soft, epochs=epochs, ce_weight=float(ce), kd_weight=0.0,
                       batch_size=4, lr=0.0035, extra={"linear_probe_weight": w}, **common)
     table = {"coop": _COOP, "cocoop": _COCOOP, "maple": _MAPLE}[method]
-    n_soft, epochs, ce, kd, temperature = table[key]
+    n_soft, epochs, ce, kd, temperature = _DEFAULT[method] if key == "default" else table[key]
     preset_ = Preset(key, method, n_soft=n_soft, epochs=epochs, ce_weight=float(ce), kd_weight=float(kd),
                      kd_temperature=float(temperature), **common)
     if method == "cocoop":

@@ -31,20 +31,20 @@ __all__ = ["main", "build_parser"]
 _HYPER = (
     # flag, dest, type, help
     ("--shots", "shots", int, "training images per class, K (16)"),
-    ("--n-soft", "n_soft", int, "M, soft tokens of the normal prompt (4)"),
+    ("--n-soft", "n_soft", int, "M, soft tokens of the normal prompt (4; CoOp 16)"),
     ("--tau", "tau", float, "Gumbel-softmax temperature of the position matrix (1.0)"),
-    ("--epochs", "epochs", int, "Stage II epochs (100)"),
+    ("--epochs", "epochs", int, "Stage II epochs (100; CoOp 200)"),
     ("--batch-size", "batch_size", int, "Stage II batch size (32)"),
     ("--lr", "lr", float, "Stage II SGD learning rate (0.002)"),
     ("--momentum", "momentum", float, "SGD momentum (0.9)"),
     ("--weight-decay", "weight_decay", float, "SGD weight decay (5e-4)"),
     ("--warmup-epochs", "warmup_epochs", int, "epochs at the constant warm-up lr before the cosine (1)"),
     ("--warmup-lr", "warmup_lr", float, "warm-up learning rate (1e-5)"),
-    ("--ce-weight", "ce_weight", float, "weight of the cross-entropy term (1.0)"),
-    ("--kd-weight", "kd_weight", float, "weight of the KL(ensemble || normal) term (10.0)"),
+    ("--ce-weight", "ce_weight", float, "weight of the cross-entropy term (100.0)"),
+    ("--kd-weight", "kd_weight", float, "weight of the KL(ensemble || normal) term (1000.0)"),
     ("--kd-temperature", "kd_temperature", float, "distillation temperature (1.0)"),
     ("--kd-normalization", "kd_normalization", str,
-     "'batchmean' (KL per sample) or 'released' (KL / (batch x classes), what the released weights assume)"),
+     "'released' (KL / (batch x classes), what the released weights assume) or 'batchmean' (KL per sample)"),
     ("--stage1-steps", "stage1_steps", int,
      "Stage I steps (default: the released schedule, preset epochs x floor(shots x classes / 32))"),
     ("--stage1-mse-weight", "stage1_mse_weight", float, "Stage I MSE weight (1000)"),
@@ -91,6 +91,12 @@ def _add_common_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
     p.add_argument("--preset", help="per-dataset settings of the released tables (see `anchoropt presets`); "
                                     "explicit options override it" + ("; default: each dataset's own, recognised "
                                                                       "from its folder" if grid else ""))
+    p.add_argument("--recipe", default=None,  # checked by RunConfig (anchoropt.methods.recipes.RECIPES)
+                   help="what fills the hyperparameters neither an option nor --preset sets: 'released' (default: "
+                        "each method's released recipe, e.g. CoOp M 16 / 200 epochs, CoOp+AnchorOPT CE 100 + KD "
+                        "1000 released normalisation), 'paper-text' (the same with the paper text's loss, CE 1 + "
+                        "KD 10 per sample) or 'legacy' (CE 1 + KD 10 per sample, M 4, 100 epochs for every method); "
+                        "docs/runner.md, 'Defaults'")
     if grid:
         p.add_argument("--output", "-o", help="the grid's directory (runs/, results.json, table.md, hm.png)")
     else:
@@ -330,7 +336,8 @@ def _add_pae_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_hyper_args(p: argparse.ArgumentParser, stage1_only: bool = False) -> None:
-    g = p.add_argument_group("hyperparameters (default: --preset, else the value in brackets)")
+    g = p.add_argument_group("hyperparameters (default: --preset, else the method's --recipe; in brackets: "
+                             "CoOp+AnchorOPT's released recipe)")
     for flag, dest, kind, text in _HYPER:
         if stage1_only and not (dest.startswith("stage1") or dest in ("max_descriptions", "shots")):
             continue

@@ -13,6 +13,7 @@ import torch
 from .._jsonfile import read_json
 from ..functional import KD_NORMALIZATIONS
 from ..methods.presets import preset as get_preset
+from ..methods.recipes import DEFAULT_RECIPE, RUN_KEYS, check_recipe, recipe_values
 from ..methods.registry import OPTION_RANGES
 
 PROTOCOLS = ("base2novel", "cross-dataset", "domain-generalization")
@@ -32,8 +33,10 @@ RESULTS = "results.json"
 class RunConfig:
     """Everything a run needs; written to ``run_config.json`` so ``eval`` can rebuild it.
 
-    ``None`` fields are filled by :meth:`resolve` from the preset (``preset=``), then the defaults below
-    (the paper's loss: CE 1 + KD 10 per sample, T 1; the released script's 100 epochs and 4 soft tokens).
+    ``None`` fields are filled by :meth:`resolve` from the preset (``preset=``), then the method's recipe
+    (``recipe=``, :mod:`anchoropt.methods.recipes`: ``"released"``, each method's released recipe for a generic
+    dataset; ``"paper-text"``, the same with the paper text's loss, CE 1 + KD 10 per sample; ``"legacy"``, the
+    defaults before, CE 1 + KD 10 per sample, M 4, 100 epochs for every method).
     """
 
     protocol: str = "base2novel"
@@ -47,6 +50,7 @@ class RunConfig:
     pretrained: str | None = "openai"
     precision: str = "fp32"
     preset: str | None = None
+    recipe: str = DEFAULT_RECIPE
     descriptions: str | None = None
     anchors: str | None = None
     output: str = "runs/anchoropt"
@@ -103,20 +107,18 @@ class RunConfig:
     save_every: int = 0
     tensorboard: bool = False
 
-    _DEFAULTS = dict(
-        shots=16, n_soft=4, n_anchor=1, tau=1.0, epochs=100, batch_size=32, lr=0.002, momentum=0.9,
-        weight_decay=5e-4, warmup_epochs=1, warmup_lr=1e-5, ce_weight=1.0, kd_weight=10.0, kd_temperature=1.0,
-        kd_normalization="batchmean", stage1_mse_weight=1000.0, stage1_lr=0.002, max_descriptions=10,
-        drop_last=False,
-    )
+    _DEFAULTS = RUN_KEYS  # the fields resolve() fills
 
     def resolve(self) -> "RunConfig":
-        """A copy with every ``None`` hyperparameter filled (explicit > preset > defaults), validated."""
+        """A copy with every ``None`` hyperparameter filled (explicit > preset > the method's recipe), validated."""
         values = dataclasses.asdict(self)
+        check_recipe(self.recipe)
+        self.method_choice()  # an unknown method: its clear error before the recipe is looked up
         chosen = _preset_values(self.method, self.preset) if self.preset else {}
-        for key, default in self._DEFAULTS.items():
+        defaults = recipe_values(self.recipe, self.method)
+        for key in RUN_KEYS:
             if values[key] is None:
-                values[key] = chosen.get(key, default)
+                values[key] = chosen.get(key, defaults[key])
         cfg = RunConfig(**values)
         cfg._fill_method_defaults()
         cfg.validate()
@@ -143,6 +145,7 @@ class RunConfig:
         return parse_method(self.method)
 
     def validate(self) -> None:
+        check_recipe(self.recipe)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {PROTOCOLS}")
         if self.augment not in AUGMENTATIONS:
@@ -286,7 +289,8 @@ class RunConfig:
         unknown = sorted(set(values) - known - _BOOKKEEPING)
         if unknown:
             raise ValueError(f"unknown key(s) {unknown}; known keys: {sorted(known)}")
-        values = {"drop_last": False, **values}  # written before --drop-last: those runs kept the last batch
+        # written before --drop-last: those runs kept the last batch; before --recipe: the legacy defaults
+        values = {"drop_last": False, "recipe": "legacy", **values}
         cfg = cls(**{k: v for k, v in values.items() if k in known})
         cfg._check_types()
         return cfg
@@ -310,7 +314,7 @@ _OPT_INT, _OPT_FLOAT, _OPT_STR = (int, type(None)), (float, type(None)), (str, t
 _TYPES: dict[str, tuple[type, ...]] = {
     "protocol": (str,), "data": _OPT_STR, "split_json": _OPT_STR, "image_root": _OPT_STR,
     "classnames_file": _OPT_STR, "targets": (list,), "model": (str,), "pretrained": _OPT_STR, "precision": (str,),
-    "preset": _OPT_STR, "descriptions": _OPT_STR, "anchors": _OPT_STR, "output": (str,), "seed": (int,),
+    "preset": _OPT_STR, "recipe": (str,), "descriptions": _OPT_STR, "anchors": _OPT_STR, "output": (str,), "seed": (int,),
     "shots": _OPT_INT, "n_soft": _OPT_INT, "n_anchor": _OPT_INT, "preposition": _OPT_STR, "deep_depth": (int,),
     "tau": _OPT_FLOAT, "epochs": _OPT_INT, "batch_size": _OPT_INT, "lr": _OPT_FLOAT, "momentum": _OPT_FLOAT,
     "weight_decay": _OPT_FLOAT, "warmup_epochs": _OPT_INT, "warmup_lr": _OPT_FLOAT, "ce_weight": _OPT_FLOAT,

@@ -23,11 +23,13 @@ LEARNER_DIR = "learner"
 
 
 def method_settings(cfg: RunConfig, anchors: torch.Tensor | None, tokenizer) -> MethodSettings:
-    """The run's :class:`MethodSettings` (run options and ``--preset``'s released method settings, then the
-    method spec's own options on top)."""
+    """The run's :class:`MethodSettings` (run options and ``--preset``'s released method settings, else those of
+    the run's ``--recipe``, then the method spec's own options on top)."""
     from ..methods.entries import preset_method_settings
+    from ..methods.recipes import recipe_method_settings
 
-    released = preset_method_settings(cfg.method, cfg.preset) if cfg.preset else {}
+    released = preset_method_settings(cfg.method, cfg.preset) if cfg.preset else \
+        recipe_method_settings(cfg.recipe, cfg.method)
     base = MethodSettings(
         n_soft=cfg.n_soft, attributes=tuple(cfg.attributes), n_attr_soft=cfg.n_attr_soft, anchors=anchors,
         tau=cfg.tau, preposition=cfg.preposition, deep_depth=cfg.deep_depth, pooling=cfg.pooling,

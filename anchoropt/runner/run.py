@@ -339,7 +339,7 @@ def _results_record(plan: _TrainingPlan, cfg: RunConfig, bundle: ModelBundle, ct
     results: dict[str, Any] = {
         "run_id": plan.run_id, "method": plan.choice.label,
         "protocol": cfg.protocol, "dataset": plan.source.name, "model": cfg.model,
-        **weights_record(cfg.pretrained, bundle), "preset": cfg.preset, "seed": cfg.seed,
+        **weights_record(cfg.pretrained, bundle), "preset": cfg.preset, "recipe": cfg.recipe, "seed": cfg.seed,
         "shots": cfg.shots, "trained_classes": list(plan.trained),
         "world_size": ctx.world_size, "stage1": stage1, "stage2": stage2,
         "method_settings": settings.to_json(),
