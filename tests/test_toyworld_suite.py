@@ -85,6 +85,9 @@ def test_specific_attribute_captions_keep_at_least_the_asked_axes():
 
 # ---------------------------------------------------------------------- the suite
 def test_suite_mirrors_the_benchmark_in_kind_and_size():
+    from anchoropt.runner.dataset_recipes import recognised_dataset
+
+    assert all(recognised_dataset(f"x/{d.name}") is None for d in SUITE + DG_VARIANTS)  # no real preset applies
     assert len(SUITE) >= 8 and len({d.name for d in SUITE + DG_VARIANTS}) == len(SUITE + DG_VARIANTS)
     counts = [d.classes for d in SUITE]
     assert min(counts) <= 47 and max(counts) >= 120
@@ -127,10 +130,10 @@ def test_make_suite_writes_datasets_the_runner_reads_and_suite_json(tiny_suite):
 
     record = read_suite(tiny_suite)
     names = [e["name"] for e in record["datasets"]]
-    assert names == ["objects", "dtd", "objects_v2"]
-    assert record["protocols"]["base2novel"] == ["objects", "dtd"]
-    assert record["protocols"]["cross_dataset"] == {"source": "objects", "targets": ["dtd"]}
-    assert record["protocols"]["domain_generalization"]["targets"] == ["objects_v2"]
+    assert names == ["toy_objects", "toy_dtd", "toy_objects_v2"]
+    assert record["protocols"]["base2novel"] == ["toy_objects", "toy_dtd"]
+    assert record["protocols"]["cross_dataset"] == {"source": "toy_objects", "targets": ["toy_dtd"]}
+    assert record["protocols"]["domain_generalization"]["targets"] == ["toy_objects_v2"]
     for entry in record["datasets"]:
         root = tiny_suite / entry["name"]
         world = json.loads((root / "world.json").read_text())
@@ -142,8 +145,8 @@ def test_make_suite_writes_datasets_the_runner_reads_and_suite_json(tiny_suite):
         assert len(paths["test"]) == entry["classes"] * TINY(0)["test"]
         assert set(json.loads((root / "descriptions.json").read_text())) == set(dataset.classnames)
     # v2: the source's classes, other images
-    a = sorted((tiny_suite / "objects" / "test").rglob("*.png"))[0]
-    b = tiny_suite / "objects_v2" / a.relative_to(tiny_suite / "objects")
+    a = sorted((tiny_suite / "toy_objects" / "test").rglob("*.png"))[0]
+    b = tiny_suite / "toy_objects_v2" / a.relative_to(tiny_suite / "toy_objects")
     assert b.is_file() and a.read_bytes() != b.read_bytes()
 
 
@@ -167,7 +170,7 @@ def test_dataset_properties_measure_templates_and_cupl(tiny_suite):
     from anchoropt.toyworld.model import load_model
 
     model, preprocess, tokenizer = load_model()
-    figures = dataset_properties(tiny_suite / "dtd", model, preprocess, tokenizer, templates=TEMPLATES[:3])
+    figures = dataset_properties(tiny_suite / "toy_dtd", model, preprocess, tokenizer, templates=TEMPLATES[:3])
     values = list(figures["templates"].values())
     assert list(figures["templates"]) == list(TEMPLATES[:3]) and all(0 <= v <= 100 for v in values)
     assert figures["template_spread"] == pytest.approx(max(values) - min(values), abs=0.011)
@@ -208,9 +211,9 @@ def test_calibrate_suite_runs_the_baselines_and_writes_the_figures(tiny_suite, t
     lines: list[str] = []
     figures = calibrate_suite(tiny_suite, tmp_path / "cal", seeds=[1, 2], rows=["zeroshot", "coop"],
                               log=lines.append, epochs=1, shots=2)
-    assert set(figures["rows"]) == {"zeroshot", "coop"} and figures["datasets"] == ["objects", "dtd"]
+    assert set(figures["rows"]) == {"zeroshot", "coop"} and figures["datasets"] == ["toy_objects", "toy_dtd"]
     for row in figures["rows"].values():
-        assert set(row["datasets"]) == {"objects", "dtd"} and len(row["seed_hm"]) == 2
+        assert set(row["datasets"]) == {"toy_objects", "toy_dtd"} and len(row["seed_hm"]) == 2
     assert figures["rows"]["zeroshot"]["hm_std"] == 0.0  # nothing trained: every seed scores the same
     assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["rows"] == figures["rows"]
     assert any(line.startswith("  [not run] CoCoOp") for line in lines)
@@ -218,4 +221,24 @@ def test_calibrate_suite_runs_the_baselines_and_writes_the_figures(tiny_suite, t
                             log=lines.append, epochs=1, shots=2)
     assert again["ran"] == 0 and again["rows"] == figures["rows"]  # finished runs are reused
     with pytest.raises(ValueError, match="not base-to-novel datasets"):
-        calibrate_suite(tiny_suite, tmp_path / "x", datasets=["objects_v2"])
+        calibrate_suite(tiny_suite, tmp_path / "x", datasets=["toy_objects_v2"])
+
+
+def test_table1_runs_every_method_with_each_datasets_descriptions(tiny_suite, tmp_path):
+    from anchoropt.runner.toy_table import QUICK_METHODS, TABLE1_METHODS, run_table1
+
+    assert len(TABLE1_METHODS) == 13 and set(QUICK_METHODS) < set(TABLE1_METHODS)
+    assert (tiny_suite / "descriptions" / "toy_dtd.json").read_bytes() == (tiny_suite / "toy_dtd" /
+                                                                          "descriptions.json").read_bytes()
+    out = run_table1(tiny_suite, tmp_path / "t1", quick=True, datasets=["toy_dtd"], log=lambda line: None,
+                     methods=["zeroshot", "coop+atprompt", "coop+anchoropt"], epochs=1, shots=2, stage1_steps=2)
+    assert out["runs"] == 3
+    table = (tmp_path / "t1" / "table.md").read_text()
+    assert "coop+anchoropt" in table and "coop+atprompt" in table and "toy_dtd" in table
+    runs = tmp_path / "t1" / "runs" / "toy_dtd"
+    anchored = json.loads((runs / "coop+anchoropt" / "seed1" / "run_config.json").read_text())
+    assert anchored["descriptions"].endswith("descriptions/toy_dtd.json")  # the dataset's own sentences
+    atprompt = json.loads((runs / "coop+atprompt" / "seed1" / "run_config.json").read_text())
+    assert atprompt["attributes"] == ["color", "shape"]
+    with pytest.raises(ValueError, match="not base-to-novel datasets"):
+        run_table1(tiny_suite, tmp_path / "x", datasets=["toy_objects_v2"])

@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ..toyworld.cli import add_parser as add_toyworld_parser
 
-    add_toyworld_parser(sub, suite_baselines=_suite_baselines)
+    add_toyworld_parser(sub, suite_baselines=_suite_baselines, suite_table=_suite_table)
 
     p = sub.add_parser("presets", help="show the per-dataset settings of the released tables")
     p.add_argument("name", nargs="?", help="a dataset (all when omitted)")
@@ -574,6 +574,15 @@ def _suite_baselines(args: argparse.Namespace) -> dict:
     output = args.output or str(Path(args.suite) / "calibration")
     return calibrate_suite(args.suite, output, seeds=seeds, datasets=datasets, jobs=args.jobs, weights=args.weights,
                            log=lambda line: print(line, flush=True))
+
+
+def _suite_table(args: argparse.Namespace) -> dict:
+    """``toyworld table1``: Table 1's grid on the suite (:mod:`anchoropt.runner.toy_table`)."""
+    from .toy_table import run_table1
+
+    output = args.output or str(Path(args.suite) / ("table1-quick" if args.quick else "table1"))
+    return run_table1(args.suite, output, quick=args.quick, seeds=args.seeds, datasets=args.datasets,
+                      jobs=args.jobs, weights=args.weights, log=lambda line: print(line, flush=True))
 
 
 def _run_command(args: argparse.Namespace) -> int:

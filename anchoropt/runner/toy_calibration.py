@@ -22,7 +22,7 @@ BASELINES = {"zeroshot": "zeroshot", "coop_m4": "coop:n_soft=4", "coop": "coop:n
              "maple": "maple", "dept": "dept"}
 """Row name -> method spec.  ``coop`` is CoOp at its default context length (M = 16); ``coop_m4`` at M = 4."""
 
-QUICK_DATASETS = ("caltech", "dtd", "eurosat")
+QUICK_DATASETS = ("toy_caltech", "toy_dtd", "toy_eurosat")
 """``--quick``: one seed on three datasets of different kinds."""
 
 

@@ -13,16 +13,17 @@ from typing import Sequence
 __all__ = ["add_parser", "build_parser", "run", "main"]
 
 
-def add_parser(subparsers, suite_baselines=None) -> argparse.ArgumentParser:
+def add_parser(subparsers, suite_baselines=None, suite_table=None) -> argparse.ArgumentParser:
     """Add the ``toyworld`` command (with ``make`` / ``suite`` / ``pretrain`` / ...) to an argparse sub-parser set.
 
     ``suite_baselines(args) -> figures``: runs the baselines of ``calibrate --suite`` (the runner provides it:
     training lives above the toy world); without it, ``calibrate --suite`` measures the world's properties only.
+    ``suite_table(args)``: runs ``table1`` (the runner's too).
     """
     p = subparsers.add_parser("toyworld", help="the toy world: write a dataset or the suite, pretrain the toy CLIP",
                               description=__doc__.splitlines()[0])
     _fill(p)
-    p.set_defaults(toyworld_suite_baselines=suite_baselines)
+    p.set_defaults(toyworld_suite_baselines=suite_baselines, toyworld_suite_table=suite_table)
     return p
 
 
@@ -36,7 +37,7 @@ def _fill(p: argparse.ArgumentParser) -> None:
     from .concepts import GROUP_SIZE, N_GROUPS
     from .render import DOMAINS
 
-    sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="{make,suite,pretrain,zeroshot,calibrate,info}")
+    sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="{make,suite,pretrain,zeroshot,calibrate,table1,info}")
     m = sub.add_parser("make", help="write a toy-world dataset (PNG folders, split.json, classes.txt, descriptions.json)")
     m.add_argument("dir", help="output directory (must be new or empty; --overwrite replaces an old toy world)")
     m.add_argument("--seed", type=int, default=0, help="seed of the images (the classes never change) (0)")
@@ -54,6 +55,10 @@ def _fill(p: argparse.ArgumentParser) -> None:
     t.add_argument("--steps", type=int, default=None, help="optimisation steps (the shipped recipe's by default)")
     t.add_argument("--batch-size", type=int, default=None, help="batch size (recipe default)")
     t.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (recipe default)")
+    t.add_argument("--logit-scale-lr", type=float, default=None,
+                   help="AdamW peak learning rate of the temperature (recipe default)")
+    t.add_argument("--name-zipf", type=float, default=None,
+                   help="exponent of the Zipf law of name frequencies (recipe default; 0: every name always)")
     t.add_argument("--name-noise", type=float, default=None,
                    help="probability that a caption names a neighbouring class instead (recipe default)")
     t.add_argument("--threads", type=int, default=1, help="torch threads; results are deterministic per count (1)")
@@ -95,6 +100,18 @@ def _fill(p: argparse.ArgumentParser) -> None:
     s.add_argument("--only", nargs="+", metavar="NAME", help="write only these datasets of the suite")
     s.add_argument("--overwrite", action="store_true", help="replace the datasets of an existing suite in DIR")
     s.set_defaults(toyworld_func=_suite)
+
+    b = sub.add_parser("table1", help="the paper's Table 1 on a suite: zero-shot and CoOp / CoCoOp / MaPLe / DePT, "
+                                      "alone, +ATPrompt, +AnchorOPT, at the released recipes (a grid)")
+    b.add_argument("--suite", required=True, help="a suite written by 'toyworld suite'")
+    b.add_argument("--output", help="the grid folder (default: SUITE/table1, or SUITE/table1-quick with --quick)")
+    b.add_argument("--weights", help="a checkpoint from 'toyworld pretrain' (default: the shipped one)")
+    b.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (1 2 3)")
+    b.add_argument("--jobs", type=int, default=1, help="runs at once (1)")
+    b.add_argument("--datasets", nargs="+", metavar="NAME", help="only these datasets of the suite")
+    b.add_argument("--quick", action="store_true", help="one seed; zero-shot, CoOp, CoOp+ATPrompt, CoOp+AnchorOPT; "
+                                                        "toy_caltech, toy_dtd, toy_eurosat")
+    b.set_defaults(toyworld_func=_table1)
 
     i = sub.add_parser("info", help="print the shipped checkpoint's record (sha256, command, calibration)")
     i.set_defaults(toyworld_func=_info)
@@ -142,10 +159,11 @@ def _pretrain(args) -> int:
 
     check_seed(args.seed)
     cfg = RECIPE
-    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "logit_scale_lr")
+                 if getattr(args, k) is not None}
     cfg = replace(cfg, seed=args.seed, threads=args.threads, **overrides)
-    if args.name_noise is not None:
-        cfg = replace(cfg, mix=replace(cfg.mix, name_noise=args.name_noise))
+    mix = {k: getattr(args, k) for k in ("name_noise", "name_zipf") if getattr(args, k) is not None}
+    cfg = replace(cfg, mix=replace(cfg.mix, **mix))
     model, record = pretrain(cfg, log=lambda line: print(line, flush=True))
     record["command"] = _pretrain_command(args)
     path = save_checkpoint(model, args.output, record)
@@ -211,6 +229,13 @@ def _calibrate_suite(args) -> int:
     return 0
 
 
+def _table1(args) -> int:
+    if args.toyworld_suite_table is None:
+        raise ValueError("table1 trains with the runner: use 'anchoropt toyworld table1 ...'")
+    args.toyworld_suite_table(args)
+    return 0
+
+
 def _print_targets(targets: dict) -> None:
     for name, t in targets.items():
         mark = {True: "holds", False: "MISSED", None: "not run"}[t["holds"]]
@@ -232,7 +257,7 @@ def _write_card(args, figures: dict) -> None:
 def _pretrain_command(args) -> str:
     """The command line that reproduces this run (options as given)."""
     words = ["anchoropt toyworld pretrain", f"--output {args.output}", f"--seed {args.seed}", f"--threads {args.threads}"]
-    for flag in ("steps", "batch_size", "lr", "name_noise"):
+    for flag in ("steps", "batch_size", "lr", "logit_scale_lr", "name_zipf", "name_noise"):
         if getattr(args, flag) is not None:
             words.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}")
     return " ".join(words)

@@ -3,7 +3,8 @@ domain-generalisation variants of the ImageNet-like source.
 
 ``make_suite(DIR, seed)`` writes every dataset with :func:`~anchoropt.toyworld.make.make` (so the runner reads
 each like real data) and ``DIR/suite.json``: names, what each mirrors, its kind, class count, style, split
-sizes and protocol roles (base-to-novel, the cross-dataset / domain-generalisation source and targets).
+sizes and protocol roles (base-to-novel, the cross-dataset / domain-generalisation source and targets), plus
+``DIR/descriptions/<name>.json`` (each dataset's descriptions: the folder ``anchoropt grid --descriptions`` takes).
 
 Kinds (what makes each dataset hard, as on the real benchmark):
 
@@ -64,30 +65,31 @@ class SuiteDataset:
 
 
 SUITE = (
-    SuiteDataset("objects", "ImageNet", "coarse objects, many classes (cross-dataset / DG source)", "photo",
+    SuiteDataset("toy_objects", "ImageNet", "coarse objects, many classes (cross-dataset / DG source)", "photo",
                  "group0", 120),
-    SuiteDataset("caltech", "Caltech101", "coarse objects", "photo", "group1", 100),
-    SuiteDataset("pets", "OxfordPets", "fine-grained: neighbours differ in one attribute", "photo", "clusters2", 40),
-    SuiteDataset("cars", "StanfordCars", "fine-grained, in paintings", "painting", "clusters1", 100),
-    SuiteDataset("flowers", "Flowers102", "colour- and pattern-defined, blurred", "blurry", "group2", 100),
-    SuiteDataset("food", "Food101", "coarse objects, under-exposed", "dark", "mixed", 100),
-    SuiteDataset("aircraft", "FGVCAircraft", "fine-grained, under-exposed (the hardest)", "dark", "clusters0", 100),
-    SuiteDataset("sun", "SUN397", "small objects in cluttered scenes", "scene", "mixed", 120),
-    SuiteDataset("dtd", "DTD", "textures: colour and pattern only, no outline", "texture", "textures", 47),
-    SuiteDataset("eurosat", "EuroSAT", "a style never seen in pretraining (hues shifted)", "shifted", "group1", 40),
-    SuiteDataset("ucf", "UCF101", "sketches", "sketch", "mixed", 100),
+    SuiteDataset("toy_caltech", "Caltech101", "coarse objects", "photo", "group1", 100),
+    SuiteDataset("toy_pets", "OxfordPets", "fine-grained: neighbours differ in one attribute", "photo", "clusters2", 40),
+    SuiteDataset("toy_cars", "StanfordCars", "fine-grained, in paintings", "painting", "clusters1", 100),
+    SuiteDataset("toy_flowers", "Flowers102", "colour- and pattern-defined, blurred", "blurry", "group2", 100),
+    SuiteDataset("toy_food", "Food101", "coarse objects, under-exposed", "dark", "mixed", 100),
+    SuiteDataset("toy_aircraft", "FGVCAircraft", "fine-grained, under-exposed (the hardest)", "dark", "clusters0", 100),
+    SuiteDataset("toy_sun", "SUN397", "small objects in cluttered scenes", "scene", "mixed", 120),
+    SuiteDataset("toy_dtd", "DTD", "textures: colour and pattern only, no outline", "texture", "textures", 47),
+    SuiteDataset("toy_eurosat", "EuroSAT", "a style never seen in pretraining (hues shifted)", "shifted", "group1", 40),
+    SuiteDataset("toy_ucf", "UCF101", "sketches", "sketch", "mixed", 100),
 )
-"""The base-to-novel datasets, in the paper's table order."""
+"""The base-to-novel datasets, in the paper's table order.  Every name starts with ``toy_``: the runner gives a
+folder named like a real dataset (``dtd``, ``eurosat`` ...) that dataset's released preset and hand prompt."""
 
 DG_VARIANTS = (
-    SuiteDataset("objects_v2", "ImageNetV2", "the source's classes, new images", "photo", "group0", 120),
-    SuiteDataset("objects_sketch", "ImageNet-Sketch", "the source's classes as sketches", "sketch", "group0", 120),
-    SuiteDataset("objects_a", "ImageNet-A", "the source's classes under heavy noise (unseen)", "noisy", "group0", 120),
-    SuiteDataset("objects_r", "ImageNet-R", "the source's classes as paintings", "painting", "group0", 120),
+    SuiteDataset("toy_objects_v2", "ImageNetV2", "the source's classes, new images", "photo", "group0", 120),
+    SuiteDataset("toy_objects_sketch", "ImageNet-Sketch", "the source's classes as sketches", "sketch", "group0", 120),
+    SuiteDataset("toy_objects_a", "ImageNet-A", "the source's classes under heavy noise (unseen)", "noisy", "group0", 120),
+    SuiteDataset("toy_objects_r", "ImageNet-R", "the source's classes as paintings", "painting", "group0", 120),
 )
-"""Domain-generalisation targets of ``objects`` (same classes, other styles)."""
+"""Domain-generalisation targets of ``toy_objects`` (same classes, other styles)."""
 
-_V2_SEED_OFFSET = 1000  # objects_v2 draws its images from another seed
+_V2_SEED_OFFSET = 1000  # toy_objects_v2 draws its images from another seed
 
 
 def _shuffled(concepts: list[Concept], key: int) -> list[Concept]:
@@ -129,7 +131,7 @@ def suite_concepts(dataset: SuiteDataset) -> list[Concept]:
     if len(pool) < dataset.classes:
         raise ValueError(f"{dataset.name}: selection {dataset.selection!r} has {len(pool)} classes, "
                          f"{dataset.classes} asked")
-    if dataset.selection.startswith("group") and dataset.name.startswith("objects"):
+    if dataset.selection.startswith("group") and dataset.name.startswith("toy_objects"):
         return pool[: dataset.classes]  # the source and its DG variants: one class list, the group's order
     if dataset.selection.startswith("clusters"):
         pool = pool[: dataset.classes]  # whole clusters, largest first, then shuffled across the cut
@@ -147,7 +149,7 @@ def make_suite(root: str | os.PathLike, seed: int = 0, overwrite: bool = False,
     """Write every dataset of the suite (and its DG variants) under ``root``, and ``root/suite.json``.
 
     Args:
-        seed: seed of the images (classes never change); ``objects_v2`` uses ``seed + 1000``.
+        seed: seed of the images (classes never change); ``toy_objects_v2`` uses ``seed + 1000``.
         overwrite: replace the datasets of an existing suite.
         datasets: a subset of :data:`SUITE` + :data:`DG_VARIANTS` (tests write a tiny suite).
         sizes: ``sizes(classes) -> {"train", "val", "test"}`` instead of :func:`suite_sizes` (tests).
@@ -167,11 +169,14 @@ def make_suite(root: str | os.PathLike, seed: int = 0, overwrite: bool = False,
     for dataset in chosen:
         concepts = suite_concepts(dataset)
         split = (sizes or suite_sizes)(len(concepts))
-        image_seed = seed + _V2_SEED_OFFSET if dataset.name == "objects_v2" else seed
+        image_seed = seed + _V2_SEED_OFFSET if dataset.name == "toy_objects_v2" else seed
         role = _role(dataset)
         make(root / dataset.name, seed=image_seed, domain=dataset.domain, overwrite=overwrite, concepts=concepts,
              sizes=split, extra={"suite": {"name": dataset.name, "mirrors": dataset.mirrors, "kind": dataset.kind,
                                            "role": role}})
+        (root / "descriptions").mkdir(exist_ok=True)  # <name>.json per dataset: the grid's --descriptions folder
+        (root / "descriptions" / f"{dataset.name}.json").write_bytes(
+            (root / dataset.name / "descriptions.json").read_bytes())
         entries.append({**asdict(dataset), "seed": image_seed, "split_sizes": split, "role": role,
                         "test_images": split["test"] * len(concepts)})
         log(f"wrote {root / dataset.name}: {len(concepts)} classes, {dataset.domain}, "
@@ -181,8 +186,8 @@ def make_suite(root: str | os.PathLike, seed: int = 0, overwrite: bool = False,
         "suite_version": 1, "seed": seed, "datasets": entries,
         "protocols": {
             "base2novel": [d.name for d in SUITE if d.name in names],
-            "cross_dataset": {"source": "objects", "targets": [d.name for d in SUITE[1:] if d.name in names]},
-            "domain_generalization": {"source": "objects",
+            "cross_dataset": {"source": "toy_objects", "targets": [d.name for d in SUITE[1:] if d.name in names]},
+            "domain_generalization": {"source": "toy_objects",
                                       "targets": [d.name for d in DG_VARIANTS if d.name in names]},
         },
     }
@@ -193,7 +198,7 @@ def make_suite(root: str | os.PathLike, seed: int = 0, overwrite: bool = False,
 def _role(dataset: SuiteDataset) -> str:
     if dataset in DG_VARIANTS:
         return "domain-generalization target"
-    if dataset.name == "objects":
+    if dataset.name == "toy_objects":
         return "base-to-novel; cross-dataset and domain-generalization source"
     return "base-to-novel; cross-dataset target"
 
