@@ -242,3 +242,24 @@ def test_table1_runs_every_method_with_each_datasets_descriptions(tiny_suite, tm
     assert atprompt["attributes"] == ["color", "shape"]
     with pytest.raises(ValueError, match="not base-to-novel datasets"):
         run_table1(tiny_suite, tmp_path / "x", datasets=["toy_objects_v2"])
+
+
+def test_pretraining_is_deterministic_and_learns_the_temperature_on_its_own_rate():
+    import torch
+
+    from anchoropt.toyworld.pretrain import _batch, pretrain
+
+    cfg = PretrainConfig(steps=3, batch_size=16, pool_per_class=1, warmup_steps=1, probe_every=3, probe_classes=8,
+                         probe_per_class=1, logit_scale_lr=0.5)
+    rng = np.random.default_rng(0)
+    assert len(set(_batch(rng, PretrainConfig(), len(C.world())) // PretrainConfig().pool_per_class)) == 256
+    a, record = pretrain(cfg, log=lambda line: None)
+    b, _ = pretrain(cfg, log=lambda line: None)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert record["probe"][-1]["logit_scale"] == pytest.approx(a.logit_scale.detach().exp().item(), abs=0.01)
+    slow, _ = pretrain(PretrainConfig(**{**cfg.__dict__, "logit_scale_lr": 0.0}), log=lambda line: None)
+    assert slow.logit_scale.item() == pytest.approx(np.log(1 / 0.07), abs=1e-5)  # its own rate: 0 keeps it
+    assert abs(a.logit_scale.item() - slow.logit_scale.item()) > 0.1
+    with pytest.raises(ValueError, match="distinct_classes"):
+        PretrainConfig(batch_size=400).validate()

@@ -41,9 +41,12 @@ def calibrate(weights: str | os.PathLike | None, workdir: str | os.PathLike, dom
     return figures
 
 
-def model_card_for(weights: str | os.PathLike, figures: dict[str, float], rerun: dict | None = None) -> dict:
+def model_card_for(weights: str | os.PathLike, figures: dict, rerun: dict | None = None,
+                   earlier: dict | None = None) -> dict:
     """The card of a checkpoint written by ``toyworld pretrain``: its sha256, the pretraining record beside
-    it (command, recipe, wall time, threads) and the calibration ``figures``; ``rerun``: another run's figures."""
+    it (command, recipe, wall time, threads) and the calibration ``figures`` - ``{domain: top-1}`` of the
+    per-domain worlds, or ``{"suite": {...}}`` from ``calibrate --suite``; ``rerun``: another run's figures;
+    ``earlier``: a card of the same file written before, whose other calibration figures are kept."""
     from .model import sha256_file
 
     weights = Path(weights)
@@ -53,12 +56,19 @@ def model_card_for(weights: str | os.PathLike, figures: dict[str, float], rerun:
         "storage": "fp16 safetensors, loaded as fp32", "command": record.get("command"),
         "recipe": record["config"], "wall_seconds": record["wall_seconds"], "threads": record["threads"],
         "torch": record["torch"], "probe": record["probe"],
-        "calibration": {
+        "calibration": {},
+    }
+    if earlier and earlier.get("sha256") == card["sha256"]:
+        card["calibration"].update(earlier.get("calibration", {}))
+        if "rerun" in earlier:
+            card["rerun"] = earlier["rerun"]
+    if "suite" in figures:
+        card["calibration"]["suite"] = figures["suite"]
+    else:
+        card["calibration"].update({
             "datasets": f"anchoropt toyworld make DIR --classes {CALIBRATION_CLASSES} --seed {CALIBRATION_SEED} "
                         "--domain D (test split)",
-            "prompt": "a photo of a {}.", "zero_shot": figures,
-        },
-    }
+            "prompt": "a photo of a {}.", "zero_shot": figures})
     if rerun is not None:
         card["rerun"] = rerun
     return card

@@ -88,7 +88,8 @@ def _fill(p: argparse.ArgumentParser) -> None:
                    help="--suite: one seed on caltech, dtd and eurosat (a first look, minutes)")
     c.add_argument("--properties-only", action="store_true",
                    help="--suite: only the world's properties (no training)")
-    c.add_argument("--card", help="write the model card (sha256, pretraining record, figures) to this JSON file")
+    c.add_argument("--card", help="write the model card (sha256, pretraining record, figures) to this JSON file "
+                                  "(a card of the same checkpoint there keeps its other figures)")
     c.add_argument("--rerun", help="JSON of another pretraining run's figures, recorded in the card")
     c.add_argument("--threads", type=int, default=1, help="torch threads (1: the toy CLIP gains nothing from more)")
     c.set_defaults(toyworld_func=_calibrate)
@@ -247,8 +248,11 @@ def _write_card(args, figures: dict) -> None:
 
     if args.weights is None:
         raise ValueError("--card needs --weights (the checkpoint the card describes)")
+    from pathlib import Path
+
     rerun = json.loads(open(args.rerun, encoding="utf-8").read()) if args.rerun else None
-    card = model_card_for(args.weights, figures, rerun)
+    earlier = json.loads(Path(args.card).read_text(encoding="utf-8")) if Path(args.card).is_file() else None
+    card = model_card_for(args.weights, figures, rerun, earlier)
     with open(args.card, "w", encoding="utf-8") as f:
         f.write(json.dumps(card, indent=2) + "\n")
     print(f"wrote {args.card}")

@@ -1,13 +1,14 @@
 """Contrastive pretraining of the toy CLIP on the toy world's image-caption pairs.
 
 A pool of images of every concept is rendered once (``pool_per_class`` each, each image in a style drawn
-from ``styles``, a stream of its own, so never the images ``make`` writes); each step draws a batch of pool images (random flip and
-shift) with a freshly drawn caption each (:mod:`captions`) and takes an AdamW step on the symmetric
-InfoNCE loss with a learned temperature (as CLIP; the log-scale has a learning rate of its own,
-``logit_scale_lr``, so that it can travel from open_clip's 1 / 0.07 to a CLIP-like value in a short run).  Deterministic for a seed and a thread count.
+from ``styles``, a stream of its own, so never the images ``make`` writes).  Each step draws a batch of pool
+images - one of each of ``batch_size`` distinct classes - (random flip and shift) with a freshly drawn caption
+each (:mod:`captions`) and takes an AdamW step on the symmetric InfoNCE loss with a learned temperature (as
+CLIP; the log-scale has a learning rate of its own, ``logit_scale_lr``).  Deterministic for a seed and a
+thread count.
 
 The result is saved as fp16 safetensors plus a JSON record (configuration, wall time, threads,
-zero-shot accuracy on a held-out probe of group 0 during training).
+zero-shot accuracy and logit scale on a held-out probe of group 0 during training).
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ class PretrainConfig:
     weight_decay: float = 0.1
     pool_per_class: int = 48
     mix: CaptionMix = field(default_factory=lambda: CaptionMix(style_mention=0.8, name_zipf=1.0,
-                                                                        attr_keep=0.75, attr_at_least=2))
+                                                                        attr_keep=0.9, attr_at_least=3))
     styles: dict = field(default_factory=lambda: dict(DEFAULT_STYLES))
     logit_scale_lr: float = 0.03
+    distinct_classes: bool = True
     threads: int = 1
     probe_every: int = 250
     probe_classes: int = 100
@@ -63,6 +65,9 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "pool_per_class", "threads", "probe_every", "probe_per_class"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.distinct_classes and self.batch_size > len(world()):
+            raise ValueError(f"batch_size {self.batch_size} > {len(world())} classes: one image per class per "
+                             "batch (distinct_classes) needs batch_size <= the number of classes")
         if not self.lr > 0 or not self.logit_scale_lr >= 0:
             raise ValueError(f"lr must be > 0 and logit_scale_lr >= 0, got {self.lr}, {self.logit_scale_lr}")
         unknown = set(self.styles) - set(SEEN_DOMAINS)
@@ -104,6 +109,15 @@ def _param_groups(model: torch.nn.Module, cfg: PretrainConfig):
             {"params": [model.logit_scale], "weight_decay": 0.0, "peak_lr": cfg.logit_scale_lr}]
 
 
+def _batch(rng: np.random.Generator, cfg: PretrainConfig, n_concepts: int) -> np.ndarray:
+    """Pool indices of one batch: with ``distinct_classes``, one image of each of ``batch_size`` different
+    classes (no same-class false negatives in the contrastive loss), else any images."""
+    if not cfg.distinct_classes:
+        return rng.choice(n_concepts * cfg.pool_per_class, cfg.batch_size, replace=False)
+    classes = rng.choice(n_concepts, cfg.batch_size, replace=False)
+    return classes * cfg.pool_per_class + rng.integers(cfg.pool_per_class, size=cfg.batch_size)
+
+
 def _style_picker(styles: dict) -> Callable[[np.random.Generator], str]:
     names = list(styles)
     p = np.array([styles[n] for n in names], dtype=np.float64)
@@ -140,7 +154,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> tuple[t
     for step in range(cfg.steps):
         for group_ in optimizer.param_groups:
             group_["lr"] = group_["peak_lr"] * _lr_factor(step, cfg)
-        idx = rng.choice(len(images), cfg.batch_size, replace=False)
+        idx = _batch(rng, cfg, len(concepts))
         x = _augment(to_model_input(images[idx]), g)
         ids = tokenizer([captioner.caption(int(labels[i]), backgrounds[i], rng, image_styles[i]) for i in idx])
         img = F.normalize(model.encode_image(x), dim=-1)
