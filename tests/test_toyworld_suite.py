@@ -175,6 +175,9 @@ def test_dataset_properties_measure_templates_and_cupl(tiny_suite):
     assert list(figures["templates"]) == list(TEMPLATES[:3]) and all(0 <= v <= 100 for v in values)
     assert figures["template_spread"] == pytest.approx(max(values) - min(values), abs=0.011)
     assert figures["cupl_gain"] == pytest.approx(figures["cupl"] - figures["hand_prompt"], abs=0.011)
+    assert figures["style"] == "texture" and isinstance(figures["style_prompt_gain"], float)
+    photo = dataset_properties(tiny_suite / "toy_objects", model, preprocess, tokenizer, templates=TEMPLATES[:2])
+    assert "style_prompt_gain" not in photo  # the hand prompt already names the photo style
 
 
 def test_property_targets_say_what_holds():
@@ -240,6 +243,10 @@ def test_table1_runs_every_method_with_each_datasets_descriptions(tiny_suite, tm
     assert anchored["descriptions"].endswith("descriptions/toy_dtd.json")  # the dataset's own sentences
     atprompt = json.loads((runs / "coop+atprompt" / "seed1" / "run_config.json").read_text())
     assert atprompt["attributes"] == ["color", "shape"]
+    study = _run_study(tmp_path / "t1")
+    (run,) = study["anchoropt_runs"]
+    assert len(run["p_anchor"]) == 5 and all(0 <= p <= 1 for p in run["p_anchor"])  # M + N = 5 slots
+    assert run["soft_norm"] > 0 and set(run["novel"]) == {"normal", "anchor", "ensemble"}
     with pytest.raises(ValueError, match="not base-to-novel datasets"):
         run_table1(tiny_suite, tmp_path / "x", datasets=["toy_objects_v2"])
 
@@ -263,3 +270,15 @@ def test_pretraining_is_deterministic_and_learns_the_temperature_on_its_own_rate
     assert abs(a.logit_scale.item() - slow.logit_scale.item()) > 0.1
     with pytest.raises(ValueError, match="distinct_classes"):
         PretrainConfig(batch_size=400).validate()
+
+
+def _run_study(grid):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "study_toy_table1.py"
+    done = subprocess.run([sys.executable, str(script), str(grid)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| toy_dtd | coop+anchoropt | 1 |" in done.stdout
+    return json.loads((grid / "anchoropt_study.json").read_text())

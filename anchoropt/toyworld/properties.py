@@ -2,7 +2,9 @@
 
 * **temperature**: the learned logit scale (CLIP's is 100; target >= :data:`MIN_LOGIT_SCALE`);
 * **a context matters**: zero-shot top-1 under each of :data:`TEMPLATES` on every dataset; the spread
-  (best - worst template) must reach :data:`MIN_TEMPLATE_SPREAD` points on at least half of the datasets;
+  (best - worst template) must reach :data:`MIN_TEMPLATE_SPREAD` points on at least half of the datasets.
+  Reported beside it: the gain of the prompt that names the dataset's style (:data:`STYLE_PROMPTS`) over the
+  hand prompt - the caption-to-task gap a learned context can close;
 * **descriptions carry what names lack**: a CuPL-style classifier (the mean of each class's description
   features) against the name-only hand prompt, averaged over the suite: a gain of at least
   :data:`MIN_CUPL_GAIN` points.
@@ -31,6 +33,10 @@ TEMPLATES = (
     "a painting of a {}.", "the texture of a {}.", "a scene with a {}.", "a photo of the {}, a type of object.",
 )
 """The hand prompt first, then generic and style-naming prompts a user might try."""
+
+STYLE_PROMPTS = {"sketch": "a sketch of a {}.", "blurry": "a blurry photo of a {}.", "dark": "a dark photo of a {}.",
+                 "painting": "a painting of a {}.", "texture": "the texture of a {}.", "scene": "a scene with a {}."}
+"""The prompt naming each pretrained style (a dataset in that style: how much naming it is worth)."""
 
 MIN_LOGIT_SCALE = 50.0
 MIN_TEMPLATE_SPREAD = 3.0
@@ -69,9 +75,16 @@ def dataset_properties(root: str | os.PathLike, model: nn.Module, preprocess: Ca
     descriptions = json.loads((Path(root) / "descriptions.json").read_text(encoding="utf-8"))
     cupl = 100 * accuracy(feats, description_features(model, tokenizer, descriptions, dataset.classnames), labels)
     values = list(by_template.values())
-    return {"templates": by_template, "template_spread": round(max(values) - min(values), 2),
-            "hand_prompt": by_template[templates[0]], "cupl": round(cupl, 2),
-            "cupl_gain": round(cupl - by_template[templates[0]], 2), "test_images": len(records)}
+    out = {"templates": by_template, "template_spread": round(max(values) - min(values), 2),
+           "hand_prompt": by_template[templates[0]], "cupl": round(cupl, 2),
+           "cupl_gain": round(cupl - by_template[templates[0]], 2), "test_images": len(records)}
+    world_file = Path(root) / "world.json"
+    style = json.loads(world_file.read_text(encoding="utf-8")).get("domain") if world_file.is_file() else None
+    if style in STYLE_PROMPTS:
+        own = 100 * accuracy(feats, class_text_features(model, tokenizer, dataset.classnames, STYLE_PROMPTS[style]),
+                             labels)
+        out.update(style=style, style_prompt_gain=round(own - by_template[templates[0]], 2))
+    return out
 
 
 def suite_properties(suite_root: str | os.PathLike, model: nn.Module, preprocess: Callable, tokenizer: Callable,
@@ -86,8 +99,9 @@ def suite_properties(suite_root: str | os.PathLike, model: nn.Module, preprocess
     for name in names:
         per_dataset[name] = dataset_properties(Path(suite_root) / name, model, preprocess, tokenizer)
         p = per_dataset[name]
+        own = f", naming its style ({p['style']}) {p['style_prompt_gain']:+.1f}" if "style" in p else ""
         log(f"{name}: hand prompt {p['hand_prompt']:.1f}, templates {min(p['templates'].values()):.1f}.."
-            f"{max(p['templates'].values()):.1f} (spread {p['template_spread']:.1f}), CuPL {p['cupl']:.1f} "
+            f"{max(p['templates'].values()):.1f} (spread {p['template_spread']:.1f}){own}, CuPL {p['cupl']:.1f} "
             f"({p['cupl_gain']:+.1f})")
     figures = {"logit_scale": round(float(model.logit_scale.exp()), 2), "datasets": per_dataset}
     figures["targets"] = property_targets(figures)
