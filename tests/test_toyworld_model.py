@@ -71,6 +71,22 @@ def test_shipped_checkpoint_hash_size_and_record():
     assert card["calibration"]["zero_shot"]["shifted"] < card["calibration"]["zero_shot"]["photo"]
 
 
+def test_the_card_records_the_learned_temperature_and_the_suite_calibration(toy):
+    card = toy_model.model_card()
+    scale = toy[0].logit_scale.exp().item()
+    assert scale > 40  # learned (the first checkpoint stayed at open_clip's 14.3 start: 14.6); the target is 50
+    suite = card["calibration"]["suite"]
+    assert suite["properties"]["logit_scale"] == pytest.approx(scale, abs=0.01)
+    assert card["probe"][-1]["logit_scale"] == pytest.approx(scale, abs=0.01)
+    targets = suite["baselines"]["targets"]
+    assert set(targets) >= {"CoOp base >= zero-shot base + 6.5", "CoCoOp novel >= CoOp novel + 4",
+                            "MaPLe HM >= CoOp HM + 3.5"}
+    rows = suite["baselines"]["rows"]
+    assert set(rows) == {"zeroshot", "coop_m4", "coop", "cocoop", "maple", "dept"}
+    delta = rows["coop"]["mean"]["base"] - rows["zeroshot"]["mean"]["base"]
+    assert targets["CoOp base >= zero-shot base + 6.5"]["value"] == pytest.approx(delta, abs=0.011)
+
+
 def test_a_changed_checkpoint_is_refused(tmp_path, monkeypatch):
     bad = tmp_path / "toy_clip.safetensors"
     shutil.copyfile(toy_model.shipped_weights(), bad)

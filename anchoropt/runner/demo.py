@@ -350,9 +350,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="without --model: the tiny random-weight tower on synthetic images instead of the toy world")
     p.add_argument("--toy-classes", type=int, default=40,
                    help="toy world: number of classes (half base, half novel; default 40)")
-    p.add_argument("--toy-dataset", default="toy_ucf",
-                   help="toy world: the suite dataset whose classes and style the demo uses (default toy_ucf: "
-                        "sketches)")
+    p.add_argument("--toy-dataset", default="toy_food",
+                   help="toy world: the suite dataset whose classes and style the demo uses (default toy_food: "
+                        "dark photos, the style whose name is worth most to a prompt after textures)")
     p.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai) or a local checkpoint file;\n"
                                         "'none' or omitted: random weights")
     p.add_argument("--data", help="ImageFolder directory (one sub-directory per class)")

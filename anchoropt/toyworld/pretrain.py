@@ -51,7 +51,7 @@ class PretrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     pool_per_class: int = 48
-    mix: CaptionMix = field(default_factory=lambda: CaptionMix(style_mention=0.8, name_zipf=1.0,
+    mix: CaptionMix = field(default_factory=lambda: CaptionMix(style_mention=0.8, name_zipf=1.5,
                                                                         attr_keep=0.9, attr_at_least=3))
     styles: dict = field(default_factory=lambda: dict(DEFAULT_STYLES))
     logit_scale_lr: float = 0.03
