@@ -23,7 +23,8 @@ import torch
 def _learner_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    files = sorted((run_dir / "prompt_learner").glob("*.safetensors"))
+    files = sorted((run_dir / "prompt_learner").glob("*.safetensors")) or sorted((run_dir / "learner").glob(
+        "*.safetensors"))  # AnchorOPT's learner / every other method's
     return load_file(str(files[0])) if files else {}
 
 

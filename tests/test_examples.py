@@ -17,8 +17,10 @@ EXAMPLES = ROOT / "examples"
 
 # script -> (argv, a line it must print)
 CASES = {
-    "quickstart.py": (["--stage1-steps", "5", "--epochs", "1", "--shots", "4", "--toy-classes", "6"],
-                      r"zero-shot .*: base .*% \| novel .*%(.|\n)*\nbase .*% \| novel .*% \| HM .*toy world"),
+    "quickstart.py": (["--stage1-steps", "5", "--epochs", "1", "--coop-epochs", "1", "--shots", "4",
+                       "--toy-classes", "6"],
+                      r"zero-shot .*: base .*% \| novel .*%(.|\n)*\nCoOp: base .*% \| novel .*%(.|\n)*\n"
+                      r"CoOp\+AnchorOPT: base .*% \| novel .*% \| HM .*toy world\]\nshows: CoOp\+AnchorOPT's HM is "),
     "open_clip_training.py": (["--epochs", "1", "--stage1-steps", "3"], r"base .*% \| novel .*% on 16 test images"),
     "coop_wrap.py": ([], r"predictions \(base / novel\): \[.*\] \[.*\]"),
     "building_blocks.py": ([], r"arrangement \(slot -> source\): \['\w+', '\w+', '\w+'\]"),

@@ -77,7 +77,7 @@ def test_the_card_records_the_learned_temperature_and_the_suite_calibration(toy)
     assert scale > 40  # learned (the first checkpoint stayed at open_clip's 14.3 start: 14.6); the target is 50
     suite = card["calibration"]["suite"]
     assert suite["properties"]["logit_scale"] == pytest.approx(scale, abs=0.01)
-    assert card["probe"][-1]["logit_scale"] == pytest.approx(scale, abs=0.01)
+    assert card["probe"][-1]["logit_scale"] == pytest.approx(scale, abs=0.05)  # fp32 in training, fp16 stored
     targets = suite["baselines"]["targets"]
     assert set(targets) >= {"CoOp base >= zero-shot base + 6.5", "CoCoOp novel >= CoOp novel + 4",
                             "MaPLe HM >= CoOp HM + 3.5"}
