@@ -203,8 +203,8 @@ def test_method_specs_are_parsed_and_checked():
     assert parse_method("coop+atprompt:attributes=color|shape,legacy=true").options == {
         "attributes": ("color", "shape"), "legacy": True}
     assert parse_method("coop:csc=true").settings(MethodSettings()).csc is True
-    with pytest.raises(KeyError, match="unknown method 'kgcoop'"):
-        parse_method("kgcoop")
+    with pytest.raises(KeyError, match="unknown method 'prograd'"):
+        parse_method("prograd")
     with pytest.raises(ValueError, match="has no option 'pooling'"):
         parse_method("coop:pooling=released")
     with pytest.raises(ValueError, match="takes true or false"):

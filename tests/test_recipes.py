@@ -27,6 +27,8 @@ RELEASED = {
     # AnchorOPT scripts/coop/anchoropt_base2new_train.sh:13-17; trainers/coop_anchoropt.py:425-441 (sum / B*C)
     "coop+anchoropt": (4, 100, 32, 0.002, 100.0, 1000.0, "released", 1.0),
     "coop+atprompt+anchoropt": (4, 100, 32, 0.002, 100.0, 1000.0, "released", 1.0),
+    # KgCoOp (htyao89/KgCoOp) configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml:3,15,17; base2new_train.sh NCTX 4
+    "kgcoop": (4, 100, 128, 0.002, 1.0, 0.0, None, None),
     # CoCoOp configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml:3,17-18,33
     "cocoop": (4, 10, 1, 0.002, 1.0, 0.0, None, None),
     # docs/ATPrompt.md:191 (NCTX 2 on 7 of 11 datasets, EPO 10)
@@ -49,7 +51,8 @@ RELEASED = {
 # the settings beyond the run options: CTX_INIT of the CoCoOp / MaPLe configs (:34), MaPLe's .half() prompts,
 # DePT's w (scripts' WEIGHT=0.7)
 RELEASED_SETTINGS = {
-    "cocoop": {"soft_init": "a photo of a"}, "maple": {"soft_init": "a photo of a", "fp16_prompts": True},
+    "cocoop": {"soft_init": "a photo of a"}, "kgcoop": {"soft_init": "a photo of a", "kg_weight": 8.0},
+    "maple": {"soft_init": "a photo of a", "fp16_prompts": True},
     "maple+atprompt": {"fp16_prompts": True}, "maple+anchoropt": {"fp16_prompts": True},
     **{f"dept{suffix}": {"lp_weight": 0.7} for suffix in ("", "+atprompt", "+anchoropt")},
 }

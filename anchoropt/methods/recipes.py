@@ -36,7 +36,7 @@ LEGACY = dict(
 
 RUN_KEYS = tuple(LEGACY)
 """The run-config fields a recipe fills."""
-METHOD_KEYS = ("soft_init", "lp_weight", "fp16_prompts")
+METHOD_KEYS = ("soft_init", "lp_weight", "fp16_prompts", "kg_weight")
 """The method settings a recipe fills (:data:`anchoropt.methods.entries.PRESET_SETTINGS`)."""
 
 PAPER_TEXT_LOSS = dict(ce_weight=1.0, kd_weight=10.0, kd_temperature=1.0, kd_normalization="batchmean")
@@ -48,12 +48,15 @@ _PLAIN_CE = dict(ce_weight=1.0, kd_weight=0.0, kd_temperature=1.0, kd_normalizat
 # The CoOp-module entries' own values over their family's Dassl config (CoOp's configs/trainers/CoOp/vit_b16.yaml:
 # batch 32, lr 0.002): CoOp's 16-shot recipe (COOP.md, scripts/coop/main.sh: M 16, 200 epochs) and
 # CoOp+ATPrompt's (docs/ATPrompt.md:183, scripts/coop/atprompt_base2new_train.sh:11-12: M 2, 100 epochs).
+# KgCoOp's (htyao89/KgCoOp configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml: batch 128, lr 0.002, 100 epochs,
+# CTX_INIT "a photo of a"; scripts/base2new_train.sh: NCTX 4, WEIGHT 8.0).
 # The anchored entries take AnchorOPT's script defaults (presets.preset("default")); coop+atprompt+anchoropt has
 # no release of its own and takes CoOp+AnchorOPT's.
 _COOP_MODULE = {
     "zeroshot": {},
     "coop": dict(n_soft=16, epochs=200),
     "coop+atprompt": dict(n_soft=2, epochs=100),
+    "kgcoop": dict(n_soft=4, epochs=100, batch_size=128, soft_init="a photo of a", kg_weight=8.0),
     "coop+anchoropt": {},
     "coop+atprompt+anchoropt": {},
 }

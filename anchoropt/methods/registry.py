@@ -7,6 +7,7 @@
 | ``coop+atprompt`` | ``SoftPromptLearner(attributes=...)`` | CE |
 | ``coop+anchoropt`` | :class:`~anchoropt.prompts.AnchorOPTPromptLearner` | CE + KD (Stage II) |
 | ``coop+atprompt+anchoropt`` | ``AnchorOPTPromptLearner(attributes=...)`` | CE + KD (Stage II) |
+| ``kgcoop`` | :class:`~anchoropt.methods.kgcoop.KgCoOpLearner` | CE + ``kg_weight`` x (1 - cos to the hand prompt) |
 
 A *method spec* is a name with options after a colon, e.g. ``coop+anchoropt:pooling=released``,
 ``coop:csc=true``, ``zeroshot:ensemble=true``, ``coop+atprompt:attributes=color|shape,legacy=true``
@@ -100,6 +101,7 @@ class MethodSettings:
     lp_weight: float = 0.7
     head_lr_scale: float = 6.5
     fp16_prompts: bool = False
+    kg_weight: float = 8.0
     tokenizer: Callable | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -236,7 +238,7 @@ OPTION_RANGES = {
     "lp_weight": (0.0, 1.0, False), "head_lr_scale": (0.0, math.inf, True),
     "n_soft": (0, math.inf, False), "n_attr_soft": (0, math.inf, False), "deep_depth": (0, math.inf, False),
     "tau": (0.0, math.inf, True), "kd_temperature": (0.0, math.inf, True),
-    "ce_weight": (0.0, math.inf, False), "kd_weight": (0.0, math.inf, False),
+    "ce_weight": (0.0, math.inf, False), "kd_weight": (0.0, math.inf, False), "kg_weight": (0.0, math.inf, False),
 }
 """option -> ``(lowest, highest, lowest excluded)``: the numeric method options' valid ranges (the runner checks
 its own fields of the same names against these too)."""
@@ -307,6 +309,13 @@ def cross_entropy_loss(settings: MethodSettings) -> Callable[[torch.Tensor, torc
     return lambda logits, labels: F.cross_entropy(logits.float(), labels)
 
 
+def knowledge_guided_loss(settings: MethodSettings) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """KgCoOp's CE + ``kg_weight`` x the learned prompt's distance to the hand prompt."""
+    from .kgcoop import kgcoop_loss
+
+    return kgcoop_loss(settings.kg_weight)
+
+
 def anchoropt_loss(settings: MethodSettings) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
     """AnchorOPT's Stage II loss on ``(logits_normal, logits_anchor)``."""
     loss = StageIILoss(ce_weight=settings.ce_weight, kd_weight=settings.kd_weight,
@@ -327,6 +336,13 @@ def _soft(model, classnames, s: MethodSettings, attributes: bool = False) -> nn.
         extra = dict(attributes=s.attributes, n_attr_soft=s.n_attr_soft, legacy_single_token=s.legacy)
     return SoftPromptLearner(model, classnames, n_soft=s.n_soft, soft_init=s.soft_init, class_specific=s.csc,
                              tokenizer=s.tokenizer, **extra)
+
+
+def _kgcoop(model, classnames, s: MethodSettings) -> nn.Module:
+    from .kgcoop import KgCoOpLearner
+
+    return KgCoOpLearner(model, classnames, n_soft=s.n_soft, soft_init=s.soft_init, hand_templates=s.templates,
+                         tokenizer=s.tokenizer)
 
 
 def _atprompt(model, classnames, s: MethodSettings) -> nn.Module:
@@ -365,6 +381,8 @@ register_method(Method("zeroshot", "zero-shot CLIP with hand-written template(s)
                        seen_head="zeroshot", unseen_head="zeroshot", options=("templates", "ensemble")))
 register_method(Method("coop", "CoOp: M soft tokens before the class name, CE", _soft, cross_entropy_loss,
                        options=(*_PROMPT, "csc")))
+register_method(Method("kgcoop", "KgCoOp: CoOp + distance of its class features to the hand prompt's", _kgcoop,
+                       knowledge_guided_loss, options=(*_PROMPT, "templates", "kg_weight")))
 register_method(Method("coop+atprompt", "ATPrompt: soft blocks + fixed attribute words before CoOp's tokens, CE",
                        _atprompt, cross_entropy_loss, options=(*_PROMPT, *_ATTR)))
 register_method(Method("coop+anchoropt", "AnchorOPT: learned anchors + position matrix, CE + KD", _anchoropt,

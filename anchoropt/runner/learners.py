@@ -23,13 +23,14 @@ LEARNER_DIR = "learner"
 
 
 def method_settings(cfg: RunConfig, anchors: torch.Tensor | None, tokenizer) -> MethodSettings:
-    """The run's :class:`MethodSettings` (run options and ``--preset``'s released method settings, else those of
-    the run's ``--recipe``, then the method spec's own options on top)."""
+    """The run's :class:`MethodSettings` (run options; the run's ``--recipe`` method settings with ``--preset``'s
+    released ones over them; then the method spec's own options on top)."""
     from ..methods.entries import preset_method_settings
     from ..methods.recipes import recipe_method_settings
 
-    released = preset_method_settings(cfg.method, cfg.preset) if cfg.preset else \
-        recipe_method_settings(cfg.recipe, cfg.method)
+    released = recipe_method_settings(cfg.recipe, cfg.method)
+    if cfg.preset:  # a dataset's released row wins (KgCoOp has none: its recipe's init and weight stay)
+        released.update(preset_method_settings(cfg.method, cfg.preset))
     base = MethodSettings(
         n_soft=cfg.n_soft, attributes=tuple(cfg.attributes), n_attr_soft=cfg.n_attr_soft, anchors=anchors,
         tau=cfg.tau, preposition=cfg.preposition, deep_depth=cfg.deep_depth, pooling=cfg.pooling,
