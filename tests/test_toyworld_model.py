@@ -82,7 +82,7 @@ def test_the_card_records_the_learned_temperature_and_the_suite_calibration(toy)
     assert set(targets) >= {"CoOp base >= zero-shot base + 6.5", "CoCoOp novel >= CoOp novel + 4",
                             "MaPLe HM >= CoOp HM + 3.5"}
     rows = suite["baselines"]["rows"]
-    assert set(rows) == {"zeroshot", "coop_m4", "coop", "cocoop", "maple", "dept"}
+    assert set(rows) >= {"zeroshot", "coop_m4", "coop", "cocoop", "maple", "dept"}
     delta = rows["coop"]["mean"]["base"] - rows["zeroshot"]["mean"]["base"]
     assert targets["CoOp base >= zero-shot base + 6.5"]["value"] == pytest.approx(delta, abs=0.011)
 

@@ -282,3 +282,13 @@ def _run_study(grid):
     assert done.returncode == 0, done.stderr
     assert "| toy_dtd | coop+anchoropt | 1 |" in done.stdout
     return json.loads((grid / "anchoropt_study.json").read_text())
+
+
+def test_the_table1_command_passes_its_method_specs(monkeypatch, tmp_path):
+    from anchoropt.runner import cli, toy_table
+
+    seen = {}
+    monkeypatch.setattr(toy_table, "run_table1", lambda suite, output, **kw: seen.update(kw, output=output) or {})
+    specs = ["coop+anchoropt:kd_weight=0", "coop+anchoropt:pooling=released"]
+    assert cli.main(["toyworld", "table1", "--suite", str(tmp_path), "--quick", "--methods", *specs]) == 0
+    assert seen["methods"] == specs and seen["quick"] is True and seen["output"].endswith("table1-quick")

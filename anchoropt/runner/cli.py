@@ -582,7 +582,8 @@ def _suite_table(args: argparse.Namespace) -> dict:
 
     output = args.output or str(Path(args.suite) / ("table1-quick" if args.quick else "table1"))
     return run_table1(args.suite, output, quick=args.quick, seeds=args.seeds, datasets=args.datasets,
-                      jobs=args.jobs, weights=args.weights, log=lambda line: print(line, flush=True))
+                      methods=args.methods, jobs=args.jobs, weights=args.weights,
+                      log=lambda line: print(line, flush=True))
 
 
 def _run_command(args: argparse.Namespace) -> int:

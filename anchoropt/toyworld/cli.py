@@ -112,6 +112,9 @@ def _fill(p: argparse.ArgumentParser) -> None:
     b.add_argument("--datasets", nargs="+", metavar="NAME", help="only these datasets of the suite")
     b.add_argument("--quick", action="store_true", help="one seed; zero-shot, CoOp, CoOp+ATPrompt, CoOp+AnchorOPT; "
                                                         "toy_caltech, toy_dtd, toy_eurosat")
+    b.add_argument("--methods", nargs="+", metavar="SPEC",
+                   help="other method specs instead of the table's rows, e.g. the ablations "
+                        "'coop+anchoropt:kd_weight=0' 'coop+anchoropt:pooling=released' (use another --output)")
     b.set_defaults(toyworld_func=_table1)
 
     i = sub.add_parser("info", help="print the shipped checkpoint's record (sha256, command, calibration)")
