@@ -45,13 +45,13 @@ class PretrainConfig:
     """Settings of one pretraining run (all of them are recorded next to the checkpoint)."""
 
     seed: int = 0
-    steps: int = 2000
+    steps: int = 2600
     batch_size: int = 256
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.1
     pool_per_class: int = 48
-    mix: CaptionMix = field(default_factory=lambda: CaptionMix(style_mention=0.8, name_zipf=1.5,
+    mix: CaptionMix = field(default_factory=lambda: CaptionMix(style_mention=0.8, name_zipf=2.0,
                                                                         attr_keep=0.9, attr_at_least=3))
     styles: dict = field(default_factory=lambda: dict(DEFAULT_STYLES))
     logit_scale_lr: float = 0.03
