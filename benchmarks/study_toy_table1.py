@@ -3,7 +3,9 @@ grow, and which head scores the novel classes - read from the runs' saved learne
 
 For every ``coop+anchoropt`` run (any spec options) of the grid: P(anchor) per slot (the position matrix's
 softmax at tau, the anchor's column), whether the deterministic arrangement places the anchor, the mean L2 norm
-of the soft tokens, and the novel accuracy of the normal, anchor and ensemble heads.  Beside them: the soft-token
+of the soft tokens, the chance that a Gumbel-max sample of the matrix (sampled evaluation) gives the same
+arrangement as the deterministic one (the product over slots of each row's largest probability), and the novel
+accuracy of the normal, anchor and ensemble heads.  Beside them: the soft-token
 norms of the grid's ``coop`` runs and the toy CLIP's mean word-embedding norm.  Prints a markdown table and
 writes ``GRID/anchoropt_study.json``.
 
@@ -39,6 +41,7 @@ def _anchor_run(run_dir: Path, results: dict) -> dict:
         "dataset": results["dataset"], "method": results["method"], "seed": results["seed"],
         "p_anchor": [round(float(p), 3) for p in probs[:, n_soft:].sum(dim=-1)],
         "anchors_placed": results.get("anchors_placed"),
+        "p_sample_is_deterministic": round(float(probs.max(dim=-1).values.prod()), 3),
         "soft_norm": round(float(tensors["soft"].float().norm(dim=-1).mean()), 3),
         "novel": {head: novel.get(f"accuracy_{head}") for head in ("normal", "anchor", "ensemble")},
         "hm": results["results"]["hm"],
@@ -68,13 +71,13 @@ def main(argv=None) -> int:
     p.add_argument("grid", type=Path, help="the grid folder (runs/<dataset>/<method>/seed<N>/)")
     args = p.parse_args(argv)
     out = study(args.grid)
-    print("| dataset | method | seed | P(anchor) per slot | anchor placed | soft-token norm | novel: normal / "
-          "anchor / ensemble | HM |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| dataset | method | seed | P(anchor) per slot | anchor placed | P(sample = deterministic) | "
+          "soft-token norm | novel: normal / anchor / ensemble | HM |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in out["anchoropt_runs"]:
         n = r["novel"]
         print(f"| {r['dataset']} | {r['method']} | {r['seed']} | {' '.join(f'{p:.2f}' for p in r['p_anchor'])} | "
-              f"{r['anchors_placed']} | {r['soft_norm']:.2f} | {n['normal']:.1f} / {n['anchor']:.1f} / "
+              f"{r['anchors_placed']} | {r['p_sample_is_deterministic']:.3f} | {r['soft_norm']:.2f} | {n['normal']:.1f} / {n['anchor']:.1f} / "
               f"{n['ensemble']:.1f} | {r['hm']:.2f} |")
     print(f"\nCoOp soft-token norm (mean over runs): {out['coop_soft_norm_mean']}; toy CLIP word embeddings: "
           f"{out['word_embedding_norm_mean']}")

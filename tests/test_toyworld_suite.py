@@ -247,6 +247,7 @@ def test_table1_runs_every_method_with_each_datasets_descriptions(tiny_suite, tm
     (run,) = study["anchoropt_runs"]
     assert len(run["p_anchor"]) == 5 and all(0 <= p <= 1 for p in run["p_anchor"])  # M + N = 5 slots
     assert run["soft_norm"] > 0 and set(run["novel"]) == {"normal", "anchor", "ensemble"}
+    assert 0 < run["p_sample_is_deterministic"] <= 1
     with pytest.raises(ValueError, match="not base-to-novel datasets"):
         run_table1(tiny_suite, tmp_path / "x", datasets=["toy_objects_v2"])
 
