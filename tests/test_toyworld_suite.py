@@ -223,6 +223,11 @@ def test_calibrate_suite_runs_the_baselines_and_writes_the_figures(tiny_suite, t
     again = calibrate_suite(tiny_suite, tmp_path / "cal", seeds=[1, 2], rows=["zeroshot", "coop"],
                             log=lines.append, epochs=1, shots=2)
     assert again["ran"] == 0 and again["rows"] == figures["rows"]  # finished runs are reused
+    one = calibrate_suite(tiny_suite, tmp_path / "cal", seeds=[1], datasets=["toy_dtd"], rows=["zeroshot", "coop"],
+                          log=lines.append, epochs=1, shots=2)
+    assert one["ran"] == 0  # a subset of the folder's finished runs, nothing new
+    for row in one["rows"].values():  # only the datasets and seeds asked for, not every run in the folder
+        assert set(row["datasets"]) == {"toy_dtd"} and len(row["seed_hm"]) == 1
     with pytest.raises(ValueError, match="not base-to-novel datasets"):
         calibrate_suite(tiny_suite, tmp_path / "x", datasets=["toy_objects_v2"])
 

@@ -108,7 +108,8 @@ def calibrate_suite(suite_root: str | os.PathLike, output: str | os.PathLike, se
                      output=str(output), **overrides)
     data = [str(Path(suite_root) / n) for n in names]
     result = run_grid(base, list(chosen.values()), data, list(seeds), output, jobs=jobs, plot=False)
-    rows_ = suite_means(collect_records(output), {spec: row for row, spec in chosen.items()})
+    asked = [r for r in collect_records(output) if r["dataset"] in names and r["seed"] in seeds]  # not others' runs
+    rows_ = suite_means(asked, {spec: row for row, spec in chosen.items()})
     figures = {"suite": {"seed": suite["seed"], "suite_version": suite["suite_version"]}, "seeds": list(seeds), "datasets": names, "rows": rows_,
                "targets": calibration_targets(rows_), "ran": len(result["ran"])}
     Path(output, "calibration.json").write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8")
