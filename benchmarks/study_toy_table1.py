@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     for r in out["anchoropt_runs"]:
         n = r["novel"]
         print(f"| {r['dataset']} | {r['method']} | {r['seed']} | {' '.join(f'{p:.2f}' for p in r['p_anchor'])} | "
-              f"{r['anchors_placed']} | {r['p_sample_is_deterministic']:.3f} | {r['soft_norm']:.2f} | {n['normal']:.1f} / {n['anchor']:.1f} / "
-              f"{n['ensemble']:.1f} | {r['hm']:.2f} |")
+              f"{r['anchors_placed']} | {r['p_sample_is_deterministic']:.3f} | {r['soft_norm']:.2f} | "
+              f"{n['normal']:.1f} / {n['anchor']:.1f} / {n['ensemble']:.1f} | {r['hm']:.2f} |")
     print(f"\nCoOp soft-token norm (mean over runs): {out['coop_soft_norm_mean']}; toy CLIP word embeddings: "
           f"{out['word_embedding_norm_mean']}")
     (args.grid / "anchoropt_study.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

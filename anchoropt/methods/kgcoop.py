@@ -50,7 +50,8 @@ class KgCoOpLearner(SoftPromptLearner):
         """CoOp's prompts for another class list, and the hand prompt's features for it."""
         super().set_classnames(classnames)
         hand = ZeroShotClassifier(self.tower, self.classnames, self._hand_templates, self._tokenizer)
-        self._hand_features = hand.text_features()  # a plain tensor: not part of the learner's state
+        # derived from the frozen tower: follows the learner across devices, never saved with it
+        self.register_buffer("_hand_features", hand.text_features(), persistent=False)
 
     def hand_features(self) -> torch.Tensor:
         """The hand prompt's text features ``(C, E)``, float32, L2-normalised, frozen."""
@@ -62,8 +63,7 @@ class KgCoOpLearner(SoftPromptLearner):
         functional.check_features(image_features, "image_features", self.tower.output_dim)
         scale = model_logit_scale(self.tower) if logit_scale is None else logit_scale
         learned = self.text_features()
-        hand = self.hand_features().to(learned.device)
-        distance = 1.0 - (learned * hand).sum(dim=-1).mean()
+        distance = 1.0 - (learned * self.hand_features()).sum(dim=-1).mean()
         return KgCoOpOutput(functional.clip_logits(image_features, learned, scale), distance)
 
     @torch.no_grad()

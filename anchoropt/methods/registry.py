@@ -45,6 +45,7 @@ from torch import nn
 
 from ..template import check_template
 from .baselines import DEFAULT_TEMPLATE, ENSEMBLE_TEMPLATES, SoftPromptLearner, ZeroShotClassifier
+from .kgcoop import KgCoOpLearner, kgcoop_loss
 from ..losses import StageIILoss
 from ..prompts import AnchorOPTPromptLearner
 
@@ -311,8 +312,6 @@ def cross_entropy_loss(settings: MethodSettings) -> Callable[[torch.Tensor, torc
 
 def knowledge_guided_loss(settings: MethodSettings) -> Callable[[Any, torch.Tensor], torch.Tensor]:
     """KgCoOp's CE + ``kg_weight`` x the learned prompt's distance to the hand prompt."""
-    from .kgcoop import kgcoop_loss
-
     return kgcoop_loss(settings.kg_weight)
 
 
@@ -339,8 +338,6 @@ def _soft(model, classnames, s: MethodSettings, attributes: bool = False) -> nn.
 
 
 def _kgcoop(model, classnames, s: MethodSettings) -> nn.Module:
-    from .kgcoop import KgCoOpLearner
-
     return KgCoOpLearner(model, classnames, n_soft=s.n_soft, soft_init=s.soft_init, hand_templates=s.templates,
                          tokenizer=s.tokenizer)
 

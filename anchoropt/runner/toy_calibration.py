@@ -1,8 +1,8 @@
 """``anchoropt toyworld calibrate --suite DIR``: does the toy benchmark reproduce the field's base-to-novel
 pattern?  Runs the established baselines only - zero-shot, CoOp (M = 4 and 16), CoCoOp, MaPLe, DePT (and KgCoOp
 as a reference), each at its release's recipe - on the suite's base-to-novel datasets and checks the targets below
-on the suite average (real figures, ViT-B/16, 11 datasets: CoOp base +13.4 over zero-shot, novel -11.0; CoCoOp novel +8.5 over
-CoOp; MaPLe HM +6.9 over CoOp; the targets ask for the signs with at least half the magnitudes).
+on the suite average (real figures, ViT-B/16, 11 datasets: CoOp base +13.4 over zero-shot, novel -11.0; CoCoOp
+novel +8.5 over CoOp; MaPLe HM +6.9 over CoOp; the targets ask for the signs with at least half the magnitudes).
 
 The ATPrompt and AnchorOPT rows are never run here: they are the held-out test of the world.
 """
