@@ -4,6 +4,7 @@ EVA02-style image tower)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -56,6 +57,8 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
             tensors[f"{key}.{name}"] = p.detach().contiguous()
             tensors[f"{key}.{name}.start"] = start[key][name].contiguous()
     save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
+    del module, learners, optim  # the DDP reducers (and their gloo work) go before the process group does
+    gc.collect()
     dist_utils.cleanup(ctx)
 
 

@@ -128,6 +128,10 @@ def barrier(ctx: DistContext) -> None:
 
 
 def cleanup(ctx: DistContext) -> None:
-    """Destroy the process group if :func:`init_from_env` started it."""
+    """Destroy the process group if :func:`init_from_env` started it.
+
+    Every rank meets at a barrier first, so no rank tears gloo down while another still has work in flight (a rank
+    that exits under a peer's pending collective can abort with "terminate called without an active exception")."""
     if ctx.started_here and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
