@@ -211,7 +211,7 @@ def _entry(name: str) -> Method:
     modes = {"base": "normal", "novel": "ensemble", "anchor": "anchor"} if anchored else {}
     return Method(name, summary, _builder(name), method_output_loss, seen_head="normal", unseen_head=unseen,
                   needs_anchors=anchored, image_input=_IMAGE_INPUT.get(base, "features"),
-                  options=tuple(dict.fromkeys(options)), mode_heads=modes)
+                  options=tuple(dict.fromkeys(options)), mode_heads=modes, text_per_image=base == "cocoop")
 
 
 def register_all(replace: bool = False) -> list[Method]:

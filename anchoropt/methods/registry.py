@@ -137,6 +137,8 @@ class Method:
             (the same, not normalised: DePT's head reads the raw features) or ``"images"``.
         options: :class:`MethodSettings` fields a spec may set (``coop:csc=true``).
         mode_heads: head for an explicit evaluation mode (AnchorOPT: base / novel / anchor).
+        text_per_image: the class prompts depend on the image (CoCoOp), so the text tower runs once per image
+            rather than once per batch (the grid's run-length estimate, :mod:`anchoropt.runner.schedule`).
     """
 
     name: str
@@ -149,6 +151,7 @@ class Method:
     image_input: str = "features"
     options: tuple[str, ...] = ()
     mode_heads: dict = field(default_factory=dict)
+    text_per_image: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9][a-z0-9+_-]*", self.name):

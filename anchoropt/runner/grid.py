@@ -14,8 +14,8 @@ Layout of ``OUT``::
   its lock: never one another process is writing) and run again.  A ``results.json`` that cannot be read is
   refused by name, not taken for an interrupted run.
 * **Shared image features**: with ``--augment none`` the image tower runs once per image for the whole grid.
-* **Parallel**: ``--jobs N`` runs N runs at once in local processes (each on its own GPU when there are
-  several); under ``torchrun`` every run uses all processes (DDP) one after the other.
+* **Parallel**: ``--jobs N`` runs N runs at once in local processes, the longest first (:mod:`.schedule`), each
+  on its own GPU when there are several; under ``torchrun`` every run uses all processes (DDP) one after the other.
 * **Beyond one machine**: ``--shard I/N`` runs the runs ``I, I + N, I + 2N, ...`` of the fixed run order
   (``I`` from 0, e.g. ``$SLURM_ARRAY_TASK_ID``), and ``anchoropt grid --report OUT`` merges what exists.
 """
@@ -36,6 +36,7 @@ from ..datasets import folders as D
 from .dataset_recipes import dataset_recipe
 from . import rundir as R
 from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_config
+from .schedule import estimated_work, longest_first
 from .console import _log
 from .tables import record_from_results, write_report
 
@@ -248,8 +249,9 @@ def run_grid(
         store_file = _prepare_features(base, todo, output, ctx)
     if jobs == 1 or len(todo) <= 1:
         _run_sequential(base, todo, store_file, ctx)
-    else:
-        _run_pool(base, todo, store_file, jobs, threads)
+    else:  # longest first, so no worker idles at the end while another finishes a long run
+        work = {run: estimated_work(_run_config(base, run)) for run in todo}
+        _run_pool(base, longest_first(todo, work.__getitem__), store_file, jobs, threads)
     report = report_grid(output, plot=plot, paper=paper) if ctx.is_main else {}
     if ctx.distributed:
         dist_utils.cleanup(ctx)
