@@ -51,3 +51,16 @@ def test_a_parallel_grid_hands_the_longest_runs_out_first(tmp_path, shapes, monk
                                                                                           tmp_path / "grid")}
     assert work == {"coop:n_soft=2": 200 * 2 * 2, "cocoop": 10 * 2 * 2 * 2, "zeroshot": 0}
     assert handed == ["coop:n_soft=2", "cocoop", "zeroshot"]  # the plan's order was zeroshot, cocoop, coop
+
+
+def test_the_schedule_benchmark_replays_runs_through_the_workers():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_grid_schedule.py"
+    spec = importlib.util.spec_from_file_location("bench_grid_schedule", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.makespan([1, 1, 4], jobs=2) == 5  # the long run starts last: one worker idles for 3 s
+    assert bench.makespan(longest_first([1, 1, 4], float), jobs=2) == 4
+    assert bench.makespan([2, 2, 2], jobs=1) == 6
