@@ -1,7 +1,7 @@
 """What AnchorOPT learned in a Table 1 grid: where the position matrix puts the anchor, how large the soft tokens
 grow, and which head scores the novel classes - read from the runs' saved learners, no training.
 
-For every ``coop+anchoropt`` run (any spec options) of the grid: P(anchor) per slot (the position matrix's
+For every ``+anchoropt`` run (CoOp, CoCoOp, MaPLe or DePT; any spec options) of the grid: P(anchor) per slot (the position matrix's
 softmax at tau, the anchor's column), whether the deterministic arrangement places the anchor, the mean L2 norm
 of the soft tokens, the chance that a Gumbel-max sample of the matrix (sampled evaluation) gives the same
 arrangement as the deterministic one (the product over slots of each row's largest probability), and the novel
@@ -30,19 +30,31 @@ def _learner_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(files[0])) if files else {}
 
 
+def _tensor(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """``name`` in a learner's state: top-level (CoOp+AnchorOPT's) or inside a method module
+    (``text.learner.position.logits`` in CoCoOp / MaPLe / DePT + AnchorOPT)."""
+    if name in tensors:
+        return tensors[name]
+    matches = [key for key in tensors if key.endswith("." + name)]
+    if len(matches) != 1:
+        raise KeyError(f"the learner holds {len(matches)} tensors named {name!r}: {sorted(tensors)}")
+    return tensors[matches[0]]
+
+
 def _anchor_run(run_dir: Path, results: dict) -> dict:
-    """P(anchor) per slot, placement, soft-token norm and novel accuracies of one coop+anchoropt run."""
+    """P(anchor) per slot, placement, soft-token norm and novel accuracies of one ``+anchoropt`` run."""
     tensors = _learner_tensors(run_dir)
     tau = results["method_settings"]["tau"]
-    n_soft = tensors["soft"].shape[0]
-    probs = torch.softmax(tensors["position.logits"].float() / tau, dim=-1)  # (slots, tokens): soft..., anchor...
+    soft = _tensor(tensors, "soft")
+    n_soft = soft.shape[0]
+    probs = torch.softmax(_tensor(tensors, "position.logits").float() / tau, dim=-1)  # (slots, tokens): soft..., anchor...
     novel = results["results"]["novel"]
     return {
         "dataset": results["dataset"], "method": results["method"], "seed": results["seed"],
         "p_anchor": [round(float(p), 3) for p in probs[:, n_soft:].sum(dim=-1)],
         "anchors_placed": results.get("anchors_placed"),
         "p_sample_is_deterministic": round(float(probs.max(dim=-1).values.prod()), 3),
-        "soft_norm": round(float(tensors["soft"].float().norm(dim=-1).mean()), 3),
+        "soft_norm": round(float(soft.float().norm(dim=-1).mean()), 3),
         "novel": {head: novel.get(f"accuracy_{head}") for head in ("normal", "anchor", "ensemble")},
         "hm": results["results"]["hm"],
     }
@@ -53,7 +65,7 @@ def study(grid: Path) -> dict:
     for results_file in sorted((grid / "runs").glob("*/*/seed*/results.json")):
         results = json.loads(results_file.read_text(encoding="utf-8"))
         method = results["method"]
-        if method.startswith("coop+anchoropt"):
+        if method.split(":")[0].endswith("+anchoropt"):
             anchored.append(_anchor_run(results_file.parent, results))
         elif method.split(":")[0] == "coop":
             soft = _learner_tensors(results_file.parent).get("soft")

@@ -239,8 +239,9 @@ def test_table1_runs_every_method_with_each_datasets_descriptions(tiny_suite, tm
     assert (tiny_suite / "descriptions" / "toy_dtd.json").read_bytes() == (tiny_suite / "toy_dtd" /
                                                                           "descriptions.json").read_bytes()
     out = run_table1(tiny_suite, tmp_path / "t1", quick=True, datasets=["toy_dtd"], log=lambda line: None,
-                     methods=["zeroshot", "coop+atprompt", "coop+anchoropt"], epochs=1, shots=2, stage1_steps=2)
-    assert out["runs"] == 3
+                     methods=["zeroshot", "coop+atprompt", "coop+anchoropt", "cocoop+anchoropt"], epochs=1, shots=2,
+                     stage1_steps=2)
+    assert out["runs"] == 4
     table = (tmp_path / "t1" / "table.md").read_text()
     assert "coop+anchoropt" in table and "coop+atprompt" in table and "toy_dtd" in table
     runs = tmp_path / "t1" / "runs" / "toy_dtd"
@@ -249,10 +250,11 @@ def test_table1_runs_every_method_with_each_datasets_descriptions(tiny_suite, tm
     atprompt = json.loads((runs / "coop+atprompt" / "seed1" / "run_config.json").read_text())
     assert atprompt["attributes"] == ["color", "shape"]
     study = _run_study(tmp_path / "t1")
-    (run,) = study["anchoropt_runs"]
-    assert len(run["p_anchor"]) == 5 and all(0 <= p <= 1 for p in run["p_anchor"])  # M + N = 5 slots
-    assert run["soft_norm"] > 0 and set(run["novel"]) == {"normal", "anchor", "ensemble"}
-    assert 0 < run["p_sample_is_deterministic"] <= 1
+    assert sorted(r["method"] for r in study["anchoropt_runs"]) == ["cocoop+anchoropt", "coop+anchoropt"]
+    for run in study["anchoropt_runs"]:  # CoCoOp's position matrix is read inside its method module
+        assert len(run["p_anchor"]) == 5 and all(0 <= p <= 1 for p in run["p_anchor"])  # M + N = 5 slots
+        assert run["soft_norm"] > 0 and set(run["novel"]) == {"normal", "anchor", "ensemble"}
+        assert 0 < run["p_sample_is_deterministic"] <= 1
     with pytest.raises(ValueError, match="not base-to-novel datasets"):
         run_table1(tiny_suite, tmp_path / "x", datasets=["toy_objects_v2"])
 
