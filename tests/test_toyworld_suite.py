@@ -208,6 +208,32 @@ def test_calibration_targets_on_known_rows():
     assert calibration_targets({"zeroshot": rows["zeroshot"]})["CoCoOp novel >= CoOp novel + 4"]["holds"] is None
 
 
+def test_a_card_keeps_broader_suite_figures_than_a_narrower_run_brings(tmp_path):
+    from anchoropt.toyworld.calibrate import model_card_for
+
+    weights = tmp_path / "toy_clip.safetensors"
+    weights.write_bytes(b"weights")
+    weights.with_suffix(".json").write_text(json.dumps(
+        {"config": {}, "wall_seconds": 1.0, "threads": 1, "torch": "x", "probe": []}))
+
+    def suite(datasets, seeds, properties=None):
+        figures = {"baselines": {"datasets": datasets, "seeds": seeds, "rows": {}}}
+        if properties:
+            figures["properties"] = {"datasets": {name: {} for name in properties}}
+        return {"suite": figures}
+
+    card = model_card_for(weights, suite(["a", "b", "c"], [1, 2, 3], properties=["a", "b", "c"]))
+    with pytest.raises(ValueError, match=r"baselines cover datasets \['b', 'c'\]"):
+        model_card_for(weights, suite(["a"], [1, 2, 3]), earlier=card)
+    with pytest.raises(ValueError, match=r"baselines cover seeds \[2, 3\]"):
+        model_card_for(weights, suite(["a", "b", "c"], [1]), earlier=card)
+    properties_only = model_card_for(weights, {"suite": {"properties": {"datasets": {"a": {}, "b": {}, "c": {}}}}},
+                                     earlier=card)
+    assert properties_only["calibration"]["suite"]["baselines"]["seeds"] == [1, 2, 3]  # kept, not dropped
+    broader = model_card_for(weights, suite(["a", "b", "c", "d"], [1, 2, 3, 4]), earlier=card)
+    assert broader["calibration"]["suite"]["baselines"]["datasets"] == ["a", "b", "c", "d"]
+
+
 def test_calibrate_suite_runs_the_baselines_and_writes_the_figures(tiny_suite, tmp_path):
     from anchoropt.runner.toy_calibration import calibrate_suite
 

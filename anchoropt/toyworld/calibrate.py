@@ -41,6 +41,27 @@ def calibrate(weights: str | os.PathLike | None, workdir: str | os.PathLike, dom
     return figures
 
 
+def _coverage(part: dict | None) -> tuple[set, set]:
+    """(datasets, seeds) a card's ``properties`` or ``baselines`` figures cover (empty sets: none)."""
+    if not part:
+        return set(), set()
+    return set(part.get("datasets") or ()), set(part.get("seeds") or ())
+
+
+def _narrower_suite_figures(new: dict, old: dict | None) -> str | None:
+    """Why ``new`` suite figures would replace broader ones in ``old`` (a part of ``old`` covering datasets or
+    seeds that the same part of ``new`` lacks), or ``None``.  A part ``new`` lacks is kept, not replaced."""
+    for part in ("properties", "baselines"):
+        if old is None or part not in old or part not in new:
+            continue
+        (new_sets, old_sets) = _coverage(new.get(part)), _coverage(old[part])
+        for kind, mine, theirs in zip(("datasets", "seeds"), new_sets, old_sets):
+            missing = sorted(theirs - mine)
+            if missing:
+                return f"its {part} cover {kind} {missing} that this run does not"
+    return None
+
+
 def model_card_for(weights: str | os.PathLike, figures: dict, rerun: dict | None = None,
                    earlier: dict | None = None) -> dict:
     """The card of a checkpoint written by ``toyworld pretrain``: its sha256, the pretraining record beside
@@ -63,7 +84,11 @@ def model_card_for(weights: str | os.PathLike, figures: dict, rerun: dict | None
         if "rerun" in earlier:
             card["rerun"] = earlier["rerun"]
     if "suite" in figures:
-        card["calibration"]["suite"] = figures["suite"]
+        narrower = _narrower_suite_figures(figures["suite"], card["calibration"].get("suite"))
+        if narrower:
+            raise ValueError(f"not writing the card: {narrower}; the card keeps its broader figures (write this "
+                             "run's to another --card file; finished grid runs are kept, so rerunning is quick)")
+        card["calibration"]["suite"] = {**card["calibration"].get("suite", {}), **figures["suite"]}
     else:
         card["calibration"].update({
             "datasets": f"anchoropt toyworld make DIR --classes {CALIBRATION_CLASSES} --seed {CALIBRATION_SEED} "
