@@ -23,7 +23,7 @@ from torch import nn
 
 from . import functional
 
-__all__ = ["PositionMatrix", "ARRANGEMENTS"]
+__all__ = ["PositionMatrix", "ARRANGEMENTS", "sample_positions_in_eval"]
 
 ARRANGEMENTS = ("learned", "anchor_before", "anchor_middle", "anchor_after")
 
@@ -118,6 +118,16 @@ class PositionMatrix(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_soft={self.n_soft}, n_anchor={self.n_anchor}, tau={self.tau}, arrangement={self.arrangement!r}"
+
+
+def sample_positions_in_eval(module: nn.Module, on: bool = True) -> int:
+    """Make every :class:`PositionMatrix` inside ``module`` draw a Gumbel-max sample at each forward in
+    ``eval()`` too (``on=True``: the released code's stochastic test) or take the row-wise argmax (``False``).
+    Returns how many learned (not fixed) matrices it found: 0 means sampling changes nothing."""
+    matrices = [m for m in module.modules() if isinstance(m, PositionMatrix)]
+    for matrix in matrices:
+        matrix.sample_in_eval = on
+    return sum(not m.is_fixed for m in matrices)
 
 
 def fixed_order(arrangement: str, n_soft: int, n_anchor: int) -> list[int]:

@@ -71,3 +71,31 @@ def test_presets_follow_the_methods_tables() -> None:
     assert (coop.epochs, coop.ce_weight) == (100, 100.0)
     explicit = RunConfig(method="dept", preset="dtd", data="x", epochs=3).resolve()
     assert explicit.epochs == 3 and explicit.lr == 0.0035
+
+
+@pytest.mark.parametrize("method", ["coop+anchoropt", "dept+anchoropt"])
+def test_eval_with_sampled_positions_draws_the_matrix_for_every_batch(method, tmp_path, folder, descriptions,
+                                                                       monkeypatch, capsys) -> None:
+    import torch.nn.functional as F
+
+    from anchoropt import position
+
+    cfg = RunConfig(method=method, data=str(folder), output=str(tmp_path / "run"), descriptions=str(descriptions),
+                    cache_image_features=True, eval_batch_size=2, **FAST)
+    run_training(cfg)
+    draws, gumbel_softmax = [], F.gumbel_softmax
+    monkeypatch.setattr(position.F, "gumbel_softmax", lambda *a, **k: draws.append(1) or gumbel_softmax(*a, **k))
+    assert cli.main(["eval", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert not draws  # deterministic by default: the row-wise argmax
+    assert cli.main(["eval", str(tmp_path / "run"), "--no-progress", "--sampled-positions"]) == 0
+    again = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    batches = sum(math.ceil(again["results"][split]["n_images"] / 2) for split in ("base", "novel"))
+    assert len(draws) >= batches and again["positions"].startswith("sampled")
+    assert again["summary"].endswith("| sampled positions")
+
+
+def test_eval_with_sampled_positions_refuses_a_run_without_a_position_matrix(tmp_path, folder, capsys) -> None:
+    cfg = RunConfig(method="coop", data=str(folder), output=str(tmp_path / "run"), **FAST)
+    run_training(cfg)
+    assert cli.main(["eval", str(tmp_path / "run"), "--no-progress", "--sampled-positions"]) == 2
+    assert "has no learned position matrix" in capsys.readouterr().err

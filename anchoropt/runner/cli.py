@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--output", "-o", help="results file (default: RUN/eval_results.json)")
+    p.add_argument("--sampled-positions", action="store_true",
+                   help="AnchorOPT runs: draw the position matrix (Gumbel-max) for every evaluation batch, as the "
+                        "released code's test does, instead of its row-wise argmax")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     _add_threads_arg(p)
 
@@ -473,7 +476,7 @@ def _cmd_eval(args) -> int:
 
     overrides = {k: getattr(args, k) for k in ("protocol", "targets", "data", "pretrained", "eval_mode", "device",
                                                 "workers", "progress") if getattr(args, k) is not None}
-    run_evaluation(args.run, overrides, output=args.output)
+    run_evaluation(args.run, overrides, output=args.output, sample_positions=args.sampled_positions)
     return 0
 
 

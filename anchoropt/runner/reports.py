@@ -32,12 +32,15 @@ def summary_line(results: dict) -> str:
     """One line for logs: ``base2novel cifar10_mini coop+anchoropt seed 1 | base 81.2 | novel 70.3 | HM 75.4``
     (the method when ``results`` names it), ending in
     ``| RANDOM WEIGHTS`` when the model had no trained weights and ``| NO ANCHOR PLACED ...`` when AnchorOPT's
-    learned evaluation arrangement places none of its anchors (``results["anchors_placed"] == 0``)."""
+    learned evaluation arrangement places none of its anchors (``results["anchors_placed"] == 0``), and
+    ``| sampled positions`` after an evaluation that drew the position matrix (``anchoropt eval --sampled-positions``)."""
     method = f" {results['method']}" if results.get("method") else ""  # a grid prints one line per method
     head = f"{results['protocol']} {results['dataset']}{method} seed {results['seed']}"
     flag = f" | {RANDOM_FLAG}" if results.get("random_weights") else ""
     if results.get("anchors_placed") == 0:
         flag += f" | {NO_ANCHOR_FLAG} (the test-time prompt holds soft tokens only)"
+    if results.get("positions", "").startswith("sampled"):
+        flag += " | sampled positions"
     r = results["results"]
     if results["protocol"] == "base2novel":
         return (f"{head} | base {r['base']['accuracy']:.2f} | novel {r['novel']['accuracy']:.2f} | "

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from .. import _files
+from ..position import sample_positions_in_eval
 from ..datasets import folders as D
 from . import distributed as dist_utils
 from .._jsonfile import read_json
@@ -391,7 +392,7 @@ def _resumed_run_id(out: Path, cfg: RunConfig) -> str:
 
 
 def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bundle: ModelBundle | None = None,
-                   output: str | os.PathLike | None = None) -> dict:
+                   output: str | os.PathLike | None = None, sample_positions: bool = False) -> dict:
     """``anchoropt eval``: rebuild a finished run's model and splits, reload its learner, evaluate again.
 
     Refuses a directory whose parts come from different runs (run ids), one that a run is writing (lock), and
@@ -401,6 +402,8 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
         overrides: ``RunConfig`` fields to change (``targets``, ``protocol``, ``data``, ``eval_mode``,
             ``pretrained`` ...), e.g. new cross-dataset targets for a trained run.
         output: results file (``<run_dir>/eval_results.json`` by default).
+        sample_positions: draw AnchorOPT's position matrix (Gumbel-max) at every evaluation batch of
+            ``eval_batch_size`` images, as the released code's test does, instead of its row-wise argmax.
     """
     from .learners import load_run_learner, trained_classnames
 
@@ -424,11 +427,16 @@ def run_evaluation(run_dir: str | os.PathLike, overrides: dict | None = None, bu
         seed_everything(cfg.seed)
         bundle = bundle or build_model(cfg.model, cfg.pretrained, ctx.device, cfg.precision, "none")
         learner = load_run_learner(run_dir, bundle, train_view.classnames)
+        if sample_positions and sample_positions_in_eval(learner) == 0:
+            raise ValueError(f"sampled positions: the run in {run_dir} ({cfg.method}) has no learned position matrix "
+                             "to sample (AnchorOPT runs have one)")
         results = {"protocol": cfg.protocol, "dataset": source.name, "model": cfg.model,
                    **weights_record(cfg.pretrained, bundle), "seed": cfg.seed, "shots": cfg.shots, "run": str(run_dir),
                    "run_id": run_id, "method": cfg.method,
                    "results": _evaluations(learner, bundle, cfg, ctx, train_view, novel_view, trained,
                                            cfg.method_choice().method)}
+        if sample_positions:
+            results["positions"] = f"sampled: one Gumbel-max draw per evaluation batch of {cfg.eval_batch_size} images"
         results["summary"] = summary_line(results)
         if ctx.is_main:
             _files.write_json(target, results)
