@@ -75,7 +75,7 @@ def test_presets_follow_the_methods_tables() -> None:
 
 @pytest.mark.parametrize("method", ["coop+anchoropt", "dept+anchoropt"])
 def test_eval_with_sampled_positions_draws_the_matrix_for_every_batch(method, tmp_path, folder, descriptions,
-                                                                       monkeypatch, capsys) -> None:
+                                                                       monkeypatch) -> None:
     import torch.nn.functional as F
 
     from anchoropt import position

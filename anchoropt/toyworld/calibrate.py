@@ -51,11 +51,12 @@ def _coverage(part: dict | None) -> tuple[set, set]:
 def _narrower_suite_figures(new: dict, old: dict | None) -> str | None:
     """Why ``new`` suite figures would replace broader ones in ``old`` (a part of ``old`` covering datasets or
     seeds that the same part of ``new`` lacks), or ``None``.  A part ``new`` lacks is kept, not replaced."""
+    if old is None:
+        return None
     for part in ("properties", "baselines"):
-        if old is None or part not in old or part not in new:
+        if part not in old or part not in new:
             continue
-        (new_sets, old_sets) = _coverage(new.get(part)), _coverage(old[part])
-        for kind, mine, theirs in zip(("datasets", "seeds"), new_sets, old_sets):
+        for kind, mine, theirs in zip(("datasets", "seeds"), _coverage(new[part]), _coverage(old[part])):
             missing = sorted(theirs - mine)
             if missing:
                 return f"its {part} cover {kind} {missing} that this run does not"
