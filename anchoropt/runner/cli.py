@@ -569,11 +569,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _suite_baselines(args: argparse.Namespace) -> dict:
     """``toyworld calibrate --suite``'s training half: the baselines' grid (:mod:`anchoropt.runner.toy_calibration`)."""
-    from .toy_calibration import QUICK_DATASETS, calibrate_suite
+    from ..toyworld.suite import read_suite, suite_scope
+    from .toy_calibration import calibrate_suite
 
-    datasets, seeds = args.datasets, args.seeds
-    if args.quick:
-        datasets, seeds = datasets or list(QUICK_DATASETS), seeds[:1]
+    datasets, seeds = suite_scope(read_suite(args.suite), args.datasets, args.seeds, args.quick)
     output = args.output or str(Path(args.suite) / "calibration")
     return calibrate_suite(args.suite, output, seeds=seeds, datasets=datasets, jobs=args.jobs, weights=args.weights,
                            log=lambda line: print(line, flush=True))

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..toyworld.suite import QUICK_DATASETS
 from .config import RunConfig
 
 __all__ = ["BASELINES", "QUICK_DATASETS", "calibrate_suite", "calibration_targets", "suite_means"]
@@ -24,8 +25,6 @@ BASELINES = {"zeroshot": "zeroshot", "coop_m4": "coop:n_soft=4", "coop": "coop:n
 ``kgcoop`` (KgCoOp, a reference for how much of CoOp's novel-class loss a pull to the hand prompt wins back) is
 reported beside them and enters no target but the seed spread."""
 
-QUICK_DATASETS = ("toy_caltech", "toy_dtd", "toy_eurosat")
-"""``--quick``: one seed on three datasets of different kinds."""
 
 
 def suite_means(records: Sequence[dict], spec_to_row: dict[str, str]) -> dict:
@@ -95,22 +94,20 @@ def calibrate_suite(suite_root: str | os.PathLike, output: str | os.PathLike, se
     ``overrides``: run options for every run (tests: ``epochs=1``).  Returns ``{"rows", "targets", "grid"}``,
     also written to ``output/calibration.json``.
     """
-    from ..toyworld.suite import read_suite
+    from ..toyworld.suite import read_suite, suite_scope
     from .grid import collect_records, run_grid
 
     suite = read_suite(suite_root)
-    names = list(datasets or suite["protocols"]["base2novel"])
-    unknown = sorted(set(names) - set(suite["protocols"]["base2novel"]))
-    if unknown:
-        raise ValueError(f"not base-to-novel datasets of the suite in {suite_root}: {unknown}")
+    names, seeds = suite_scope(suite, datasets, seeds)
     chosen = {row: BASELINES[row] for row in (rows or BASELINES)}
     base = RunConfig(model="toy-clip", pretrained=weights, augment="none", cache_image_features=True,
                      output=str(output), **overrides)
     data = [str(Path(suite_root) / n) for n in names]
-    result = run_grid(base, list(chosen.values()), data, list(seeds), output, jobs=jobs, plot=False)
+    result = run_grid(base, list(chosen.values()), data, seeds, output, jobs=jobs, plot=False)
     asked = [r for r in collect_records(output) if r["dataset"] in names and r["seed"] in seeds]  # not others' runs
     rows_ = suite_means(asked, {spec: row for row, spec in chosen.items()})
-    figures = {"suite": {"seed": suite["seed"], "suite_version": suite["suite_version"]}, "seeds": list(seeds), "datasets": names, "rows": rows_,
+    figures = {"suite": {"seed": suite["seed"], "suite_version": suite["suite_version"]}, "seeds": seeds,
+               "datasets": names, "rows": rows_,
                "targets": calibration_targets(rows_), "ran": len(result["ran"])}
     Path(output, "calibration.json").write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8")
     for row, entry in rows_.items():

@@ -32,17 +32,11 @@ def run_table1(suite_root: str | os.PathLike, output: str | os.PathLike, quick: 
                log: Callable[[str], None] = print, **overrides) -> dict:
     """Run the Table 1 grid on the suite's base-to-novel datasets into ``output`` (finished runs are skipped) and
     write its report; returns ``{"report", "seconds", "runs"}``.  ``overrides``: run options (tests)."""
-    from ..toyworld.suite import read_suite
+    from ..toyworld.suite import read_suite, suite_scope
     from .grid import run_grid
-    from .toy_calibration import QUICK_DATASETS
 
-    suite = read_suite(suite_root)
-    names = list(datasets or (QUICK_DATASETS if quick else suite["protocols"]["base2novel"]))
-    unknown = sorted(set(names) - set(suite["protocols"]["base2novel"]))
-    if unknown:
-        raise ValueError(f"not base-to-novel datasets of the suite in {suite_root}: {unknown}")
+    names, seeds = suite_scope(read_suite(suite_root), datasets, seeds, quick)
     chosen = list(methods or (QUICK_METHODS if quick else TABLE1_METHODS))
-    seeds = list(seeds)[:1] if quick else list(seeds)
     base = RunConfig(model="toy-clip", pretrained=weights, augment="none", cache_image_features=True,
                      descriptions=str(Path(suite_root) / "descriptions"), attributes=list(TOY_ATTRIBUTES),
                      output=str(output), **overrides)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .render import DOMAINS
 
-__all__ = ["CALIBRATION_CLASSES", "CALIBRATION_SEED", "calibrate", "model_card_for"]
+__all__ = ["CALIBRATION_CLASSES", "CALIBRATION_SEED", "calibrate", "check_card_scope", "model_card_for"]
 
 CALIBRATION_CLASSES = 100
 CALIBRATION_SEED = 0
@@ -63,6 +63,35 @@ def _narrower_suite_figures(new: dict, old: dict | None) -> str | None:
     return None
 
 
+def _refuse_narrower(new: dict, old: dict | None) -> None:
+    narrower = _narrower_suite_figures(new, old)
+    if narrower:
+        raise ValueError(f"not writing the card: {narrower}; the card keeps its broader figures (write this "
+                         "run's to another --card file; finished grid runs are kept, so rerunning is quick)")
+
+
+def check_card_scope(card: str | os.PathLike, weights: str | os.PathLike | None, scope: dict) -> None:
+    """Refuse, before any run, a ``calibrate --suite --card`` whose figures could not be written.
+
+    ``scope``: what the run will cover, ``{"properties": {"datasets": [...]}, "baselines": {"datasets": [...],
+    "seeds": [...]}}`` (only the parts it writes).  A card at ``card`` for the same checkpoint whose suite
+    figures cover more is refused as :func:`model_card_for` would refuse it after the runs.
+
+    Raises:
+        ValueError: no ``weights`` (the card describes a checkpoint file), or a broader card.
+    """
+    from .model import sha256_file
+
+    if weights is None:
+        raise ValueError("--card needs --weights (the checkpoint the card describes)")
+    card = Path(card)
+    if not card.is_file():
+        return
+    earlier = json.loads(card.read_text(encoding="utf-8"))
+    if earlier.get("sha256") == sha256_file(weights):
+        _refuse_narrower(scope, earlier.get("calibration", {}).get("suite"))
+
+
 def model_card_for(weights: str | os.PathLike, figures: dict, rerun: dict | None = None,
                    earlier: dict | None = None) -> dict:
     """The card of a checkpoint written by ``toyworld pretrain``: its sha256, the pretraining record beside
@@ -85,10 +114,7 @@ def model_card_for(weights: str | os.PathLike, figures: dict, rerun: dict | None
         if "rerun" in earlier:
             card["rerun"] = earlier["rerun"]
     if "suite" in figures:
-        narrower = _narrower_suite_figures(figures["suite"], card["calibration"].get("suite"))
-        if narrower:
-            raise ValueError(f"not writing the card: {narrower}; the card keeps its broader figures (write this "
-                             "run's to another --card file; finished grid runs are kept, so rerunning is quick)")
+        _refuse_narrower(figures["suite"], card["calibration"].get("suite"))
         card["calibration"]["suite"] = {**card["calibration"].get("suite", {}), **figures["suite"]}
     else:
         card["calibration"].update({

@@ -217,7 +217,9 @@ def _calibrate_suite(args) -> int:
     from .properties import suite_properties
     from .suite import read_suite
 
-    read_suite(args.suite)
+    suite = read_suite(args.suite)
+    if args.card:
+        _check_card_first(args, suite)
     model, preprocess, tokenizer = load_model(args.weights)
     properties = suite_properties(args.suite, model, preprocess, tokenizer, names=args.datasets,
                                   log=lambda line: print(line, flush=True))
@@ -231,6 +233,18 @@ def _calibrate_suite(args) -> int:
     if args.card:
         _write_card(args, {"suite": figures})
     return 0
+
+
+def _check_card_first(args, suite: dict) -> None:
+    """``calibrate --suite --card``: refuse before the runs a card that could not be written after them."""
+    from .calibrate import check_card_scope
+    from .suite import suite_scope
+
+    scope = {"properties": {"datasets": suite_scope(suite, args.datasets, args.seeds)[0]}}
+    if not args.properties_only:
+        datasets, seeds = suite_scope(suite, args.datasets, args.seeds, args.quick)
+        scope["baselines"] = {"datasets": datasets, "seeds": seeds}
+    check_card_scope(args.card, args.weights, scope)
 
 
 def _table1(args) -> int:

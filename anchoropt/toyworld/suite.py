@@ -26,14 +26,14 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .concepts import Concept, world
 
 __all__ = ["SuiteDataset", "SUITE", "DG_VARIANTS", "MIN_TEST_IMAGES", "TRAIN_PER_CLASS", "VAL_PER_CLASS",
-           "suite_concepts", "suite_sizes", "make_suite", "read_suite", "SUITE_FILE"]
+           "QUICK_DATASETS", "suite_concepts", "suite_sizes", "make_suite", "read_suite", "suite_scope", "SUITE_FILE"]
 
 SUITE_FILE = "suite.json"
 MIN_TEST_IMAGES = 1112
@@ -88,6 +88,9 @@ DG_VARIANTS = (
     SuiteDataset("toy_objects_r", "ImageNet-R", "the source's classes as paintings", "painting", "group0", 120),
 )
 """Domain-generalisation targets of ``toy_objects`` (same classes, other styles)."""
+
+QUICK_DATASETS = ("toy_caltech", "toy_dtd", "toy_eurosat")
+"""``--quick``: one seed on three datasets of different kinds."""
 
 _V2_SEED_OFFSET = 1000  # toy_objects_v2 draws its images from another seed
 
@@ -214,3 +217,19 @@ def read_suite(root: str | os.PathLike) -> dict:
     if missing:
         raise FileNotFoundError(f"{path} lists datasets whose folders are missing or incomplete: {missing}")
     return record
+
+
+def suite_scope(suite: dict, datasets: Sequence[str] | None, seeds: Sequence[int],
+                quick: bool = False) -> tuple[list[str], list[int]]:
+    """The base-to-novel datasets and seeds a suite command covers: ``datasets`` (default: all of them, or
+    :data:`QUICK_DATASETS` with ``quick``) and ``seeds`` (only the first with ``quick``).
+
+    Raises:
+        ValueError: a name that is not a base-to-novel dataset of ``suite`` (the record :func:`read_suite` reads).
+    """
+    known = suite["protocols"]["base2novel"]
+    names = list(datasets or (QUICK_DATASETS if quick else known))
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"not base-to-novel datasets of the suite: {unknown} (it has {', '.join(known)})")
+    return names, list(seeds)[:1] if quick else list(seeds)
