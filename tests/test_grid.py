@@ -155,6 +155,29 @@ def test_grid_resumes_skipping_finished_runs_and_redoing_an_unfinished_one(tmp_p
         run_grid(changed, methods, [str(f) for f in folders], seeds, tmp_path / "out", plot=False)
 
 
+def test_grid_takes_the_shipped_toy_checkpoint_named_by_path_for_the_default(tmp_path):
+    """A finished run made with the toy CLIP's default weights is the same run under ``--pretrained`` naming a
+    copy of the shipped file; other weights are still refused."""
+    from safetensors.torch import load_file, save_file
+
+    from anchoropt.toyworld.make import make
+    from anchoropt.toyworld.model import shipped_weights
+
+    make(tmp_path / "toy", seed=3, classes=6, per_class=10)
+    grid = dict(methods=["zeroshot"], data=[str(tmp_path / "toy")], seeds=[1], output=tmp_path / "out", plot=False)
+    first = run_grid(RunConfig(**{**FAST, "model": "toy-clip"}), **grid)
+    assert len(first["ran"]) == 1
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(shipped_weights().read_bytes())
+    again = run_grid(RunConfig(**{**FAST, "model": "toy-clip", "pretrained": str(copy)}), **grid)
+    assert not again["ran"] and len(again["skipped"]) == 1
+    state = load_file(str(copy))
+    name = next(iter(state))
+    save_file({**state, name: state[name] + 1}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="was finished with pretrained=None"):
+        run_grid(RunConfig(**{**FAST, "model": "toy-clip", "pretrained": str(tmp_path / "other.safetensors")}), **grid)
+
+
 @pytest.mark.parametrize("method", ["coop", "coop+anchoropt"])
 def test_grid_resumes_a_killed_run_from_its_checkpoint(tmp_path, folders, descriptions, monkeypatch, method):
     base = RunConfig(descriptions=str(descriptions), **{**FAST, "epochs": 3})

@@ -9,7 +9,8 @@ Layout of ``OUT``::
     results.json  table.md  hm.png     the report (:mod:`anchoropt.runner.tables`)
 
 * **Resume**: a run whose ``results.json`` exists is skipped (its settings must match the grid's, else the
-  grid stops and says which setting differs); an interrupted run started with the grid's settings continues
+  grid stops and says which setting differs; ``--pretrained`` files with the same contents match, and the toy
+  CLIP's default matches its shipped file named by path); an interrupted run started with the grid's settings continues
   from its last checkpoint (``anchoropt train --resume``); any other unfinished run directory is cleared (under
   its lock: never one another process is writing) and run again.  A ``results.json`` that cannot be read is
   refused by name, not taken for an interrupted run.
@@ -157,6 +158,8 @@ def run_state(run: GridRun, cfg: RunConfig) -> str:
         wanted = _comparable(_absolute_paths(cfg.resolve()).to_json())
         stored = _comparable(load_run_config(run.run_dir).to_json())
         stored.pop("n_anchor", None), wanted.pop("n_anchor", None)  # set from the anchors file
+        if _same_weights(cfg.model, wanted.get("pretrained"), stored.get("pretrained")):
+            stored.pop("pretrained", None), wanted.pop("pretrained", None)
         for key in sorted(set(wanted) | set(stored)):
             if wanted.get(key) != stored.get(key):
                 raise ValueError(
@@ -165,6 +168,21 @@ def run_state(run: GridRun, cfg: RunConfig) -> str:
                 )
         return "done"
     return "partial" if run.run_dir.exists() else "new"
+
+
+def _same_weights(model: str, wanted: str | None, stored: str | None) -> bool:
+    """Whether two ``--pretrained`` settings name the same weights though spelled differently: two files with
+    the same contents, the toy CLIP's default (``None``) being its shipped file."""
+    from ..toyworld.model import sha256_file, shipped_weights
+    from .models import TOY_MODEL
+
+    def weights_file(value: str | None) -> Path | None:
+        if value is None and model == TOY_MODEL:
+            return shipped_weights()
+        return Path(value) if value and Path(value).is_file() else None
+
+    files = weights_file(wanted), weights_file(stored)
+    return wanted != stored and None not in files and sha256_file(files[0]) == sha256_file(files[1])
 
 
 def _finished_results(results: Path) -> dict:
