@@ -24,6 +24,7 @@ Layout of ``OUT``::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -173,7 +174,7 @@ def run_state(run: GridRun, cfg: RunConfig) -> str:
 def _same_weights(model: str, wanted: str | None, stored: str | None) -> bool:
     """Whether two ``--pretrained`` settings name the same weights though spelled differently: two files with
     the same contents, the toy CLIP's default (``None``) being its shipped file."""
-    from ..toyworld.model import sha256_file, shipped_weights
+    from ..toyworld.model import shipped_weights
     from .models import TOY_MODEL
 
     def weights_file(value: str | None) -> Path | None:
@@ -182,7 +183,20 @@ def _same_weights(model: str, wanted: str | None, stored: str | None) -> bool:
         return Path(value) if value and Path(value).is_file() else None
 
     files = weights_file(wanted), weights_file(stored)
-    return wanted != stored and None not in files and sha256_file(files[0]) == sha256_file(files[1])
+    return wanted != stored and None not in files and _digest(files[0]) == _digest(files[1])
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    from ..toyworld.model import sha256_file
+
+    return sha256_file(path)
+
+
+def _digest(path: Path) -> str:
+    """The file's sha256, computed once per file version (a grid compares one checkpoint for every run)."""
+    stat = path.stat()
+    return _file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
 def _finished_results(results: Path) -> dict:

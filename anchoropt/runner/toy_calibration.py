@@ -26,7 +26,6 @@ BASELINES = {"zeroshot": "zeroshot", "coop_m4": "coop:n_soft=4", "coop": "coop:n
 reported beside them and enters no target but the seed spread."""
 
 
-
 def suite_means(records: Sequence[dict], spec_to_row: dict[str, str]) -> dict:
     """``{row: {"datasets": {name: {base, novel, hm}}, "mean": {...}, "seed_hm": [suite-mean HM per seed]}}``
     from the grid's records (mean over seeds per dataset, then over datasets)."""
