@@ -234,13 +234,13 @@ def test_a_card_keeps_broader_suite_figures_than_a_narrower_run_brings(tmp_path)
     assert broader["calibration"]["suite"]["baselines"]["datasets"] == ["a", "b", "c", "d"]
 
 
-@pytest.mark.parametrize("options, refusal", [
-    (["--seeds", "1"], r"baselines cover seeds \[2\]"),
-    (["--quick", "--datasets", "toy_objects", "toy_dtd"], r"baselines cover seeds \[2\]"),
-    (["--datasets", "toy_dtd"], r"properties cover datasets \['toy_objects'\]"),
-    (["--no-weights"], "--card needs --weights"),
+@pytest.mark.parametrize("options, with_weights, refusal", [
+    (["--seeds", "1"], True, r"baselines cover seeds \[2\]"),
+    (["--quick", "--datasets", "toy_objects", "toy_dtd"], True, r"baselines cover seeds \[2\]"),
+    (["--datasets", "toy_dtd"], True, r"properties cover datasets \['toy_objects'\]"),
+    ([], False, "--card needs --weights"),
 ])
-def test_calibrate_card_refuses_before_any_run(tiny_suite, tmp_path, capsys, options, refusal):
+def test_calibrate_card_refuses_before_any_run(tiny_suite, tmp_path, capsys, options, with_weights, refusal):
     """A card the run could not write is refused before the properties or the grid start, not after them."""
     from anchoropt.runner.cli import main
     from anchoropt.toyworld.model import sha256_file
@@ -253,10 +253,9 @@ def test_calibrate_card_refuses_before_any_run(tiny_suite, tmp_path, capsys, opt
         "properties": {"datasets": {name: {} for name in names}},
         "baselines": {"datasets": names, "seeds": [1, 2], "rows": {}}}}}))
     output = tmp_path / "grid"
-    weight_options = [] if options == ["--no-weights"] else ["--weights", str(weights)]
-    rest = [] if options == ["--no-weights"] else options
+    weight_options = ["--weights", str(weights)] if with_weights else []
     code = main(["toyworld", "calibrate", "--suite", str(tiny_suite), "--card", str(card), "--output", str(output),
-                 *weight_options, *rest])
+                 *weight_options, *options])
     assert code == 2 and re.search(refusal, capsys.readouterr().err)
     assert not output.exists()  # nothing ran
     assert json.loads(card.read_text())["calibration"]["suite"]["baselines"]["seeds"] == [1, 2]

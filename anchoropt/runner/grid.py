@@ -182,8 +182,10 @@ def _same_weights(model: str, wanted: str | None, stored: str | None) -> bool:
             return shipped_weights()
         return Path(value) if value and Path(value).is_file() else None
 
+    if wanted == stored:
+        return False  # nothing to reconcile: the plain comparison decides
     files = weights_file(wanted), weights_file(stored)
-    return wanted != stored and None not in files and _digest(files[0]) == _digest(files[1])
+    return None not in files and _digest(files[0]) == _digest(files[1])
 
 
 @functools.lru_cache(maxsize=16)

@@ -240,7 +240,7 @@ def _check_card_first(args, suite: dict) -> None:
     from .calibrate import check_card_scope
     from .suite import suite_scope
 
-    scope = {"properties": {"datasets": suite_scope(suite, args.datasets, args.seeds)[0]}}
+    scope = {"properties": {"datasets": suite_scope(suite, args.datasets, ())[0]}}  # never narrowed by --quick
     if not args.properties_only:
         datasets, seeds = suite_scope(suite, args.datasets, args.seeds, args.quick)
         scope["baselines"] = {"datasets": datasets, "seeds": seeds}

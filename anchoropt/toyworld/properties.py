@@ -91,10 +91,9 @@ def suite_properties(suite_root: str | os.PathLike, model: nn.Module, preprocess
                      names: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict:
     """:func:`dataset_properties` for each base-to-novel dataset of the suite, the logit scale, and
     :func:`property_targets`."""
-    from .suite import read_suite
+    from .suite import read_suite, suite_scope
 
-    suite = read_suite(suite_root)
-    names = list(names or suite["protocols"]["base2novel"])
+    names, _ = suite_scope(read_suite(suite_root), names, ())
     per_dataset = {}
     for name in names:
         per_dataset[name] = dataset_properties(Path(suite_root) / name, model, preprocess, tokenizer)
