@@ -6,6 +6,7 @@ Layout of ``OUT``::
     runs/<dataset>/<method>/seed<k>/   one ``anchoropt train`` run directory each
     features/<model key>.safetensors   frozen image features shared by all runs (``--augment none``)
     features/<model key>-raw.safetensors   the same, not L2-normalised, for DePT's runs
+    stage1/<key>.safetensors     Stage I anchors shared by the AnchorOPT runs that learn the same ones
     results.json  table.md  hm.png     the report (:mod:`anchoropt.runner.tables`)
 
 * **Resume**: a run whose ``results.json`` exists is skipped (its settings must match the grid's, else the
@@ -15,6 +16,9 @@ Layout of ``OUT``::
   its lock: never one another process is writing) and run again.  A ``results.json`` that cannot be read is
   refused by name, not taken for an interrupted run.
 * **Shared image features**: with ``--augment none`` the image tower runs once per image for the whole grid.
+* **Shared Stage I**: the AnchorOPT rows of one dataset and seed (CoOp / CoCoOp / MaPLe / DePT + AnchorOPT, an
+  ablation) start Stage I from the same anchors with the same inputs; the first run learns them, the others read
+  them (:mod:`.stage1_cache`: keyed on every input, so the anchors are the bits a fresh Stage I gives).
 * **Parallel**: ``--jobs N`` runs N runs at once in local processes, the longest first (:mod:`.schedule`), each
   on its own GPU when there are several; under ``torchrun`` every run uses all processes (DDP) one after the other.
 * **Beyond one machine**: ``--shard I/N`` runs the runs ``I, I + N, I + 2N, ...`` of the fixed run order
@@ -39,12 +43,14 @@ from .dataset_recipes import dataset_recipe
 from . import rundir as R
 from .config import RESULTS, RUN_CONFIG, RunConfig, _absolute_paths, load_run_config
 from .schedule import estimated_work, longest_first
+from .stage1_cache import Stage1Cache
 from .console import _log
 from .tables import record_from_results, write_report
 
 __all__ = ["GridRun", "plan_grid", "parse_shard", "select_shard", "run_grid", "collect_records", "report_grid"]
 
 GRID_FILE = "grid.json"
+STAGE1_DIR = "stage1"
 # settings that do not change a run's numbers (where it runs, how it logs)
 _VOLATILE = {"output", "device", "workers", "progress", "plots", "save_every", "threads", "cache_image_features",
              "tensorboard"}
@@ -63,6 +69,11 @@ class GridRun:
     @property
     def name(self) -> str:
         return f"{self.dataset} / {self.method} / seed {self.seed}"
+
+    @property
+    def grid_dir(self) -> Path:
+        """The grid's ``OUT`` (``run_dir`` is ``OUT/runs/<dataset>/<method>/seed<k>``, :func:`plan_grid`)."""
+        return self.run_dir.parents[3]
 
 
 def plan_grid(methods: Sequence[str], data: Sequence[str], seeds: Sequence[int], output: str | os.PathLike) -> list[GridRun]:
@@ -402,7 +413,8 @@ def _run_one(base: RunConfig, run: GridRun, store_file: Path | None, ctx=None, d
     if R.run_state(run.run_dir) == "finished" and run_state(run, cfg) == "done":
         return run.name  # finished meanwhile by another process (a second grid on the same --output)
     # run_grid cleared every unfinished directory it could not resume: what is still interrupted continues
-    run_training(cfg, bundle=bundle, ctx=ctx, features=features, resume=R.run_state(run.run_dir) == "interrupted")
+    run_training(cfg, bundle=bundle, ctx=ctx, features=features, resume=R.run_state(run.run_dir) == "interrupted",
+                 stage1_cache=Stage1Cache(run.grid_dir / STAGE1_DIR))
     return run.name
 
 

@@ -108,7 +108,7 @@ def _check_anchors_output(out: Path) -> None:
 
 def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_after: bool = True,
                  ctx: dist_utils.DistContext | None = None, overwrite: bool = False,
-                 resume: bool = False, features=None) -> RunResult:
+                 resume: bool = False, features=None, stage1_cache=None) -> RunResult:
     """``anchoropt train``: (Stage I) + Stage II + the protocol's evaluation; writes the run directory.
 
     The method (``cfg.method``, :mod:`anchoropt.methods.registry`) decides what is built and trained: AnchorOPT
@@ -130,6 +130,8 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         features: a shared :class:`~anchoropt.runner.features.FeatureStore` (a grid's): with
             ``cfg.cache_image_features`` and ``augment="none"``, training and evaluation read image
             features from it instead of running the image tower.
+        stage1_cache: a grid's :class:`~anchoropt.runner.stage1_cache.Stage1Cache`: Stage I anchors another run
+            learned from the same start and inputs are read from it instead of learned again (exact).
     """
     from ..prompts import AnchorOPTPromptLearner
     from .learners import build_learner, method_settings, save_run_learner
@@ -151,7 +153,7 @@ def run_training(cfg: RunConfig, bundle: ModelBundle | None = None, evaluate_aft
         _log_start(ctx, plan, resume)
         if ctx.is_main and not resume:
             _files.write_json(out / RUN_CONFIG, {**cfg.to_json(), "run_id": run_id})
-        anchors, stage1 = _stage1(plan, bundle, ctx, resume)
+        anchors, stage1 = _stage1(plan, bundle, ctx, resume, stage1_cache)
         if anchors is not None and cfg.n_anchor != anchors.shape[0]:
             cfg = dataclasses.replace(cfg, n_anchor=int(anchors.shape[0]))
 
@@ -273,7 +275,7 @@ def _log_start(ctx: dist_utils.DistContext, plan: _TrainingPlan, resume: bool) -
 
 
 def _stage1(plan: _TrainingPlan, bundle: ModelBundle, ctx: dist_utils.DistContext,
-            resume: bool) -> tuple[Any, dict[str, Any] | None]:
+            resume: bool, cache=None) -> tuple[Any, dict[str, Any] | None]:
     """``(anchors (N, D) or None, the Stage I record)``: the interrupted run's anchors (``--resume``), the
     ``--anchors`` file, or Stage I run now; new anchors are saved to the run directory."""
     from ..io import load_anchors, save_anchors
@@ -290,7 +292,7 @@ def _stage1(plan: _TrainingPlan, bundle: ModelBundle, ctx: dist_utils.DistContex
         anchors = load_anchors(cfg.anchors, expected_width=_text_width(bundle.model))
         stage1 = {"anchors_from": cfg.anchors}
     else:
-        anchors, stage1 = learn_anchors(bundle, plan.trained, cfg.descriptions, cfg, ctx)
+        anchors, stage1 = learn_anchors(bundle, plan.trained, cfg.descriptions, cfg, ctx, cache)
         if ctx.is_main:  # the other processes did not run Stage I (rank 0 broadcast the anchors)
             _log(ctx, f"Stage I: {stage1['steps']} steps, loss {stage1['loss_first']:.4f} -> "
                       f"{stage1['loss_last']:.4f}")

@@ -24,6 +24,7 @@ from ..schedules import dassl_lr
 from .config import RunConfig
 from .console import _bar
 from .models import ModelBundle, encode_images, encode_images_raw
+from .stage1_cache import Stage1Cache
 
 
 PAE_MAX_GRAD_NORM = 10.0  # PAE's trainer clips the Koopman parameters' gradients at this norm
@@ -74,10 +75,13 @@ def learn_anchors(
     descriptions: str | os.PathLike | dict,
     cfg: RunConfig,
     ctx: dist_utils.DistContext | None = None,
+    cache: Stage1Cache | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Stage I on ``classnames``: anchors ``(N, D)`` and a summary (steps, first / last loss, seconds).
 
-    Under ``torchrun`` rank 0 learns them and broadcasts (the loss does not depend on the images).
+    Under ``torchrun`` rank 0 learns them and broadcasts (the loss does not depend on the images).  With a
+    ``cache`` (a grid's), anchors another run learned from the same start and inputs are read instead of learned
+    again (exact: :mod:`.stage1_cache`); the summary's ``"cache"`` says ``"reused"`` or ``"stored"``.
     """
     from ..anchors import AnchorLearner
 
@@ -86,16 +90,26 @@ def learn_anchors(
     steps = cfg.stage1_step_count(len(classnames))
     learner = AnchorLearner(bundle.model, list(classnames), n_anchor=cfg.n_anchor, preposition=cfg.preposition,
                             tokenizer=bundle.tokenizer)
-    history: list[float] = []
-    if ctx.is_main:
-        history = learner.fit(descriptions, steps=steps, lr=cfg.stage1_lr, mse_weight=cfg.stage1_mse_weight,
-                              max_per_class=cfg.max_descriptions, progress=cfg.progress,
-                              schedule=cfg.stage1_schedule, steps_per_epoch=stage1_steps_per_epoch(cfg, len(classnames)),
-                              warmup_lr=cfg.warmup_lr, selection=cfg.description_selection)
-    anchors = dist_utils.broadcast_tensor(learner.frozen_anchors().to(ctx.device), ctx)
     info = {"steps": steps, "mse_weight": cfg.stage1_mse_weight, "lr": cfg.stage1_lr,
-            "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
-            "classes": len(classnames), "seconds": round(time.perf_counter() - start, 3)}
+            "loss_first": None, "loss_last": None, "classes": len(classnames)}
+    if ctx.is_main:
+        options = dict(steps=steps, lr=cfg.stage1_lr, mse_weight=cfg.stage1_mse_weight, schedule=cfg.stage1_schedule,
+                       steps_per_epoch=stage1_steps_per_epoch(cfg, len(classnames)), warmup_lr=cfg.warmup_lr)
+        targets = learner.targets(descriptions, cfg.max_descriptions, selection=cfg.description_selection)
+        key = cache.key(learner, targets, options) if cache is not None else None
+        found = cache.load(key) if key is not None else None
+        if found is not None:
+            with torch.no_grad():
+                learner.anchors.copy_(found.anchors)
+            info.update(loss_first=found.loss_first, loss_last=found.loss_last, cache="reused")
+        else:
+            history = learner.fit(targets, progress=cfg.progress, **options)
+            info.update(loss_first=history[0], loss_last=history[-1])
+            if key is not None:
+                cache.store(key, learner.frozen_anchors(), history[0], history[-1])
+                info["cache"] = "stored"
+    anchors = dist_utils.broadcast_tensor(learner.frozen_anchors().to(ctx.device), ctx)
+    info["seconds"] = round(time.perf_counter() - start, 3)
     return anchors.cpu(), info
 
 
