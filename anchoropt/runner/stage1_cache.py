@@ -12,7 +12,9 @@ The key is the sha256 of everything the result depends on, so a hit gives the ve
 * the description features ``(S, E)`` and their class index ``(S,)``,
 * the anchor prompt's token ids and positions, and the text tower's weights (every tensor it reads),
 * the optimisation settings (steps, lr, MSE weight, schedule, steps per epoch, warm-up lr),
-* what changes floating-point bits: the torch and anchoropt versions, device type, dtype, torch threads.
+* what changes floating-point bits: the torch and anchoropt versions, the device (a GPU by its model), dtype,
+  torch threads.  (CPUs are told apart only as ``cpu``: grid shards on machines with other vector units that
+  share one ``OUT`` may read anchors that differ from their own Stage I's in the last bits.)
 
 Files: ``<dir>/<key>.safetensors`` (the learned anchors, their first / last loss in the metadata), each
 written atomically, so two processes that learn the same anchors at once both write the same complete file.
@@ -57,7 +59,7 @@ class Stage1Cache:
         tower, layout = learner.tower, learner.template.anchor
         digest = hashlib.sha256()
         settings = {"fit": dict(fit_options), "torch": torch.__version__, "anchoropt": __version__,
-                    "device": tower.device.type, "dtype": str(tower.dtype), "threads": torch.get_num_threads(),
+                    "device": _device_name(tower.device), "dtype": str(tower.dtype), "threads": torch.get_num_threads(),
                     "slots": list(layout.slot_positions), "tower": [tower.layout, tower.pool_type, tower.eos_id,
                                                                     tower.causal, tower.pad_mask_id]}
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -112,6 +114,11 @@ def _tower_tensors(tower) -> dict[str, torch.Tensor]:
     elif proj is not None:
         out["tower.text_projection"] = proj
     return out
+
+
+def _device_name(device: torch.device) -> str:
+    """``"cpu"``, or the GPU's model (two GPU models may round differently)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _update(digest, name: str, tensor: torch.Tensor) -> None:
