@@ -195,6 +195,17 @@ def test_the_suite_is_the_one_the_shipped_card_was_measured_on(tmp_path):
     assert figures["templates"] == card["templates"] and figures["cupl"] == card["cupl"]
 
 
+def test_a_suite_drawn_with_other_classes_is_refused_by_name(tmp_path):
+    spec = {d.name: d for d in SUITE}["toy_dtd"]
+    make_suite(tmp_path, datasets=[spec], sizes=TINY, log=lambda line: None)
+    assert [e["name"] for e in read_suite(tmp_path)["datasets"]] == ["toy_dtd"]
+    classes = tmp_path / "toy_dtd" / "classes.txt"
+    names = classes.read_text().split()
+    classes.write_text("\n".join([names[1], names[0], *names[2:]]) + "\n")  # another base / novel order
+    with pytest.raises(ValueError, match=r"the classes of \['toy_dtd'\] are not the ones this version"):
+        read_suite(tmp_path)
+
+
 def test_property_targets_say_what_holds():
     def dataset(spread, gain):
         return {"template_spread": spread, "cupl_gain": gain}

@@ -224,7 +224,28 @@ def read_suite(root: str | os.PathLike) -> dict:
     missing = [e["name"] for e in record.get("datasets", []) if not (root / e["name"] / "world.json").is_file()]
     if missing:
         raise FileNotFoundError(f"{path} lists datasets whose folders are missing or incomplete: {missing}")
+    _check_classes(root, record)
     return record
+
+
+def _check_classes(root: Path, record: dict) -> None:
+    """Each dataset's ``classes.txt`` must be the classes, in the order, this version draws for it: a suite made by
+    anchoropt between b6e7f35 and 8cf94bd (other classes on every dataset but toy_objects) is refused by name."""
+    specs = {d.name: d for d in SUITE + DG_VARIANTS}
+    drawn_otherwise = []
+    for entry in record.get("datasets", []):
+        spec = specs.get(entry["name"])
+        file = root / entry["name"] / "classes.txt"
+        if spec is None or not file.is_file():
+            continue
+        found = [line for line in file.read_text(encoding="utf-8").splitlines() if line]
+        if found != [c.name for c in suite_concepts(spec)]:
+            drawn_otherwise.append(entry["name"])
+    if drawn_otherwise:
+        raise ValueError(f"{root}: the classes of {drawn_otherwise} are not the ones this version of the suite draws "
+                         "(a suite written by an anchoropt whose class shuffle was keyed on the toy_ names: its "
+                         f"figures are not comparable with the shipped card's); write it again with "
+                         f"'anchoropt toyworld suite NEW_DIR'")
 
 
 def suite_scope(suite: dict, datasets: Sequence[str] | None, seeds: Sequence[int],
