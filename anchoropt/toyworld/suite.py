@@ -244,8 +244,8 @@ def _check_classes(root: Path, record: dict) -> None:
     if drawn_otherwise:
         raise ValueError(f"{root}: the classes of {drawn_otherwise} are not the ones this version of the suite draws "
                          "(a suite written by an anchoropt whose class shuffle was keyed on the toy_ names: its "
-                         f"figures are not comparable with the shipped card's); write it again with "
-                         f"'anchoropt toyworld suite NEW_DIR'")
+                         "figures are not comparable with the shipped card's); write it again with "
+                         "'anchoropt toyworld suite NEW_DIR'")
 
 
 def suite_scope(suite: dict, datasets: Sequence[str] | None, seeds: Sequence[int],
