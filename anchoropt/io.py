@@ -86,11 +86,13 @@ def save_anchors(
     path: str | os.PathLike,
     classnames: Sequence[str] = (),
     run_id: str | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> Path:
     """Write Stage I anchors ``(N, D)`` (or an :class:`~anchoropt.AnchorLearner`'s) to a safetensors file.
 
     The file is replaced atomically and carries the sha256 of the anchors (checked on load) and, when
-    given, the ``run_id`` of the run it belongs to.
+    given, the ``run_id`` of the run it belongs to and ``extra`` metadata entries (read back with
+    :func:`anchors_metadata`).
     """
     tensor = anchors.anchors if isinstance(anchors, nn.Module) else anchors
     tensor = tensor.detach().float().cpu().contiguous()
@@ -107,6 +109,7 @@ def save_anchors(
     }
     if run_id is not None:
         metadata["run_id"] = str(run_id)
+    metadata.update({str(k): str(v) for k, v in (extra or {}).items()})
     return _files.write_bytes(path, safetensors_bytes({"anchors": tensor}, metadata=metadata))
 
 
@@ -136,11 +139,16 @@ def load_anchors(path: str | os.PathLike, expected_width: int | None = None) -> 
 
 def anchors_run_id(path: str | os.PathLike) -> str | None:
     """The ``run_id`` recorded in an anchors safetensors file (``None`` when it has none)."""
+    return anchors_metadata(path).get("run_id")
+
+
+def anchors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of an anchors safetensors file (format, width, sha256, run id, ``extra`` entries)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as handle:
-            return (handle.metadata() or {}).get("run_id")
+            return dict(handle.metadata() or {})
     except Exception as err:  # safetensors raises its own error types for a damaged or truncated file
         raise ValueError(f"{path} is not a readable safetensors file ({err}): it was cut short or damaged; "
                          "remove it (or the run) and run Stage I again") from err

@@ -31,8 +31,6 @@ from typing import Any, Mapping
 
 import torch
 
-from .. import _files
-
 __all__ = ["Stage1Cache", "CachedAnchors"]
 
 
@@ -72,29 +70,24 @@ class Stage1Cache:
 
     def load(self, key: str) -> CachedAnchors | None:
         """The anchors stored under ``key``, or ``None`` (no file, or one that cannot be read: learn again)."""
-        from ..io import load_anchors
+        from ..io import anchors_metadata, load_anchors
 
         path = self._path(key)
         if not path.is_file():
             return None
         try:
-            anchors = load_anchors(path)
-            losses = _metadata(path)
-            return CachedAnchors(anchors, float(losses["loss_first"]), float(losses["loss_last"]))
+            losses = anchors_metadata(path)
+            return CachedAnchors(load_anchors(path), float(losses["loss_first"]), float(losses["loss_last"]))
         except (ValueError, KeyError, OSError):  # a damaged or foreign file is ignored, then replaced
             return None
 
     def store(self, key: str, anchors: torch.Tensor, loss_first: float, loss_last: float) -> Path:
-        """Write ``anchors`` ``(N, D)`` and their losses under ``key`` (atomically)."""
-        from safetensors.torch import save as safetensors_bytes
+        """Write ``anchors`` ``(N, D)`` and their losses under ``key`` (:func:`~anchoropt.io.save_anchors`: atomic,
+        with the anchors' sha256)."""
+        from ..io import save_anchors
 
-        from ..io import _tensor_sha256
-
-        tensor = anchors.detach().float().cpu().contiguous()
-        metadata = {"format": "anchoropt", "kind": "anchors", "width": str(tensor.shape[1]), "stage1_key": key,
-                    "loss_first": repr(float(loss_first)), "loss_last": repr(float(loss_last)),
-                    "sha256": _tensor_sha256(tensor)}
-        return _files.write_bytes(self._path(key), safetensors_bytes({"anchors": tensor}, metadata=metadata))
+        return save_anchors(anchors, self._path(key), extra={"stage1_key": key, "loss_first": repr(float(loss_first)),
+                                                             "loss_last": repr(float(loss_last))})
 
     def _path(self, key: str) -> Path:
         if len(key) != 64 or any(ch not in "0123456789abcdef" for ch in key):
@@ -126,10 +119,3 @@ def _update(digest, name: str, tensor: torch.Tensor) -> None:
     t = tensor.detach().cpu().contiguous()
     digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
     digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def _metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
